@@ -1,0 +1,1 @@
+"""Corpus preparation (raw text -> webdataset shards) and the streaming, masking loader."""

@@ -1,0 +1,1 @@
+"""Fused distillation losses: Triton kernels on CUDA, torch implementations elsewhere."""

@@ -1,0 +1,1 @@
+"""The distillation trainer, its CLI, checkpoints, export and tracking."""

@@ -1,0 +1,59 @@
+"""`distil`: one console command, one subcommand per stage.
+
+Subcommands live in the module that owns the stage and are imported only when invoked, so `distil --help`
+stays fast (torch, deepspeed and mlflow load only for the commands that need them).
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import sys
+
+import click
+
+from data_pipeline.errors import UserError
+
+# name -> (module, attribute, one-line help shown in `distil --help`)
+COMMANDS: dict[str, tuple[str, str, str]] = {
+    "prepare": ("data_pipeline.cli", "prepare", "Raw text -> tokenised webdataset shards + manifest."),
+    "train": ("pretrain.train", "train", "Distil a BERT teacher into a DistilBERT student (or pretrain in MLM mode)."),
+    "review": ("pretrain.review", "review", "Compare the MLflow runs of an experiment."),
+    "quickstart": ("pretrain.quickstart", "quickstart", "The whole pipeline offline on a sample corpus."),
+}
+
+
+class LazyGroup(click.Group):
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return [name for name, (mod, _, _) in COMMANDS.items() if importlib.util.find_spec(mod) is not None]
+
+    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        if name not in COMMANDS:
+            return None
+        module, attr, _ = COMMANDS[name]
+        if importlib.util.find_spec(module) is None:
+            return None
+        return getattr(importlib.import_module(module), attr)
+
+    def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        rows = [(name, COMMANDS[name][2]) for name in self.list_commands(ctx)]
+        if rows:
+            with formatter.section("Commands"):
+                formatter.write_dl(rows)
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except UserError as e:
+            click.echo(f"error: {e}", err=True)
+            sys.exit(2)
+
+
+@click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="distil")
+def main() -> None:
+    """distil: distributed DistilBERT pretraining (teacher BERT -> student DistilBERT)."""
+
+
+if __name__ == "__main__":
+    main()
