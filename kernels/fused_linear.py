@@ -1,0 +1,245 @@
+"""The vocabulary projection fused with the distillation losses, chunk by chunk over rows.
+
+For each chunk of rows: student logits = hidden @ W^T + b, teacher logits (given, or projected from
+the teacher's hidden states under no_grad), then the KL/CE rows kernel overwrites the student logits
+with their gradient, which is multiplied straight back into gradients for hidden, W and b. So at most
+one chunk of [rows, V] student (and teacher) logits exists at a time, and backward only scales.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch.autograd.function import once_differentiable
+
+from kernels._dispatch import kl_ce_rows_fn, resolve_backend
+from kernels.kl_ce import DistillLoss, assemble_loss, check_label_range, loss_scales, validate_loss_inputs
+from kernels.torch_impl import compute_dtype
+
+MIN_CHUNK_ROWS = 256
+
+
+def default_chunk_size(n_rows: int, vocab: int, hidden: int) -> int:
+    """Rows per chunk: a chunk's logits about the size of the whole hidden input, at least 256 rows.
+
+    (The same rule of thumb as Liger-Kernel's fused linear cross-entropy: V/H chunks.)
+    """
+    rows = math.ceil(max(n_rows, 1) / math.ceil(vocab / max(hidden, 1)))
+    return max(MIN_CHUNK_ROWS, 1 << (rows - 1).bit_length())
+
+
+def _project(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    if bias is None:
+        return hidden @ weight.t()
+    return torch.addmm(bias, hidden, weight.t())
+
+
+def fused_linear_forward(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    teacher_logits: torch.Tensor | None,
+    teacher_hidden: torch.Tensor | None,
+    teacher_weight: torch.Tensor | None,
+    teacher_bias: torch.Tensor | None,
+    labels: torch.Tensor,
+    kl_mask: torch.Tensor,
+    temperature: float,
+    alpha_kl: float,
+    alpha_ce: float,
+    chunk_size: int,
+    backend: str,
+    want: tuple[bool, bool, bool],
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, tuple[torch.Tensor | None, ...]]:
+    """(loss, kl, ce, (grad_hidden, grad_weight, grad_bias)); a gradient is None where `want` says no."""
+    n_rows = hidden.shape[0]
+    device = hidden.device
+    has_teacher = teacher_logits is not None or teacher_hidden is not None
+    dtype = torch.promote_types(hidden.dtype, weight.dtype)
+    w = weight.to(dtype)
+    b = bias.to(dtype) if bias is not None else None
+    scales = loss_scales(labels, kl_mask, has_teacher, temperature, alpha_kl, alpha_ce)
+    rows_fn = kl_ce_rows_fn(backend)
+    sum_dtype = compute_dtype(dtype)
+    kl_sum = torch.zeros((), dtype=sum_dtype, device=device)
+    ce_sum = torch.zeros((), dtype=sum_dtype, device=device)
+    want_h, want_w, want_b = want
+    want_b = want_b and bias is not None
+    any_grad = want_h or want_w or want_b
+    grad_h = torch.empty_like(hidden) if want_h else None
+    acc_dtype = compute_dtype(weight.dtype)
+    grad_w = torch.zeros(weight.shape, dtype=acc_dtype, device=device) if want_w else None
+    grad_b = torch.zeros(weight.shape[0], dtype=acc_dtype, device=device) if want_b else None
+
+    for start in range(0, n_rows, chunk_size):
+        rows = slice(start, min(start + chunk_size, n_rows))
+        h = hidden[rows].to(dtype)
+        logits = _project(h, w, b)
+        with torch.no_grad():
+            if teacher_logits is not None:
+                t = teacher_logits[rows]
+            elif teacher_hidden is not None:
+                t = _project(teacher_hidden[rows], teacher_weight, teacher_bias)
+            else:
+                t = None
+        kl_rows, ce_rows = rows_fn(
+            logits,
+            t,
+            labels[rows],
+            kl_mask[rows],
+            scales.grad_kl,
+            scales.grad_ce,
+            temperature,
+            logits if any_grad else None,
+        )
+        del t
+        kl_sum += kl_rows.sum()
+        ce_sum += ce_rows.sum()
+        if not any_grad:
+            continue
+        grad_logits = logits  # overwritten in place by rows_fn
+        if want_h:
+            grad_h[rows] = grad_logits @ w
+        if want_w:
+            chunk_grad_w = grad_logits.t() @ h
+            grad_w += chunk_grad_w
+            del chunk_grad_w
+        if want_b:
+            grad_b += grad_logits.sum(dim=0, dtype=acc_dtype)
+        del logits, grad_logits
+
+    loss, kl, ce = assemble_loss(kl_sum, ce_sum, scales, temperature, alpha_kl, alpha_ce)
+    grads = (
+        grad_h,
+        grad_w.to(weight.dtype) if grad_w is not None else None,
+        grad_b.to(bias.dtype) if grad_b is not None else None,
+    )
+    return loss, kl, ce, grads
+
+
+class _FusedLinearKLCEFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(
+        ctx,
+        hidden,
+        weight,
+        bias,
+        teacher,
+        labels,
+        kl_mask,
+        temperature,
+        alpha_kl,
+        alpha_ce,
+        chunk_size,
+        backend,
+    ):
+        teacher_logits, teacher_hidden, teacher_weight, teacher_bias = teacher
+        want = (ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2])
+        loss, kl, ce, grads = fused_linear_forward(
+            hidden, weight, bias, teacher_logits, teacher_hidden, teacher_weight, teacher_bias,
+            labels, kl_mask, temperature, alpha_kl, alpha_ce, chunk_size, backend, want,
+        )  # fmt: skip
+        ctx.grads = grads
+        ctx.mark_non_differentiable(kl, ce)
+        return loss, kl, ce
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_loss, _grad_kl, _grad_ce):
+        grads, ctx.grads = ctx.grads, None
+        if grads is None:
+            raise RuntimeError(
+                "fused_linear_distillation_kl_ce keeps one set of gradients: backward can run only once"
+            )
+        scaled = tuple(g.mul_(grad_loss) if g is not None else None for g in grads)
+        return (*scaled, None, None, None, None, None, None, None, None)
+
+
+def _validate_linear(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    teacher_logits: torch.Tensor | None,
+    teacher_hidden: torch.Tensor | None,
+    teacher_weight: torch.Tensor | None,
+    teacher_bias: torch.Tensor | None,
+) -> None:
+    if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1]:
+        raise ValueError(
+            f"student_hidden [N, H] and weight [V, H] must agree, got {list(hidden.shape)} and {list(weight.shape)}"
+        )
+    if bias is not None and tuple(bias.shape) != (weight.shape[0],):
+        raise ValueError(f"bias must be [{weight.shape[0]}], got {list(bias.shape)}")
+    if teacher_logits is not None and teacher_hidden is not None:
+        raise ValueError("give the teacher as teacher_logits or as teacher_hidden + teacher_weight, not both")
+    if teacher_hidden is not None:
+        if teacher_weight is None:
+            raise ValueError("teacher_hidden needs teacher_weight (and optionally teacher_bias)")
+        if (
+            teacher_hidden.dim() != 2
+            or teacher_hidden.shape[0] != hidden.shape[0]
+            or tuple(teacher_weight.shape) != (weight.shape[0], teacher_hidden.shape[1])
+        ):
+            raise ValueError(
+                f"teacher_hidden [N, H_t] and teacher_weight [V, H_t] must match N={hidden.shape[0]}, "
+                f"V={weight.shape[0]}; got {list(teacher_hidden.shape)} and {list(teacher_weight.shape)}"
+            )
+        if teacher_bias is not None and tuple(teacher_bias.shape) != (weight.shape[0],):
+            raise ValueError(f"teacher_bias must be [{weight.shape[0]}], got {list(teacher_bias.shape)}")
+
+
+def fused_linear_distillation_kl_ce(
+    student_hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    teacher_logits: torch.Tensor | None,
+    labels: torch.Tensor,
+    kl_mask: torch.Tensor,
+    temperature: float,
+    alpha_kl: float,
+    alpha_ce: float,
+    *,
+    teacher_hidden: torch.Tensor | None = None,
+    teacher_weight: torch.Tensor | None = None,
+    teacher_bias: torch.Tensor | None = None,
+    chunk_size: int | None = None,
+    backend: str | None = None,
+) -> DistillLoss:
+    """distillation_kl_ce(student_hidden @ weight^T + bias, teacher, ...) without full [N, V] logits.
+
+    The teacher is either teacher_logits [N, V] or teacher_hidden [N, H_t] with teacher_weight [V, H_t]
+    (+ teacher_bias), projected chunk by chunk under no_grad; it may be absent when alpha_kl == 0.
+    Gradients go to student_hidden, weight and bias (those that require grad), made in the forward;
+    backward can run once. The matmuls run in the promoted dtype of hidden and weight, autocast off.
+    chunk_size: rows per chunk (default: default_chunk_size). backend: "auto" | "triton" | "torch".
+    """
+    _validate_linear(
+        student_hidden, weight, bias, teacher_logits, teacher_hidden, teacher_weight, teacher_bias
+    )
+    n_rows, vocab = student_hidden.shape[0], weight.shape[0]
+    has_teacher = teacher_logits is not None or teacher_hidden is not None
+    validate_loss_inputs(
+        n_rows, vocab, teacher_logits, labels, kl_mask, temperature, alpha_kl if not has_teacher else 0.0
+    )
+    if chunk_size is None:
+        chunk_size = default_chunk_size(n_rows, vocab, student_hidden.shape[1])
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    chosen = resolve_backend(backend, student_hidden, weight)
+    if chosen == "torch":
+        check_label_range(labels, vocab)
+    teacher = (teacher_logits, teacher_hidden, teacher_weight, teacher_bias)
+    tensors = (student_hidden, weight, bias)
+    with torch.autocast(device_type=student_hidden.device.type, enabled=False):
+        if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
+            loss, kl, ce = _FusedLinearKLCEFunction.apply(
+                student_hidden, weight, bias, teacher, labels, kl_mask, temperature, alpha_kl, alpha_ce,
+                chunk_size, chosen,
+            )  # fmt: skip
+        else:
+            loss, kl, ce, _ = fused_linear_forward(
+                *tensors, *teacher, labels, kl_mask, temperature, alpha_kl, alpha_ce, chunk_size, chosen,
+                (False, False, False),
+            )  # fmt: skip
+    return DistillLoss(loss, kl.detach(), ce.detach())
