@@ -1,0 +1,122 @@
+"""Dynamic MLM masking, drawn fresh for every batch (the recipe's `prepare_batch_mlm`, vectorised).
+
+Per batch, ceil(mlm_probability x real tokens) positions are chosen without replacement with probability
+proportional to max(count, 1) ** -smoothing (special tokens and padding never). Instead of
+`torch.multinomial(replacement=False)` over the flattened batch this uses the Gumbel-top-k trick
+(log w + Gumbel noise, keep the k largest), which draws from the same distribution as successive sampling
+without replacement, in one `topk` on whatever device the batch lives on. Of the chosen positions
+`mask_fraction` become [MASK], `random_fraction` a uniformly random vocabulary id, the rest stay as they are.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from data_pipeline.errors import UserError
+
+IGNORE_INDEX = -100
+
+
+@dataclass
+class MaskingConfig:
+    mlm_probability: float = 0.15
+    smoothing: float = 0.7  # token prob ∝ max(count, 1) ** -smoothing
+    mask_fraction: float = 0.8  # of selected: [MASK]
+    random_fraction: float = 0.1  # of selected: random token; the rest unchanged
+
+    def validate(self) -> None:
+        if not 0.0 < self.mlm_probability <= 1.0:
+            raise UserError(f"masking mlm_probability {self.mlm_probability} must be in (0, 1]")
+        if self.smoothing < 0.0:
+            raise UserError(f"masking smoothing {self.smoothing} must be >= 0")
+        if (
+            self.mask_fraction < 0.0
+            or self.random_fraction < 0.0
+            or self.mask_fraction + self.random_fraction > 1.0
+        ):
+            raise UserError(
+                f"masking mask_fraction {self.mask_fraction} and random_fraction {self.random_fraction} "
+                "must be >= 0 and sum to at most 1"
+            )
+
+
+def token_weights(
+    token_counts: np.ndarray, smoothing: float, special_token_ids: list[int], vocab_size: int
+) -> np.ndarray:
+    """Selection weight per vocabulary id: max(count, 1) ** -smoothing, 0 for special tokens."""
+    counts = np.asarray(token_counts, dtype=np.float64).reshape(-1)
+    if counts.shape[0] < vocab_size:
+        counts = np.concatenate([counts, np.zeros(vocab_size - counts.shape[0])])
+    weights = np.maximum(counts[:vocab_size], 1.0) ** -smoothing
+    weights[[i for i in special_token_ids if 0 <= i < vocab_size]] = 0.0
+    return weights.astype(np.float32)
+
+
+class Masker:
+    """Callable that masks a padded batch; holds the per-token weights (moved to the batch's device on use)."""
+
+    def __init__(
+        self,
+        cfg: MaskingConfig,
+        token_counts: np.ndarray,
+        special_token_ids: list[int],
+        mask_token_id: int,
+        vocab_size: int,
+    ) -> None:
+        cfg.validate()
+        self.cfg = cfg
+        self.mask_token_id = int(mask_token_id)
+        self.vocab_size = int(vocab_size)
+        # log of the weights, -inf for special tokens: the Gumbel keys below are log w + noise.
+        with np.errstate(divide="ignore"):
+            log_w = np.log(token_weights(token_counts, cfg.smoothing, special_token_ids, vocab_size))
+        self._log_weights = {torch.device("cpu"): torch.from_numpy(log_w)}
+
+    def _log_weights_on(self, device: torch.device) -> torch.Tensor:
+        if device not in self._log_weights:
+            self._log_weights[device] = self._log_weights[torch.device("cpu")].to(device)
+        return self._log_weights[device]
+
+    def __call__(
+        self,
+        input_ids: torch.LongTensor,
+        attention_mask: torch.LongTensor,
+        generator: torch.Generator | None = None,
+    ) -> tuple[torch.LongTensor, torch.LongTensor]:
+        """Returns (masked input_ids, labels), labels -100 wherever there is nothing to predict."""
+        device = input_ids.device
+        flat_ids = input_ids.reshape(-1)
+        real = attention_mask.reshape(-1).bool()
+        log_w = self._log_weights_on(device)[flat_ids.clamp(0, self.vocab_size - 1)]
+        log_w = log_w.masked_fill(~real, float("-inf"))
+        eligible = int(torch.isfinite(log_w).sum())
+        n_select = min(math.ceil(self.cfg.mlm_probability * int(real.sum())), eligible)
+
+        labels = torch.full_like(flat_ids, IGNORE_INDEX)
+        masked = flat_ids.clone()
+        if n_select > 0:
+            uniform = torch.rand(flat_ids.shape, generator=generator, device=device)
+            gumbel = -torch.log(-torch.log(uniform.clamp_(1e-20, 1.0 - 1e-7)))
+            chosen = torch.topk(log_w + gumbel, n_select, sorted=False).indices
+            labels[chosen] = flat_ids[chosen]
+
+            action = torch.rand(n_select, generator=generator, device=device)
+            to_mask = chosen[action < self.cfg.mask_fraction]
+            to_random = chosen[
+                (action >= self.cfg.mask_fraction)
+                & (action < self.cfg.mask_fraction + self.cfg.random_fraction)
+            ]
+            masked[to_mask] = self.mask_token_id
+            masked[to_random] = torch.randint(
+                0, self.vocab_size, (to_random.numel(),), generator=generator, device=device
+            )
+        return masked.view_as(input_ids), labels.view_as(input_ids)
+
+
+def unmasked_labels(input_ids: torch.LongTensor, attention_mask: torch.LongTensor) -> torch.LongTensor:
+    """Labels for a batch that is not masked: the ids themselves, -100 on padding."""
+    return input_ids.masked_fill(attention_mask == 0, IGNORE_INDEX)
