@@ -28,10 +28,7 @@ class _CosineFunction(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_loss):
-        grad, ctx.grad = ctx.grad, None
-        if grad is None:
-            raise RuntimeError("cosine_embedding_loss keeps one gradient buffer: backward can run only once")
-        return grad.mul_(grad_loss), None, None
+        return ctx.grad * grad_loss, None, None
 
 
 def cosine_embedding_loss(

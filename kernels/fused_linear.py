@@ -147,12 +147,7 @@ class _FusedLinearKLCEFunction(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_loss, _grad_kl, _grad_ce):
-        grads, ctx.grads = ctx.grads, None
-        if grads is None:
-            raise RuntimeError(
-                "fused_linear_distillation_kl_ce keeps one set of gradients: backward can run only once"
-            )
-        scaled = tuple(g.mul_(grad_loss) if g is not None else None for g in grads)
+        scaled = tuple(g * grad_loss if g is not None else None for g in ctx.grads)
         return (*scaled, None, None, None, None, None, None, None, None)
 
 
@@ -210,8 +205,8 @@ def fused_linear_distillation_kl_ce(
 
     The teacher is either teacher_logits [N, V] or teacher_hidden [N, H_t] with teacher_weight [V, H_t]
     (+ teacher_bias), projected chunk by chunk under no_grad; it may be absent when alpha_kl == 0.
-    Gradients go to student_hidden, weight and bias (those that require grad), made in the forward;
-    backward can run once. The matmuls run in the promoted dtype of hidden and weight, autocast off.
+    Gradients go to student_hidden, weight and bias (those that require grad), made in the forward
+    (backward only scales them). The matmuls run in the promoted dtype of hidden and weight, autocast off.
     chunk_size: rows per chunk (default: default_chunk_size). backend: "auto" | "triton" | "torch".
     """
     _validate_linear(

@@ -143,11 +143,10 @@ class _KLCEFunction(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_loss, _grad_kl, _grad_ce):
-        grad, ctx.grad = ctx.grad, None
-        if grad is None:
-            raise RuntimeError("distillation_kl_ce keeps one gradient buffer: backward can run only once")
-        # The loss is the last layer: backward only scales the gradient made in the forward.
-        return grad.mul_(grad_loss), None, None, None, None, None, None, None
+        # The loss is the last layer: backward only scales the gradient made in the forward. Out of
+        # place, so the graph can be run again (retain_graph, gradcheck); the stored buffer goes with
+        # the graph.
+        return ctx.grad * grad_loss, None, None, None, None, None, None, None
 
 
 def distillation_kl_ce(
@@ -167,8 +166,9 @@ def distillation_kl_ce(
     labels [N] with -100 for rows without an MLM target; kl_mask [N] bool, the rows the KL covers.
     KL is batchmean over the kl_mask rows (as KLDivLoss(reduction="batchmean") on those rows), CE the
     mean over labelled rows; either is 0 when it covers no rows. Only `loss` carries a gradient, for
-    student_logits (the teacher is a constant). The gradient is computed in the forward; backward can
-    run once. backend: "auto" | "triton" | "torch" (see kernels._dispatch).
+    student_logits (the teacher is a constant). The gradient is computed in the forward and kept with
+    the graph (one [N, V] buffer in the student's dtype); backward scales it by the incoming gradient.
+    backend: "auto" | "triton" | "torch" (see kernels._dispatch).
     """
     if student_logits.dim() != 2:
         raise ValueError(f"student_logits must be [N, V], got {list(student_logits.shape)}")

@@ -78,9 +78,12 @@ def _kl_ce_kernel(
             m_new = tl.maximum(m_tT, tl.max(tT, 0))
             d_tT = d_tT * tl.exp(m_tT - m_new) + tl.sum(tl.exp(tT - m_new), 0)
             m_tT = m_new
-    lse_s = m_s + tl.log(d_s)
-    lse_sT = m_sT + tl.log(d_sT)
-    lse_tT = m_tT + tl.log(d_tT)
+    # Log-softmax as (x - m) - log(d), like torch: keeping the max apart from log(d) keeps the
+    # subtraction exact for large logits (|x| ~ 1e4 at T = 0.5).
+    log_d_s = tl.log(d_s)
+    if HAS_TEACHER:
+        log_d_sT = tl.log(d_sT)
+        log_d_tT = tl.log(d_tT)
 
     scale_ce = tl.where(has_ce, tl.load(scale_ce_ptr), 0.0)
     has_kl = tl.load(kl_mask_ptr + row) != 0
@@ -93,21 +96,25 @@ def _kl_ce_kernel(
         mask = cols < n_cols
         s = tl.load(s_row + cols, mask=mask, other=0.0).to(tl.float32)
         if WRITE_GRAD:
-            g = tl.exp(s - lse_s) * scale_ce
+            q1 = tl.where(mask, tl.exp((s - m_s) - log_d_s), 0.0)
+            g = q1 * scale_ce
             g = tl.where(cols == safe_label, g - scale_ce, g)
         if HAS_TEACHER:
             t = tl.load(t_row + cols, mask=mask, other=0.0).to(tl.float32)
-            log_q = s * inv_temp - lse_sT
-            log_p = t * inv_temp - lse_tT
-            p = tl.exp(log_p)
-            kl_acc += tl.sum(tl.where(mask, p * (log_p - log_q), 0.0), 0)
+            log_q = (s * inv_temp - m_sT) - log_d_sT
+            log_p = (t * inv_temp - m_tT) - log_d_tT
+            # Masked lanes: log_q = log_p = 0 and p = 0 contribute nothing and never overflow.
+            log_q = tl.where(mask, log_q, 0.0)
+            log_p = tl.where(mask, log_p, 0.0)
+            p = tl.where(mask, tl.exp(log_p), 0.0)
+            kl_acc += tl.sum(p * (log_p - log_q), 0)
             if WRITE_GRAD:
-                g += (tl.exp(log_q) - p) * scale_kl
+                g += (tl.where(mask, tl.exp(log_q), 0.0) - p) * scale_kl
         if WRITE_GRAD:
             tl.store(g_row + cols, g.to(g_ptr.dtype.element_ty), mask=mask)
 
     tl.store(kl_rows_ptr + row, tl.where(has_kl, kl_acc, 0.0))
-    tl.store(ce_rows_ptr + row, tl.where(has_ce, lse_s - s_label, 0.0))
+    tl.store(ce_rows_ptr + row, tl.where(has_ce, (m_s - s_label) + log_d_s, 0.0))
 
 
 @triton.jit
