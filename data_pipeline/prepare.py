@@ -1,0 +1,291 @@
+"""`distil prepare`: raw text -> tokenised webdataset shards + manifest.json + token_counts.npy + tokenizer/.
+
+The main process reads documents in a fixed order and cuts them into batches of about `batch_bytes` of
+text; worker processes tokenise a batch at a time and return finished samples; the main process writes
+them in batch order. So the output depends only on the inputs and the flags, never on `--workers` or on
+scheduling. Held-out documents are chosen by a hash of (seed, document index).
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import shutil
+import sys
+from collections import deque
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from data_pipeline import corpus, shards
+from data_pipeline import tokenize as tk
+from data_pipeline.errors import UserError
+from data_pipeline.manifest import TOKENIZER_DIR_NAME, Manifest, SpecialTokens
+
+DEFAULT_BATCH_BYTES = 1 << 20
+TRAINED_TOKENIZER_NAME = "wordpiece-uncased-{vocab_size}-trained"
+
+
+@dataclass
+class PrepareConfig:
+    inputs: list[str]
+    output: Path
+    tokenizer: str | None = None
+    train_tokenizer: int | None = None  # vocab size of a WordPiece trained on the corpus
+    max_seq_len: int = 512
+    workers: int = 1
+    pack: bool = False
+    holdout_fraction: float = 0.0
+    shard_size_mb: float = 256.0
+    text_field: str = "text"
+    doc_separator: corpus.DocSeparator = "line"
+    overwrite: bool = False
+    seed: int = 0
+    command: list[str] = field(default_factory=list)  # recorded in the manifest
+    progress: bool = True
+    batch_bytes: int = DEFAULT_BATCH_BYTES
+
+    def validate(self) -> None:
+        if (self.tokenizer is None) == (self.train_tokenizer is None):
+            raise UserError("pass exactly one of --tokenizer NAME_OR_DIR and --train-tokenizer VOCAB_SIZE")
+        if self.train_tokenizer is not None and self.train_tokenizer < 100:
+            raise UserError(f"--train-tokenizer {self.train_tokenizer}: a vocabulary needs at least 100 entries")
+        if self.max_seq_len < tk.MIN_SEQUENCE_TOKENS:
+            raise UserError(f"--max-seq-len {self.max_seq_len}: must be at least {tk.MIN_SEQUENCE_TOKENS}")
+        if not 0.0 <= self.holdout_fraction < 1.0:
+            raise UserError(f"--holdout-fraction {self.holdout_fraction}: must be in [0, 1)")
+        if self.shard_size_mb <= 0:
+            raise UserError(f"--shard-size-mb {self.shard_size_mb}: must be positive")
+        if self.workers < 1:
+            raise UserError(f"--workers {self.workers}: must be at least 1")
+        if self.doc_separator not in corpus.DOC_SEPARATORS:
+            raise UserError(f"--doc-separator {self.doc_separator}: use one of {', '.join(corpus.DOC_SEPARATORS)}")
+
+
+# ---------------------------------------------------------------- worker side
+
+
+@dataclass
+class _WorkerSettings:
+    tokenizer_json: str
+    special: SpecialTokens
+    max_len: int
+    pack: bool
+    holdout_fraction: float
+    seed: int
+    vocab_size: int
+    dtype: str
+
+
+@dataclass
+class BatchResult:
+    train: list[tuple[bytes, int]]  # (.npy bytes, tokens) per kept sequence, in order
+    holdout: list[tuple[bytes, int]]
+    token_counts: np.ndarray  # over the train sequences
+    stats: dict[str, int]
+
+
+_settings: _WorkerSettings | None = None
+_encoder: tk.Encoder | None = None
+
+
+def _init_worker(settings: _WorkerSettings) -> None:
+    global _settings, _encoder
+    _settings = settings
+    _encoder = tk.Encoder(settings.tokenizer_json)
+
+
+def holdout_mask(seed: int, first_document: int, count: int, fraction: float) -> np.ndarray:
+    """Whether each document goes to the held-out split: splitmix64 of (seed, document index) < fraction."""
+    if fraction <= 0.0:
+        return np.zeros(count, dtype=bool)
+    with np.errstate(over="ignore"):
+        x = np.arange(first_document, first_document + count, dtype=np.uint64)
+        x = x + np.uint64(seed & 0xFFFFFFFF) * np.uint64(0x9E3779B97F4A7C15) + np.uint64(0x9E3779B97F4A7C15)
+        x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        x = x ^ (x >> np.uint64(31))
+    return (x >> np.uint64(11)).astype(np.float64) / float(1 << 53) < fraction
+
+
+def process_batch(task: tuple[int, list[list[str]]]) -> BatchResult:
+    """Tokenises one batch of documents into finished samples (runs in a worker process)."""
+    assert _settings is not None and _encoder is not None, "worker not initialised"
+    s = _settings
+    first_document, documents = task
+    texts = [segment for document in documents for segment in document]
+    encoded = _encoder.encode_batch(texts)
+    to_holdout = holdout_mask(s.seed, first_document, len(documents), s.holdout_fraction)
+    stats = dict.fromkeys(("sequences", "dropped_short", "dropped_unk", "split_long"), 0)
+    train: list[tuple[bytes, int]] = []
+    holdout: list[tuple[bytes, int]] = []
+    train_ids: list[int] = []
+    position = 0
+    for index, document in enumerate(documents):
+        segments = encoded[position : position + len(document)]
+        position += len(document)
+        stats["split_long"] += sum(1 for ids in segments if len(ids) + 2 > s.max_len)
+        out = holdout if to_holdout[index] else train
+        for sequence in tk.document_sequences(segments, s.special.cls, s.special.sep, s.max_len, s.pack):
+            reason = tk.drop_reason(sequence, s.special.unk)
+            if reason is not None:
+                stats["dropped_" + reason] += 1
+                continue
+            stats["sequences"] += 1
+            out.append((shards.npy_bytes(np.asarray(sequence, dtype=s.dtype)), len(sequence)))
+            if out is train:
+                train_ids += sequence
+    counts = np.bincount(np.asarray(train_ids, dtype=np.int64), minlength=s.vocab_size)
+    return BatchResult(train, holdout, counts, stats)
+
+
+# ---------------------------------------------------------------- main side
+
+
+def _batches(documents: Iterator[list[str]], batch_bytes: int) -> Iterator[tuple[int, list[list[str]]]]:
+    batch: list[list[str]] = []
+    first = 0
+    size = 0
+    for index, document in enumerate(documents):
+        if not batch:
+            first = index
+        batch.append(document)
+        size += sum(len(segment) for segment in document)
+        if size >= batch_bytes:
+            yield first, batch
+            batch, size = [], 0
+    if batch:
+        yield first, batch
+
+
+def _text_batches(sources: list[corpus.Source], config: PrepareConfig) -> Iterator[list[str]]:
+    documents = corpus.iter_documents(sources, separator=config.doc_separator, text_field=config.text_field)
+    for _, batch in _batches(documents, config.batch_bytes):
+        yield [segment for document in batch for segment in document]
+
+
+def _get_tokenizer(sources: list[corpus.Source], config: PrepareConfig):
+    if config.tokenizer is not None:
+        tokenizer = tk.load_tokenizer(config.tokenizer)
+        return tokenizer, config.tokenizer
+    assert config.train_tokenizer is not None
+    tokenizer = tk.train_wordpiece(lambda: _text_batches(sources, config), config.train_tokenizer)
+    return tokenizer, TRAINED_TOKENIZER_NAME.format(vocab_size=config.train_tokenizer)
+
+
+def _results(
+    tasks: Iterator[tuple[int, list[list[str]]]], settings: _WorkerSettings, workers: int
+) -> Iterator[BatchResult]:
+    """Batch results in task order; at most 2 x workers batches in flight, so memory stays bounded."""
+    if workers == 1:
+        _init_worker(settings)
+        for task in tasks:
+            yield process_batch(task)
+        return
+    context = mp.get_context("spawn")  # no fork of a process that may hold tokenizer/torch threads
+    with context.Pool(workers, initializer=_init_worker, initargs=(settings,)) as pool:
+        pending: deque = deque()
+        for task in tasks:
+            pending.append(pool.apply_async(process_batch, (task,)))
+            if len(pending) >= 2 * workers:
+                yield pending.popleft().get()
+        while pending:
+            yield pending.popleft().get()
+
+
+def _progress(enabled: bool):
+    from tqdm import tqdm
+
+    return tqdm(desc="prepare", unit="tok", unit_scale=True, disable=None if enabled else True, file=sys.stderr)
+
+
+def _write_shards(
+    sources: list[corpus.Source], settings: _WorkerSettings, config: PrepareConfig, temp: Path
+) -> tuple[list, list, np.ndarray, dict[str, int]]:
+    read_stats = corpus.ReadStats()
+    documents = corpus.iter_documents(
+        sources, separator=config.doc_separator, text_field=config.text_field, stats=read_stats
+    )
+    target = int(config.shard_size_mb * (1 << 20))
+    train_writer = shards.ShardSetWriter(temp, "train", target)
+    holdout_writer = shards.ShardSetWriter(temp, "holdout", target)
+    counts = np.zeros(settings.vocab_size, dtype=np.int64)
+    totals: dict[str, int] = {}
+    with _progress(config.progress) as bar:
+        for result in _results(_batches(documents, config.batch_bytes), settings, config.workers):
+            for writer, samples in ((train_writer, result.train), (holdout_writer, result.holdout)):
+                for npy, tokens in samples:
+                    writer.write(npy, tokens)
+            counts += result.token_counts
+            for name, value in result.stats.items():
+                totals[name] = totals.get(name, 0) + value
+            bar.update(sum(t for _, t in result.train) + sum(t for _, t in result.holdout))
+    totals.update(documents=read_stats.documents, segments=read_stats.segments, replaced_utf8=read_stats.replaced_utf8)
+    return train_writer.close(), holdout_writer.close(), counts, totals
+
+
+def prepare(config: PrepareConfig) -> Manifest:
+    """Runs the whole stage; returns the manifest of the published shard set."""
+    config.validate()
+    output = Path(config.output)
+    sources = corpus.resolve_sources(config.inputs)
+    shards.check_output(output, config.overwrite)
+    first = next(corpus.iter_documents(sources, separator=config.doc_separator, text_field=config.text_field), None)
+    if first is None:
+        raise UserError("the inputs hold no text (every line is empty); pass files with text in them")
+    tokenizer, tokenizer_name = _get_tokenizer(sources, config)
+    special = tk.special_tokens_of(tokenizer, tokenizer_name)
+    vocab_size = len(tokenizer)
+    dtype = shards.ids_dtype(vocab_size)
+    settings = _WorkerSettings(
+        tokenizer_json=tk.tokenizer_json(tokenizer),
+        special=special,
+        max_len=config.max_seq_len,
+        pack=config.pack,
+        holdout_fraction=config.holdout_fraction,
+        seed=config.seed,
+        vocab_size=vocab_size,
+        dtype=dtype.name,
+    )
+    temp = shards.make_temp_folder(output)
+    try:
+        train, holdout, counts, stats = _write_shards(sources, settings, config, temp)
+        if not train:
+            raise UserError(
+                f"no sequences left after filtering ({stats['dropped_short']} of <= 11 tokens, "
+                f"{stats['dropped_unk']} >= 50 % [UNK]); pass more text or a tokenizer that covers it"
+            )
+        stats["holdout_sequences"] = sum(s.samples for s in holdout)
+        stats["train_sequences"] = sum(s.samples for s in train)
+        tk.save_tokenizer(tokenizer, temp / TOKENIZER_DIR_NAME)
+        shards.save_token_counts(temp, counts)
+        manifest = Manifest(
+            shards=train,
+            holdout_shards=holdout,
+            vocab_size=vocab_size,
+            special_tokens=special,
+            max_len=config.max_seq_len,
+            dtype=dtype.name,
+            tokenizer_name=tokenizer_name,
+            tokenizer_sha256=tk.tokenizer_sha256(tokenizer),
+            tokenizer_dir=TOKENIZER_DIR_NAME,
+            packed=config.pack,
+            sources=[s.describe() for s in sources],
+            command=list(config.command),
+            stats=dict(sorted(stats.items())),
+        )
+        shards.write_manifest(temp, manifest)  # last: a folder with a manifest is a complete shard set
+        shards.publish(temp, output, config.overwrite)
+    except BaseException:
+        shutil.rmtree(temp, ignore_errors=True)
+        raise
+    return manifest
+
+
+def default_workers() -> int:
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:
+        return max(1, os.cpu_count() or 1)

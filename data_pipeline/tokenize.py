@@ -1,0 +1,253 @@
+"""Tokenizers (load a fast HF tokenizer, or train an uncased WordPiece) and the recipe's sequence rules.
+
+Sequence rules (lm_seqs_dataset.py of the original): each sequence is `[CLS] ... [SEP]`; one longer than
+max_len is cut into chunks of max_len - 2 (cutting the whole `[CLS] ... [SEP]` sequence, as the original
+does) with [CLS]/[SEP] re-inserted where a chunk lacks them; sequences of <= 11 tokens and sequences that
+are >= 50 % [UNK] are dropped. `pack` fills a sequence with consecutive segments of one document.
+
+Encoding: special-token strings that occur in the corpus (a literal "[SEP]" in some text) are encoded as
+text, never as the special ids, so a corpus cannot inject structure. For BERT-style WordPiece tokenizers,
+ASCII text goes through a per-process word cache (the pre-tokenizer's split done with one regex, each
+distinct word tokenised once by the library's WordPiece model); it gives the same ids as the library's full
+pipeline (tested against it) at several times its speed. Other text and other tokenizers use the library's
+batched `encode_batch_fast`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import unicodedata
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from data_pipeline.errors import UserError
+from data_pipeline.manifest import SpecialTokens
+
+MIN_SEQUENCE_TOKENS = 12  # the original drops sequences of <= 11 tokens
+MAX_UNK_FRACTION = 0.5  # ... and those that are >= 50 % [UNK]
+SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
+_WORD_CACHE_LIMIT = 1_000_000
+# ASCII control characters the BERT normalizer deletes (tab, newline and carriage return become spaces).
+_ASCII_CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
+
+
+# ---------------------------------------------------------------- tokenizers
+
+
+def load_tokenizer(name_or_dir: str):
+    """A fast (Rust-backed) HF tokenizer from a local folder or a hub name (offline: the local cache)."""
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(name_or_dir)
+    except (OSError, ValueError, KeyError) as e:
+        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(
+            f"cannot load tokenizer {name_or_dir!r} ({first_line}); pass a local tokenizer folder, "
+            "a cached hub name, or --train-tokenizer VOCAB_SIZE"
+        ) from None
+    if getattr(tokenizer, "backend_tokenizer", None) is None:
+        raise UserError(f"tokenizer {name_or_dir!r} is not a fast (tokenizers-backed) tokenizer; pass one that is")
+    return tokenizer
+
+
+def _continuation_tokens(alphabet: set[str]) -> list[str]:
+    """`##c` for every character that can continue a word, in a fixed order.
+
+    Passed to the trainer as initial tokens: the `tokenizers` WordPiece trainer otherwise creates them in
+    hash-map order, which changes merge tie-breaks and so the vocabulary from run to run
+    (huggingface/tokenizers#1794).
+    """
+    letters = (c for c in alphabet if not c.isspace() and not unicodedata.category(c).startswith("P"))
+    return ["##" + c for c in sorted(letters)]
+
+
+def train_wordpiece(text_batches: Callable[[], Iterable[list[str]]], vocab_size: int):
+    """Trains an uncased BERT WordPiece tokenizer; returns a transformers BertTokenizerFast.
+
+    `text_batches()` gives the corpus as batches of texts; it is called twice (alphabet, then training).
+    """
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+    from transformers import BertTokenizerFast
+
+    normalizer = normalizers.BertNormalizer(lowercase=True)
+    alphabet: set[str] = set()
+    for batch in text_batches():
+        alphabet.update(normalizer.normalize_str("\n".join(batch)))
+    continuation = _continuation_tokens(alphabet)
+
+    def make(model) -> Tokenizer:
+        tok = Tokenizer(model)
+        tok.normalizer = normalizer
+        tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+        tok.decoder = decoders.WordPiece()
+        return tok
+
+    trained = make(models.WordPiece(unk_token="[UNK]"))
+    trainer = trainers.WordPieceTrainer(
+        vocab_size=vocab_size, min_frequency=2, special_tokens=[*SPECIAL_TOKENS, *continuation], show_progress=False
+    )
+    trained.train_from_iterator((text for batch in text_batches() for text in batch), trainer)
+    # Rebuild from the learned vocabulary so that only the five real specials are added (special) tokens.
+    final = make(models.WordPiece(vocab=trained.get_vocab(), unk_token="[UNK]", max_input_chars_per_word=100))
+    final.add_special_tokens(list(SPECIAL_TOKENS))
+    cls_id, sep_id = final.token_to_id("[CLS]"), final.token_to_id("[SEP]")
+    final.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]",
+        pair="[CLS] $A [SEP] $B:1 [SEP]:1",
+        special_tokens=[("[CLS]", cls_id), ("[SEP]", sep_id)],
+    )
+    return BertTokenizerFast(tokenizer_object=final, do_lower_case=True)
+
+
+def tokenizer_json(tokenizer) -> str:
+    return tokenizer.backend_tokenizer.to_str()
+
+
+def tokenizer_sha256(tokenizer) -> str:
+    return hashlib.sha256(tokenizer_json(tokenizer).encode("utf-8")).hexdigest()
+
+
+def special_tokens_of(tokenizer, name: str) -> SpecialTokens:
+    ids = {
+        "pad": tokenizer.pad_token_id,
+        "cls": tokenizer.cls_token_id,
+        "sep": tokenizer.sep_token_id,
+        "mask": tokenizer.mask_token_id,
+        "unk": tokenizer.unk_token_id,
+    }
+    missing = [k for k, v in ids.items() if v is None]
+    if missing:
+        raise UserError(f"tokenizer {name!r} has no {'/'.join(missing)} token; pass a BERT-style tokenizer")
+    return SpecialTokens(**ids)
+
+
+def save_tokenizer(tokenizer, folder: Path) -> None:
+    tokenizer.save_pretrained(str(folder))
+
+
+# ---------------------------------------------------------------- encoding
+
+
+@dataclass(frozen=True)
+class _WordCacheSpec:
+    lowercase: bool
+    word: re.Pattern[str]
+
+
+def _word_cache_spec(config: dict) -> _WordCacheSpec | None:
+    """When the tokenizer is a plain BERT WordPiece pipeline, the regex that splits ASCII text like it."""
+    normalizer, pre_tokenizer, model = config.get("normalizer"), config.get("pre_tokenizer"), config.get("model")
+    if not (normalizer and pre_tokenizer and model):
+        return None
+    if normalizer.get("type") != "BertNormalizer" or not normalizer.get("clean_text", False):
+        return None
+    if pre_tokenizer.get("type") != "BertPreTokenizer" or model.get("type") != "WordPiece":
+        return None
+    if any(not t.get("special", False) for t in config.get("added_tokens", [])):
+        return None  # non-special added tokens are matched in text; leave those to the library
+    lowercase = bool(normalizer.get("lowercase", False))
+    # BertPreTokenizer on ASCII: split on whitespace, every other non-alphanumeric char is punctuation.
+    word = re.compile(r"[a-z0-9]+|[^\sa-z0-9]" if lowercase else r"[A-Za-z0-9]+|[^\sA-Za-z0-9]")
+    return _WordCacheSpec(lowercase, word)
+
+
+class Encoder:
+    """Batched text -> ids without special tokens; built in each worker from the tokenizer's JSON."""
+
+    def __init__(self, tokenizer_json_str: str) -> None:
+        from tokenizers import Tokenizer
+
+        self.tokenizer = Tokenizer.from_str(tokenizer_json_str)
+        self.tokenizer.encode_special_tokens = True  # literal "[SEP]" in text is text
+        self.spec = _word_cache_spec(json.loads(tokenizer_json_str))
+        self.cache: dict[str, list[int]] = {}
+
+    def _word_ids(self, word: str) -> list[int]:
+        ids = self.cache.get(word)
+        if ids is None:
+            if len(self.cache) >= _WORD_CACHE_LIMIT:
+                self.cache.clear()
+            ids = self.cache[word] = [t.id for t in self.tokenizer.model.tokenize(word)]
+        return ids
+
+    def _encode_cached(self, text: str) -> list[int]:
+        assert self.spec is not None
+        if self.spec.lowercase:
+            text = text.lower()
+        ids: list[int] = []
+        cache = self.cache
+        for word in self.spec.word.findall(text):
+            piece = cache.get(word)
+            ids += piece if piece is not None else self._word_ids(word)
+        return ids
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        out: list[list[int] | None] = [None] * len(texts)
+        rest: list[int] = []
+        for i, text in enumerate(texts):
+            if self.spec is not None and text.isascii() and not _ASCII_CONTROL.search(text):
+                out[i] = self._encode_cached(text)
+            else:
+                rest.append(i)
+        if rest:
+            encodings = self.tokenizer.encode_batch_fast([texts[i] for i in rest], add_special_tokens=False)
+            for i, encoding in zip(rest, encodings, strict=True):
+                out[i] = encoding.ids
+        return out  # type: ignore[return-value]
+
+
+# ---------------------------------------------------------------- sequences
+
+
+def chunk_sequence(sequence: list[int], cls_id: int, sep_id: int, max_len: int) -> list[list[int]]:
+    """The original's divide_into_chunks for one `[CLS] ... [SEP]` sequence."""
+    if len(sequence) <= max_len:
+        return [sequence]
+    step = max_len - 2
+    chunks = []
+    for start in range(0, len(sequence), step):
+        chunk = sequence[start : start + step]
+        if chunk[0] != cls_id:
+            chunk = [cls_id, *chunk]
+        if chunk[-1] != sep_id:
+            chunk = [*chunk, sep_id]
+        chunks.append(chunk)
+    return chunks
+
+
+def document_sequences(
+    segments: list[list[int]], cls_id: int, sep_id: int, max_len: int, pack: bool
+) -> Iterator[list[int]]:
+    """`[CLS] ... [SEP]` sequences of one document's segment ids, chunked; filtering is separate."""
+    if not pack:
+        for ids in segments:
+            yield from chunk_sequence([cls_id, *ids, sep_id], cls_id, sep_id, max_len)
+        return
+    budget = max_len - 2
+    current: list[int] = []
+    for ids in segments:
+        if current and len(current) + len(ids) <= budget:
+            current += ids
+            continue
+        if current:
+            yield [cls_id, *current, sep_id]
+            current = []
+        if len(ids) <= budget:
+            current = list(ids)
+        else:
+            yield from chunk_sequence([cls_id, *ids, sep_id], cls_id, sep_id, max_len)
+    if current:
+        yield [cls_id, *current, sep_id]
+
+
+def drop_reason(sequence: list[int], unk_id: int) -> str | None:
+    """None to keep the sequence, else why the original would drop it."""
+    if len(sequence) < MIN_SEQUENCE_TOKENS:
+        return "short"
+    if sequence.count(unk_id) >= MAX_UNK_FRACTION * len(sequence):
+        return "unk"
+    return None
