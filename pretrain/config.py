@@ -1,0 +1,276 @@
+"""The training configuration: one typed dataclass tree, built from a YAML file plus `key=value` overrides.
+
+OmegaConf checks keys and types against the dataclasses (an unknown key or a value of the wrong type is an
+error); `validate` checks the values that types cannot (ranges, choices, combinations). Every problem is a
+`UserError` with one line naming the key to change. Nothing below the entry point reads the command line.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from data_pipeline.errors import UserError
+from data_pipeline.masking import MaskingConfig
+from pretrain.tracking import TrackingConfig
+
+MODES = ("distill", "mlm")
+PRECISIONS = ("fp32", "fp16", "bf16")
+TEACHER_DTYPES = ("fp32", "fp16", "bf16")
+
+
+@dataclass
+class TeacherConfig:
+    path: str | None = None  # local HF directory or a hub name (distill mode)
+    dtype: str = "fp16"  # fp16 | bf16 | fp32; fp16 as the recipe (`teacher.half()`)
+
+
+@dataclass
+class StudentConfig:
+    layers: list[int] | None = None  # teacher layer per student layer; None: the recipe's even-spacing rule
+    num_layers: int | None = None  # None: half the teacher's layers
+    init_from_teacher: bool = True  # False: random initialisation (the paper's ablation)
+    copy_vocab_transform: bool = False  # also copy the teacher MLM head's transform (dense + LayerNorm)
+    fold_token_type_embeddings: bool = False  # add the teacher's token-type-0 embedding into positions
+    dropout: float = 0.1
+    attention_dropout: float = 0.1
+
+
+@dataclass
+class BertArchConfig:
+    """The BERT trained in MLM mode (a teacher pretrained from scratch); vocabulary comes from the shards."""
+
+    hidden_size: int = 768
+    num_hidden_layers: int = 12
+    num_attention_heads: int = 12
+    intermediate_size: int = 3072
+    max_position_embeddings: int = 512
+    hidden_dropout_prob: float = 0.1
+    attention_probs_dropout_prob: float = 0.1
+
+
+@dataclass
+class DataConfig:
+    shards: str | None = None  # a folder made by `distil prepare` (or its manifest path / URL)
+    batch_size: int | None = 5  # sequences per micro-batch per rank (the recipe: 5)
+    max_tokens: int | None = None  # or a token budget per micro-batch (then batch_size must be null)
+    group_by_size: bool = True
+    num_workers: int = 0
+    shuffle_buffer: int = 1000
+    pad_multiple: int = 8
+    masking: MaskingConfig = field(default_factory=MaskingConfig)
+
+
+@dataclass
+class LossConfig:
+    temperature: float = 2.0
+    alpha_ce: float = 5.0  # KL(teacher || student) * T^2: the recipe's name for the distillation loss
+    alpha_mlm: float = 2.0  # cross-entropy on masked tokens
+    alpha_cos: float = 1.0  # 1 - cos(last hidden states) over non-pad tokens
+    alpha_mse: float = 0.0  # MSE between student and teacher logits on the KL rows (off in the recipe)
+    restrict_ce_to_mask: bool = False  # KL only on masked tokens instead of every non-pad token
+    chunk_size: int | None = None  # rows per chunk of the fused vocabulary projection (None: kernel default)
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 5e-4
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.98])
+    eps: float = 1e-6
+    weight_decay: float = 0.0  # never applied to biases and LayerNorm weights
+    max_grad_norm: float = 5.0
+
+
+@dataclass
+class ScheduleConfig:
+    warmup_fraction: float = 0.05  # linear warm-up over this share of all steps, then linear decay to 0
+    warmup_steps: int | None = None  # overrides warmup_fraction when set
+
+
+@dataclass
+class EngineConfig:
+    ds_config: str = "ds_configs/cpu_zero2.json"  # relative paths: to the working directory, then the repo
+    zero_stage: int = 2
+    precision: str = "fp16"  # fp32 | fp16 (dynamic loss scale) | bf16
+    gradient_accumulation_steps: int = 1
+    global_batch_size: int | None = None  # if set: must equal batch_size x accumulation x world size
+
+
+@dataclass
+class CheckpointConfig:
+    every: int = 1000  # optimizer steps between checkpoints (0: only at the end)
+    keep: int = 3  # keep the last K complete checkpoints
+    dir: str | None = None  # None: <run.output_dir>/checkpoints
+
+
+@dataclass
+class RunConfig:
+    output_dir: str = "runs/distil"
+    seed: int = 56
+    epochs: int = 3
+    max_steps: int | None = None  # optimizer steps; None: epochs x updates per epoch
+    log_every: int = 10
+    max_nonfinite_steps: int = 10  # stop after this many non-finite losses in a row
+    export: bool = True  # export the model in HF format at the end
+    peak_tflops: float | None = None  # per-device peak for MFU; None: a table of known GPUs (no MFU on CPU)
+
+
+@dataclass
+class TrainConfig:
+    mode: str = "distill"  # distill | mlm (pretrain a BERT teacher, no teacher needed)
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    student: StudentConfig = field(default_factory=StudentConfig)
+    bert: BertArchConfig = field(default_factory=BertArchConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+
+
+def _one_line(e: OmegaConfBaseException) -> str:
+    first = str(e).splitlines()[0] if str(e) else type(e).__name__
+    key = getattr(e, "full_key", None)
+    return f"{first} (key: {key})" if key and str(key) not in first else first
+
+
+def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> TrainConfig:
+    """YAML file (optional) + dotlist overrides -> a validated TrainConfig."""
+    merged: DictConfig = OmegaConf.structured(TrainConfig)
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise UserError(f"config file {p} does not exist: pass --config with a YAML file (see configs/)")
+        try:
+            from_file = OmegaConf.load(p)
+        except Exception as e:  # yaml errors come in several types
+            raise UserError(f"config file {p} is not valid YAML: {str(e).splitlines()[0]}") from None
+        if not isinstance(from_file, DictConfig):
+            raise UserError(f"config file {p} must hold a mapping of sections (mode, teacher, data, ...)")
+        try:
+            merged = OmegaConf.merge(merged, from_file)
+        except OmegaConfBaseException as e:
+            raise UserError(f"config file {p}: {_one_line(e)}") from None
+    for item in overrides:
+        if "=" not in item:
+            raise UserError(f"override {item!r} is not key=value (e.g. run.max_steps=100)")
+    try:
+        merged = OmegaConf.merge(merged, OmegaConf.from_dotlist(list(overrides)))
+        cfg = OmegaConf.to_object(merged)
+    except OmegaConfBaseException as e:
+        raise UserError(f"config override: {_one_line(e)}") from None
+    assert isinstance(cfg, TrainConfig)
+    validate(cfg)
+    return cfg
+
+
+def _require(ok: bool, message: str) -> None:
+    if not ok:
+        raise UserError(message)
+
+
+def validate(cfg: TrainConfig) -> None:
+    """Value checks that types cannot express; each failure names the key to change."""
+    _require(cfg.mode in MODES, f"mode={cfg.mode!r}: choose one of {', '.join(MODES)}")
+    if cfg.mode == "distill":
+        _require(bool(cfg.teacher.path), "teacher.path is required in distill mode (a BERT masked-LM dir or hub name)")
+    _require(cfg.teacher.dtype in TEACHER_DTYPES, f"teacher.dtype={cfg.teacher.dtype!r}: choose fp16, bf16 or fp32")
+    _require(bool(cfg.data.shards), "data.shards is required: a folder made by `distil prepare`")
+    d = cfg.data
+    _require((d.batch_size is None) != (d.max_tokens is None),
+             "set exactly one of data.batch_size and data.max_tokens (the other to null)")
+    _require(d.batch_size is None or d.batch_size >= 1, f"data.batch_size={d.batch_size} must be >= 1")
+    _require(d.max_tokens is None or d.max_tokens >= 8, f"data.max_tokens={d.max_tokens} must be >= 8")
+    _require(d.num_workers >= 0, f"data.num_workers={d.num_workers} must be >= 0")
+    _require(d.pad_multiple >= 1, f"data.pad_multiple={d.pad_multiple} must be >= 1")
+    d.masking.validate()
+    loss = cfg.loss
+    _require(loss.temperature > 0, f"loss.temperature={loss.temperature} must be > 0")
+    for name in ("alpha_ce", "alpha_mlm", "alpha_cos", "alpha_mse"):
+        _require(getattr(loss, name) >= 0, f"loss.{name}={getattr(loss, name)} must be >= 0")
+    if cfg.mode == "distill":
+        _require(loss.alpha_ce + loss.alpha_mlm + loss.alpha_cos + loss.alpha_mse > 0,
+                 "all loss.alpha_* are 0: nothing to train")
+    _require(loss.chunk_size is None or loss.chunk_size >= 1, "loss.chunk_size must be >= 1 or null")
+    o = cfg.optim
+    _require(o.lr > 0, f"optim.lr={o.lr} must be > 0")
+    _require(len(o.betas) == 2 and all(0 <= b < 1 for b in o.betas), "optim.betas must be two values in [0, 1)")
+    _require(o.eps > 0 and o.weight_decay >= 0, "optim.eps must be > 0 and optim.weight_decay >= 0")
+    _require(o.max_grad_norm >= 0, "optim.max_grad_norm must be >= 0 (0 disables clipping)")
+    s = cfg.schedule
+    _require(0 <= s.warmup_fraction < 1, f"schedule.warmup_fraction={s.warmup_fraction} must be in [0, 1)")
+    _require(s.warmup_steps is None or s.warmup_steps >= 0, "schedule.warmup_steps must be >= 0 or null")
+    e = cfg.engine
+    _require(e.zero_stage in (0, 1, 2), f"engine.zero_stage={e.zero_stage}: choose 0, 1 or 2")
+    _require(e.precision in PRECISIONS, f"engine.precision={e.precision!r}: choose fp32, fp16 or bf16")
+    _require(e.gradient_accumulation_steps >= 1, "engine.gradient_accumulation_steps must be >= 1")
+    _require(e.global_batch_size is None or e.global_batch_size >= 1, "engine.global_batch_size must be >= 1")
+    _require(e.global_batch_size is None or d.batch_size is not None,
+             "engine.global_batch_size needs data.batch_size (with data.max_tokens batches vary in size)")
+    c = cfg.checkpoint
+    _require(c.every >= 0 and c.keep >= 1, "checkpoint.every must be >= 0 and checkpoint.keep >= 1")
+    r = cfg.run
+    _require(r.epochs >= 1, f"run.epochs={r.epochs} must be >= 1")
+    _require(r.max_steps is None or r.max_steps >= 1, f"run.max_steps={r.max_steps} must be >= 1 or null")
+    _require(r.log_every >= 1 and r.max_nonfinite_steps >= 1, "run.log_every and run.max_nonfinite_steps must be >= 1")
+    _require(r.peak_tflops is None or r.peak_tflops > 0, "run.peak_tflops must be > 0 or null")
+    st = cfg.student
+    _require(st.num_layers is None or st.num_layers >= 1, "student.num_layers must be >= 1 or null")
+    _require(0 <= st.dropout < 1 and 0 <= st.attention_dropout < 1, "student dropouts must be in [0, 1)")
+    b = cfg.bert
+    _require(b.hidden_size % b.num_attention_heads == 0,
+             f"bert.hidden_size={b.hidden_size} must be divisible by bert.num_attention_heads={b.num_attention_heads}")
+
+
+def check_batch_arithmetic(cfg: TrainConfig, world_size: int) -> int:
+    """The global batch in sequences (micro-batch x accumulation x world size); checks a stated one agrees."""
+    accum = cfg.engine.gradient_accumulation_steps
+    if cfg.data.batch_size is None:
+        return 0
+    made = cfg.data.batch_size * accum * world_size
+    want = cfg.engine.global_batch_size
+    if want is not None and want != made:
+        hint = ""
+        if want % (cfg.data.batch_size * world_size) == 0:
+            hint = f"; engine.gradient_accumulation_steps={want // (cfg.data.batch_size * world_size)} would make it"
+        raise UserError(
+            f"engine.global_batch_size={want} but data.batch_size={cfg.data.batch_size} x "
+            f"gradient_accumulation_steps={accum} x world size {world_size} = {made}{hint}"
+        )
+    return made
+
+
+def warmup_steps(cfg: TrainConfig, total_steps: int) -> int:
+    if cfg.schedule.warmup_steps is not None:
+        return min(cfg.schedule.warmup_steps, total_steps)
+    return int(math.ceil(cfg.schedule.warmup_fraction * total_steps))
+
+
+def to_container(cfg: TrainConfig) -> dict[str, Any]:
+    return OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)  # type: ignore[return-value]
+
+
+def to_yaml(cfg: TrainConfig) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
+def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{"a": {"b": 1}} -> {"a.b": 1}; lists become strings (MLflow params are scalars)."""
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(flatten(v, key + "."))
+        elif isinstance(v, list | tuple):
+            out[key] = str(list(v))
+        else:
+            out[key] = v
+    return out

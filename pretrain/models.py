@@ -1,0 +1,227 @@
+"""Teacher loading, student construction and initialisation, and the teacher/student/shards agreement check.
+
+Student initialisation follows the recipe's `extract_distilbert.py`: embeddings, a subset of teacher layers
+(the list, or an even-spacing rule that gives [0, 2, 4, 7, 9, 11] for 12 -> 6), and the vocabulary
+projector from the teacher's MLM decoder (+ bias); the head's transform only by flag.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from pathlib import Path
+
+import torch
+from transformers import (
+    AutoConfig,
+    BertConfig,
+    BertForMaskedLM,
+    DistilBertConfig,
+    DistilBertForMaskedLM,
+)
+
+from data_pipeline.errors import UserError
+from data_pipeline.manifest import Manifest
+from pretrain.config import BertArchConfig, StudentConfig, TeacherConfig
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def even_layer_map(teacher_layers: int, student_layers: int) -> list[int]:
+    """Evenly spaced teacher layers, first and last included: 12 -> 6 gives [0, 2, 4, 7, 9, 11]."""
+    if student_layers < 1 or student_layers > teacher_layers:
+        raise UserError(
+            f"student.num_layers={student_layers} must be between 1 and the teacher's {teacher_layers} layers"
+        )
+    if student_layers == 1:
+        return [0]
+    step = (teacher_layers - 1) / (student_layers - 1)
+    return [int(math.floor(i * step + 0.5)) for i in range(student_layers)]
+
+
+def resolve_layer_map(cfg: StudentConfig, teacher_layers: int) -> list[int]:
+    if cfg.layers is not None:
+        layers = list(cfg.layers)
+        if not layers:
+            raise UserError("student.layers is empty: give teacher layer indices, or null for the default rule")
+        bad = [i for i in layers if not 0 <= i < teacher_layers]
+        if bad:
+            raise UserError(f"student.layers has {bad}: the teacher has layers 0..{teacher_layers - 1}")
+        if cfg.num_layers is not None and cfg.num_layers != len(layers):
+            raise UserError(
+                f"student.num_layers={cfg.num_layers} but student.layers lists {len(layers)}: make them agree"
+            )
+        return layers
+    n = cfg.num_layers if cfg.num_layers is not None else max(1, teacher_layers // 2)
+    return even_layer_map(teacher_layers, n)
+
+
+def load_teacher(cfg: TeacherConfig, *, need_logits: bool, device: torch.device | str = "cpu") -> BertForMaskedLM:
+    """A frozen BERT masked LM in eval mode on `device`, cast to cfg.dtype."""
+    where = cfg.path
+    assert where
+    local = Path(where)
+    if local.exists() and not (local / "config.json").is_file():
+        raise UserError(f"teacher.path {where} has no config.json: point it at a saved HF BERT masked-LM folder")
+    try:
+        config = AutoConfig.from_pretrained(where)
+    except OSError as e:
+        raise UserError(f"cannot load teacher {where!r}: {str(e).splitlines()[0]} "
+                        "(a local folder, or a hub name with network access)") from None
+    if config.model_type != "bert":
+        raise UserError(f"teacher {where!r} is a {config.model_type!r} model: the teacher must be a BERT (model_type bert)")
+    model, info = BertForMaskedLM.from_pretrained(
+        where, dtype=DTYPES[cfg.dtype], output_loading_info=True
+    )
+    head_missing = [k for k in info.get("missing_keys", []) if k.startswith("cls.")]
+    if head_missing and need_logits:
+        raise UserError(
+            f"teacher {where!r} has no trained MLM head (missing {head_missing[0]}, ...): a bare BertModel cannot "
+            "give teacher logits; use a BertForMaskedLM checkpoint or set loss.alpha_ce=0 and loss.alpha_mse=0"
+        )
+    model.to(device)
+    model.eval()
+    model.requires_grad_(False)
+    return model
+
+
+def student_config_from_teacher(teacher: BertConfig, cfg: StudentConfig) -> DistilBertConfig:
+    n_layers = len(resolve_layer_map(cfg, teacher.num_hidden_layers))
+    return DistilBertConfig(
+        vocab_size=teacher.vocab_size,
+        max_position_embeddings=teacher.max_position_embeddings,
+        sinusoidal_pos_embds=False,
+        n_layers=n_layers,
+        n_heads=teacher.num_attention_heads,
+        dim=teacher.hidden_size,
+        hidden_dim=teacher.intermediate_size,
+        dropout=cfg.dropout,
+        attention_dropout=cfg.attention_dropout,
+        activation=teacher.hidden_act,
+        initializer_range=teacher.initializer_range,
+        pad_token_id=teacher.pad_token_id,
+        tie_word_embeddings=getattr(teacher, "tie_word_embeddings", True),
+    )
+
+
+@torch.no_grad()
+def _copy(dst: torch.nn.Module, src: torch.nn.Module) -> None:
+    for name in ("weight", "bias"):
+        d, s = getattr(dst, name, None), getattr(src, name, None)
+        if d is not None and s is not None:
+            d.copy_(s.to(d.dtype))
+
+
+@torch.no_grad()
+def init_student_from_teacher(student: DistilBertForMaskedLM, teacher: BertForMaskedLM, layer_map: list[int],
+                              *, copy_vocab_transform: bool = False, fold_token_type: bool = False) -> None:
+    """Copy teacher weights into the student (the recipe's extract_distilbert.py mapping)."""
+    t_emb, s_emb = teacher.bert.embeddings, student.distilbert.embeddings
+    _copy(s_emb.word_embeddings, t_emb.word_embeddings)
+    _copy(s_emb.position_embeddings, t_emb.position_embeddings)
+    if fold_token_type:
+        # BERT adds token_type_embeddings[0] at every position of a single-segment input; DistilBERT has no
+        # token types, so folding it into the positions makes the student's embeddings equal the teacher's.
+        s_emb.position_embeddings.weight += t_emb.token_type_embeddings.weight[0].to(s_emb.position_embeddings.weight.dtype)
+    _copy(s_emb.LayerNorm, t_emb.LayerNorm)
+    for s_idx, t_idx in enumerate(layer_map):
+        t, s = teacher.bert.encoder.layer[t_idx], student.distilbert.transformer.layer[s_idx]
+        _copy(s.attention.q_lin, t.attention.self.query)
+        _copy(s.attention.k_lin, t.attention.self.key)
+        _copy(s.attention.v_lin, t.attention.self.value)
+        _copy(s.attention.out_lin, t.attention.output.dense)
+        _copy(s.sa_layer_norm, t.attention.output.LayerNorm)
+        _copy(s.ffn.lin1, t.intermediate.dense)
+        _copy(s.ffn.lin2, t.output.dense)
+        _copy(s.output_layer_norm, t.output.LayerNorm)
+    head = teacher.cls.predictions
+    if student.vocab_projector.weight is not s_emb.word_embeddings.weight:  # untied: copy the decoder too
+        student.vocab_projector.weight.copy_(head.decoder.weight.to(student.vocab_projector.weight.dtype))
+    student.vocab_projector.bias.copy_(head.bias.to(student.vocab_projector.bias.dtype))
+    if copy_vocab_transform:
+        _copy(student.vocab_transform, head.transform.dense)
+        _copy(student.vocab_layer_norm, head.transform.LayerNorm)
+
+
+def build_student(teacher: BertForMaskedLM, cfg: StudentConfig) -> tuple[DistilBertForMaskedLM, list[int]]:
+    """A fp32 DistilBertForMaskedLM sized from the teacher; initialised from it unless cfg says random."""
+    layer_map = resolve_layer_map(cfg, teacher.config.num_hidden_layers)
+    student = DistilBertForMaskedLM(student_config_from_teacher(teacher.config, cfg))
+    if cfg.init_from_teacher:
+        init_student_from_teacher(student, teacher, layer_map, copy_vocab_transform=cfg.copy_vocab_transform,
+                                  fold_token_type=cfg.fold_token_type_embeddings)
+    return student, layer_map
+
+
+def build_bert_mlm(arch: BertArchConfig, manifest: Manifest) -> BertForMaskedLM:
+    """A randomly initialised BERT masked LM for MLM mode, its vocabulary taken from the shards."""
+    if arch.max_position_embeddings < manifest.max_len:
+        raise UserError(f"bert.max_position_embeddings={arch.max_position_embeddings} is below the shards' "
+                        f"max_len {manifest.max_len}: raise it")
+    config = BertConfig(
+        vocab_size=manifest.vocab_size,
+        hidden_size=arch.hidden_size,
+        num_hidden_layers=arch.num_hidden_layers,
+        num_attention_heads=arch.num_attention_heads,
+        intermediate_size=arch.intermediate_size,
+        max_position_embeddings=arch.max_position_embeddings,
+        hidden_dropout_prob=arch.hidden_dropout_prob,
+        attention_probs_dropout_prob=arch.attention_probs_dropout_prob,
+        pad_token_id=manifest.special_tokens.pad,
+    )
+    return BertForMaskedLM(config)
+
+
+def _teacher_tokenizer_ids(path: str) -> dict[str, int] | None:
+    """Special token ids of the tokenizer saved beside the teacher, if there is one."""
+    try:
+        from transformers import AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(path)
+    except Exception:  # no tokenizer files beside the teacher: nothing to compare
+        return None
+    ids = {"pad": tok.pad_token_id, "cls": tok.cls_token_id, "sep": tok.sep_token_id,
+           "mask": tok.mask_token_id, "unk": tok.unk_token_id}
+    return {k: v for k, v in ids.items() if v is not None}
+
+
+def check_compatible(manifest: Manifest, teacher: BertForMaskedLM | None, student: torch.nn.Module | None, *,
+                     need_cosine: bool, teacher_path: str | None = None) -> None:
+    """Teacher, student and shards must agree on vocabulary and special tokens (else an index error later)."""
+    specials = {"pad": manifest.special_tokens.pad, "cls": manifest.special_tokens.cls,
+                "sep": manifest.special_tokens.sep, "mask": manifest.special_tokens.mask,
+                "unk": manifest.special_tokens.unk}
+    over = {k: v for k, v in specials.items() if v >= manifest.vocab_size}
+    if over:
+        raise UserError(f"shard manifest special token ids {over} are outside its vocab_size {manifest.vocab_size}")
+    for role, model in (("teacher", teacher), ("student", student)):
+        if model is None:
+            continue
+        vocab = model.config.vocab_size
+        if vocab != manifest.vocab_size:
+            raise UserError(
+                f"{role} vocab_size {vocab} != shards' vocab_size {manifest.vocab_size}: prepare the shards with "
+                f"the {role}'s tokenizer (distil prepare --tokenizer <{role} dir>) or use a matching {role}"
+            )
+        pad = model.config.pad_token_id
+        if pad is not None and pad != manifest.special_tokens.pad:
+            raise UserError(f"{role} pad_token_id {pad} != shards' pad id {manifest.special_tokens.pad}: "
+                            "the shards were tokenised with a different tokenizer")
+        max_pos = model.config.max_position_embeddings
+        if max_pos < manifest.max_len:
+            raise UserError(f"{role} max_position_embeddings {max_pos} < shards' max_len {manifest.max_len}: "
+                            "re-run distil prepare with a smaller --max-seq-len")
+    if teacher_path is not None:
+        tok_ids = _teacher_tokenizer_ids(teacher_path)
+        if tok_ids:
+            diff = {k: (v, specials[k]) for k, v in tok_ids.items() if specials[k] != v}
+            if diff:
+                raise UserError(f"teacher tokenizer special ids differ from the shards' (teacher, shards): {diff}; "
+                                "prepare the shards with the teacher's tokenizer")
+    if need_cosine and teacher is not None and student is not None:
+        t_dim, s_dim = teacher.config.hidden_size, student.config.dim
+        if t_dim != s_dim:
+            raise UserError(f"loss.alpha_cos > 0 needs equal hidden sizes: teacher {t_dim}, student {s_dim}; "
+                            "set loss.alpha_cos=0")
