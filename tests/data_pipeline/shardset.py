@@ -49,7 +49,8 @@ def npy_bytes(array: np.ndarray) -> bytes:
 
 
 def write_shard(path: Path, samples: list[tuple[str, bytes]]) -> None:
-    with wds.TarWriter(str(path)) as writer:
+    # An integer mtime, as a reproducible writer sets it: a float one costs a PAX header per member.
+    with wds.TarWriter(str(path), mtime=0) as writer:
         for key, payload in samples:
             writer.write({"__key__": key, SAMPLE_KEY: payload})
 
@@ -64,11 +65,14 @@ def make_shard_set(
     min_len: int = 12,
     seed: int = 0,
     zipf: float | None = None,
+    full_fraction: float = 0.0,
 ) -> Path:
     """Writes shards, manifest.json and token_counts.npy under `root`; returns `root`.
 
     Serial numbers run 0.. over the train shards in order, then on over the holdout shards. With `zipf`,
-    body ids (after the serial) follow a Zipf law, as real text, so token counts are skewed.
+    body ids (after the serial) follow a Zipf law, as real text, so token counts are skewed. Lengths are
+    uniform in [min_len, max_len], except a `full_fraction` of samples at exactly max_len (as long
+    documents cut into max_len chunks give).
     """
     root.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
@@ -81,7 +85,9 @@ def make_shard_set(
         for n, size in enumerate(sizes):
             samples, tokens = [], 0
             for _ in range(size):
-                ids = make_sample(serial, int(rng.integers(min_len, max_len + 1)), rng, vocab_size)
+                full = rng.random() < full_fraction
+                length = max_len if full else int(rng.integers(min_len, max_len + 1))
+                ids = make_sample(serial, length, rng, vocab_size)
                 if zipf is not None:
                     tail = np.minimum(rng.zipf(zipf, size=len(ids) - 4) + FIRST_ID - 1, vocab_size - 1)
                     ids[3:-1] = tail.astype(np.uint16)

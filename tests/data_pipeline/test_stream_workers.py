@@ -41,6 +41,7 @@ def test_workers_split_the_rank_and_resume_exactly(tmp_path):
             world_size=2,
             masking=masking,
             seed=9,
+            partitions=2,
         )
         stream.set_epoch(2)
         return stream
