@@ -44,7 +44,7 @@ def _is_prose(paragraph: str) -> bool:
     if ">>>" in paragraph or paragraph.count("::") or paragraph.lstrip().startswith(("-", "*", "|", "+")):
         return False
     words = _WORD.findall(paragraph)
-    if len(words) < 8:
+    if len(words) < 8 or len(paragraph.split()) < 8:
         return False
     letters = sum(len(w) for w in words)
     return letters / max(len(paragraph), 1) > 0.6
