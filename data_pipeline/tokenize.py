@@ -6,11 +6,12 @@ does) with [CLS]/[SEP] re-inserted where a chunk lacks them; sequences of <= 11 
 are >= 50 % [UNK] are dropped. `pack` fills a sequence with consecutive segments of one document.
 
 Encoding: special-token strings that occur in the corpus (a literal "[SEP]" in some text) are encoded as
-text, never as the special ids, so a corpus cannot inject structure. For BERT-style WordPiece tokenizers,
-ASCII text goes through a per-process word cache (the pre-tokenizer's split done with one regex, each
-distinct word tokenised once by the library's WordPiece model); it gives the same ids as the library's full
-pipeline (tested against it) at several times its speed. Other text and other tokenizers use the library's
-batched `encode_batch_fast`.
+text, never as the special ids, so a corpus cannot inject structure. For BERT-style WordPiece tokenizers
+the work goes through per-process caches: ASCII text is split like the pre-tokenizer with one regex and
+each distinct word is tokenised once by the library's WordPiece model; other text is cut at whitespace and
+each distinct chunk is encoded once by the library's full pipeline. Both give the ids of the library's
+pipeline on the whole text (tested against it) at several times its speed. Other tokenizers use the
+library's batched `encode_batch_fast`.
 """
 
 from __future__ import annotations
@@ -32,6 +33,8 @@ SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
 _WORD_CACHE_LIMIT = 1_000_000
 # ASCII control characters the BERT normalizer deletes (tab, newline and carriage return become spaces).
 _ASCII_CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
+# Whitespace that both Python and the BERT pipeline treat as a word boundary.
+_BOUNDARY = re.compile(r"[ \t\n\r]+")
 
 
 # ---------------------------------------------------------------- tokenizers
@@ -164,7 +167,8 @@ class Encoder:
         self.tokenizer = Tokenizer.from_str(tokenizer_json_str)
         self.tokenizer.encode_special_tokens = True  # literal "[SEP]" in text is text
         self.spec = _word_cache_spec(json.loads(tokenizer_json_str))
-        self.cache: dict[str, list[int]] = {}
+        self.cache: dict[str, list[int]] = {}  # ASCII word -> ids
+        self.chunk_cache: dict[str, list[int]] = {}  # other whitespace-free chunk -> ids
 
     def _word_ids(self, word: str) -> list[int]:
         ids = self.cache.get(word)
@@ -185,14 +189,37 @@ class Encoder:
             ids += piece if piece is not None else self._word_ids(word)
         return ids
 
+    def _encode_chunks(self, text: str) -> list[int]:
+        """Non-ASCII text: whitespace-separated chunks, each encoded on its own (cached).
+
+        The BERT normalizer and pre-tokenizer act per character and split at whitespace, so encoding the
+        chunks one by one gives the ids of encoding the whole text.
+        """
+        ids: list[int] = []
+        for chunk in _BOUNDARY.split(text):
+            if not chunk:
+                continue
+            if chunk.isascii() and not _ASCII_CONTROL.search(chunk):
+                ids += self._encode_cached(chunk)
+                continue
+            piece = self.chunk_cache.get(chunk)
+            if piece is None:
+                if len(self.chunk_cache) >= _WORD_CACHE_LIMIT:
+                    self.chunk_cache.clear()
+                piece = self.chunk_cache[chunk] = self.tokenizer.encode(chunk, add_special_tokens=False).ids
+            ids += piece
+        return ids
+
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
         out: list[list[int] | None] = [None] * len(texts)
         rest: list[int] = []
         for i, text in enumerate(texts):
-            if self.spec is not None and text.isascii() and not _ASCII_CONTROL.search(text):
+            if self.spec is None:
+                rest.append(i)
+            elif text.isascii() and not _ASCII_CONTROL.search(text):
                 out[i] = self._encode_cached(text)
             else:
-                rest.append(i)
+                out[i] = self._encode_chunks(text)
         if rest:
             encodings = self.tokenizer.encode_batch_fast([texts[i] for i in rest], add_special_tokens=False)
             for i, encoding in zip(rest, encodings, strict=True):

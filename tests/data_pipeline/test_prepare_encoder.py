@@ -35,6 +35,15 @@ def _random_ascii(rng: np.random.Generator, n: int) -> list[str]:
     return ["".join(rng.choice(list(alphabet), size=int(rng.integers(0, 200)), p=weights)) for _ in range(n)]
 
 
+def _random_unicode(rng: np.random.Generator, n: int) -> list[str]:
+    pieces = list(string.ascii_letters + string.punctuation + "  \t\n\r") + [
+        "\u00e9", "\u00c9", "e\u0301", "\u0301", "\u4e2d", "\u6587", "\u00a0", "\u2028", "\u3000", "\x1c", "\x1f",
+        "\u03a3", "\u03c3", "\u0130", "\u00df", "\ufb01", "\u2013", "\u201c", "\U0001f600", "\u200b", "\ufffd",
+        "\u0627", "\u05d0", "\u0e01", "\x00", "\x85", "Stra\u00dfe", "\u00bd", "\u2160",
+    ]
+    return ["".join(rng.choice(pieces, size=int(rng.integers(0, 80)))) for _ in range(n)]
+
+
 @pytest.fixture(scope="module", params=[True, False], ids=["uncased", "cased"])
 def tokenizer_json(request) -> str:
     texts = [line for doc in make_documents(60, seed=9) for line in doc] + TRICKY
@@ -54,7 +63,8 @@ def test_encoder_matches_the_library_pipeline(tokenizer_json):
     reference.encode_special_tokens = True
     encoder = Encoder(tokenizer_json)
     assert encoder.spec is not None, "the word-cache path should apply to a BERT WordPiece pipeline"
-    texts = TRICKY + _random_ascii(np.random.default_rng(0), 300)
+    rng = np.random.default_rng(0)
+    texts = TRICKY + _random_ascii(rng, 300) + _random_unicode(rng, 600)
     expected = [e.ids for e in reference.encode_batch(texts, add_special_tokens=False)]
     assert encoder.encode_batch(texts) == expected
     assert encoder.encode_batch(texts) == expected  # again, now from the warm cache
