@@ -536,7 +536,7 @@ class MlflowTracker(NullTracker):
         status = status if status in RUN_STATUSES else "FAILED"
         if self._sampler_thread is not None:
             self._sampler_thread.stop()
-            self._emit_system_metrics()
+            self._system_tick(final=True)
         self._outbox.put_op(("end", status))
         self._stopping.set()
         self._wake.set()
@@ -743,10 +743,11 @@ class MlflowTracker(NullTracker):
                                                self._system_tick)
         self._sampler_thread.start()
 
-    def _system_tick(self) -> None:
+    def _system_tick(self, final: bool = False) -> None:
+        """One sample; every samples_per_log samples (and at the end) one logged point per node."""
         self._sampler.sample()
         self._samples += 1
-        if self._samples % max(1, self.cfg.system_metrics_samples_per_log) == 0:
+        if final or self._samples % max(1, self.cfg.system_metrics_samples_per_log) == 0:
             self._emit_system_metrics()
 
     def _emit_system_metrics(self) -> None:

@@ -1,0 +1,247 @@
+"""The MLflow tracker against a real `mlflow server` (launch/mlflow_server.sh on 127.0.0.1, a free port).
+
+One server serves the whole module; the outage test runs its own server because it kills it.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+import pytest
+
+mlflow = pytest.importorskip("mlflow")
+
+from mlflow_test_server import MlflowServer  # noqa: E402
+
+from pretrain.tracking import (  # noqa: E402
+    MlflowTracker,
+    NodeReporter,
+    NullTracker,
+    TrackingConfig,
+    clean_metrics,
+    clean_params,
+    create_tracker,
+)
+
+FAST = dict(system_metrics_interval_s=0.2, retry_interval_s=0.3, finish_timeout_s=120.0)
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    srv = MlflowServer(tmp_path_factory.mktemp("mlflow-server"))
+    srv.start()
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture(scope="module")
+def student_dir(tmp_path_factory) -> Path:
+    """A tiny exported student: DistilBertForMaskedLM + a word-piece tokenizer, as the trainer exports it."""
+    from transformers import BertTokenizerFast, DistilBertConfig, DistilBertForMaskedLM
+
+    out = tmp_path_factory.mktemp("student")
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + [f"w{i}" for i in range(27)]
+    (out / "vocab.txt").write_text("\n".join(vocab) + "\n")
+    BertTokenizerFast(vocab_file=str(out / "vocab.txt")).save_pretrained(out)
+    config = DistilBertConfig(vocab_size=len(vocab), dim=16, hidden_dim=32, n_layers=1, n_heads=2,
+                              max_position_embeddings=32)
+    DistilBertForMaskedLM(config).save_pretrained(out)
+    return out
+
+
+def tracker_warnings(caplog) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.name == "distil.tracking" and r.levelno >= logging.WARNING]
+
+
+def test_params_are_flattened_truncated_and_secrets_redacted():
+    params = clean_params({"model": {"teacher": "bert", "layers": [0, 2, 4]}, "hf_token": "abc",
+                           "tracking": {"uri": "http://user:pw@host:5000"}, "note": "x" * 7000, "bad key!": 1})
+    assert params["model.teacher"] == "bert"
+    assert params["model.layers"] == "[0, 2, 4]"
+    assert params["hf_token"] == "***"
+    assert params["tracking.uri"] == "http://***@host:5000"
+    assert len(params["note"]) == 6000 and params["note"].endswith("...")
+    assert params["bad key_"] == "1"
+    assert clean_metrics({"loss": 1, "ok": True, "name": "x", "lr": 0.5}) == {"loss": 1.0, "ok": 1.0, "lr": 0.5}
+
+
+def test_disabled_and_nonzero_ranks_get_null_trackers(tmp_path):
+    off = TrackingConfig(enabled=False)
+    assert type(create_tracker(off, rank=0, local_rank=0, world_size=1, run_dir=str(tmp_path))) is NullTracker
+    on = TrackingConfig(tracking_uri="http://127.0.0.1:9")  # nothing listens there
+    assert type(create_tracker(on, rank=1, local_rank=1, world_size=2, run_dir=str(tmp_path))) is NullTracker
+
+
+def test_rank0_logs_params_metrics_system_metrics_artifacts_and_registered_model(server, student_dir, tmp_path):
+    cfg = TrackingConfig(tracking_uri=server.uri, experiment="logs-everything", run_name="students-1",
+                         registered_model_name="tiny-student", **FAST)
+    tracker = create_tracker(cfg, rank=0, local_rank=0, world_size=2, run_dir=str(tmp_path / "run"))
+    assert isinstance(tracker, MlflowTracker) and tracker.run_id
+    config_file = tmp_path / "config.yaml"
+    config_file.write_text("train:\n  lr: 0.0005\n")
+    tracker.log_params({"train": {"lr": 5e-4, "epochs": 3}, "hub_token": "secret-value"})
+    for step in range(1, 6):
+        tracker.log_metrics({"loss/total": 10.0 / step, "loss/ce": 4.0 / step, "lr": 1e-4 * step,
+                             "tokens_per_s": 1000.0 + step}, step=step)
+    tracker.log_artifact(str(config_file), "config")
+    assert tracker.flush(60)
+    tracker.log_student(str(student_dir))
+    tracker.finish("FINISHED")
+
+    client = mlflow.MlflowClient(server.uri)
+    run = client.get_run(tracker.run_id)
+    assert run.info.status == "FINISHED"
+    assert run.info.run_name == "students-1"
+    assert run.data.params["train.lr"] == "0.0005" and run.data.params["train.epochs"] == "3"
+    assert run.data.params["hub_token"] == "***"
+    history = client.get_metric_history(tracker.run_id, "loss/total")
+    assert [(m.step, m.value) for m in sorted(history, key=lambda m: m.step)] == [
+        (s, 10.0 / s) for s in range(1, 6)]
+    system = [k for k in run.data.metrics if k.startswith("system/node_0/")]
+    assert "system/node_0/cpu_utilization_percentage" in system
+    tags = run.data.tags
+    assert tags["distil.world_size"] == "2" and tags["distil.num_nodes"] == "1"
+    assert tags["distil.gpu_type"] == "cpu"
+    for package in ("torch", "deepspeed", "transformers", "triton"):
+        assert tags[f"distil.version.{package}"]
+    assert len(tags["mlflow.source.git.commit"]) == 40
+    assert [a.path for a in client.list_artifacts(tracker.run_id, "config")] == ["config/config.yaml"]
+    versions = client.search_model_versions(f"name='tiny-student' and run_id='{tracker.run_id}'")
+    assert len(versions) == 1
+    loaded = mlflow.transformers.load_model(versions[0].source)
+    assert loaded("w1 [MASK] w2")  # a working fill-mask pipeline came back from the registry
+
+
+def test_resumed_tracker_appends_to_the_same_run(server, tmp_path):
+    cfg = TrackingConfig(tracking_uri=server.uri, experiment="resume", system_metrics=False, **FAST)
+    first = create_tracker(cfg, rank=0, local_rank=0, world_size=1, run_dir=str(tmp_path))
+    first.log_params({"max_steps": 3, "seed": 1})
+    for step in range(3):
+        first.log_metrics({"loss": float(10 - step)}, step)
+    first.finish("KILLED")
+    client = mlflow.MlflowClient(server.uri)
+    assert client.get_run(first.run_id).info.status == "KILLED"
+
+    second = create_tracker(cfg, rank=0, local_rank=0, world_size=1, run_dir=str(tmp_path),
+                            resume_run_id=first.run_id)
+    assert second.run_id == first.run_id
+    second.log_params({"max_steps": 6, "seed": 1})  # a changed value cannot overwrite an MLflow param
+    for step in range(3, 6):
+        second.log_metrics({"loss": float(10 - step)}, step)
+    second.finish("FINISHED")
+
+    run = client.get_run(first.run_id)
+    assert run.info.status == "FINISHED"
+    assert run.data.params["max_steps"] == "3" and run.data.tags["distil.resume_param.max_steps"] == "6"
+    steps = sorted(m.step for m in client.get_metric_history(first.run_id, "loss"))
+    assert steps == list(range(6))
+    assert len(client.search_runs([run.info.experiment_id])) == 1
+
+
+def test_nonzero_ranks_never_reach_the_server(server, tmp_path):
+    import torch.distributed as dist
+
+    client = mlflow.MlflowClient(server.uri)
+    experiment = client.get_experiment_by_name("logs-everything")
+    runs_before = len(client.search_runs([experiment.experiment_id])) if experiment else 0
+    requests_before = len(server.api_requests())
+    cfg = TrackingConfig(tracking_uri=server.uri, experiment="logs-everything", **FAST)
+    trackers = [
+        create_tracker(cfg, rank=1, local_rank=1, world_size=4, run_dir=str(tmp_path), num_nodes=2),
+        # local rank 0 of the second node: samples its node into the torch.distributed store only
+        create_tracker(cfg, rank=2, local_rank=0, world_size=4, run_dir=str(tmp_path), num_nodes=2,
+                       store=dist.HashStore()),
+    ]
+    assert type(trackers[0]) is NullTracker and isinstance(trackers[1], NodeReporter)
+    for tracker in trackers:
+        tracker.log_params({"a": 1})
+        tracker.log_metrics({"loss": 1.0}, 1)
+        tracker.log_artifact(__file__)
+        tracker.log_student(str(tmp_path))
+        assert tracker.run_id is None
+        tracker.finish("FINISHED")
+    assert len(server.api_requests()) == requests_before
+    runs_after = len(client.search_runs([experiment.experiment_id])) if experiment else 0
+    assert runs_after == runs_before
+
+
+def test_other_nodes_system_metrics_reach_rank0_through_the_store(server, tmp_path):
+    import torch.distributed as dist
+
+    store = dist.HashStore()  # stands in for the job's TCPStore served by rank 0
+    cfg = TrackingConfig(tracking_uri=server.uri, experiment="nodes", **FAST)
+    reporter = create_tracker(cfg, rank=4, local_rank=0, world_size=8, run_dir=str(tmp_path), num_nodes=2,
+                              store=store)
+    tracker = create_tracker(cfg, rank=0, local_rank=0, world_size=8, run_dir=str(tmp_path), num_nodes=2,
+                             store=store)
+    deadline = time.monotonic() + 60
+    while not store.check(["distil/system_metrics/node_1"]) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    time.sleep(0.5)  # a few more sampling rounds on both sides
+    reporter.finish()
+    tracker.finish("FINISHED")
+    run = mlflow.MlflowClient(server.uri).get_run(tracker.run_id)
+    assert "system/node_0/cpu_utilization_percentage" in run.data.metrics
+    assert "system/node_1/cpu_utilization_percentage" in run.data.metrics
+    assert run.data.tags["distil.num_nodes"] == "2"
+    assert "distil.node.node_1.hostname" in run.data.tags
+
+
+def test_server_killed_mid_run_then_restarted_receives_the_buffered_metrics(tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger="distil.tracking")
+    server = MlflowServer(tmp_path / "server")
+    server.start()
+    try:
+        cfg = TrackingConfig(tracking_uri=server.uri, experiment="outage", **FAST)
+        tracker = create_tracker(cfg, rank=0, local_rank=0, world_size=1, run_dir=str(tmp_path / "run"))
+        run_id = tracker.run_id
+        tracker.log_metrics({"loss": 100.0}, 0)
+        assert tracker.flush(60)
+
+        server.kill()
+        for step in range(1, 41):  # "training" goes on: every call returns, none raises
+            tracker.log_metrics({"loss": 100.0 - step}, step)
+            if step == 20:
+                tracker.log_params({"during_outage": True})
+        deadline = time.monotonic() + 60
+        while not tracker.offline and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert tracker.offline
+        assert not tracker.flush(1.0)  # nothing can be sent while the server is down
+        warnings = tracker_warnings(caplog)
+        assert len(warnings) == 1 and "unreachable" in warnings[0]
+
+        server.start()  # same port, same SQLite store
+        assert tracker.flush(120)
+        tracker.finish("FINISHED")
+        assert len(tracker_warnings(caplog)) == 1  # still the one warning
+
+        client = mlflow.MlflowClient(server.uri)
+        run = client.get_run(run_id)
+        assert run.info.status == "FINISHED"
+        assert run.data.params["during_outage"] == "True"
+        steps = sorted(m.step for m in client.get_metric_history(run_id, "loss"))
+        assert steps == list(range(41))
+    finally:
+        server.stop()
+
+
+def test_unreachable_server_at_start_creates_the_run_once_it_answers(tmp_path, caplog):
+    server = MlflowServer(tmp_path / "server")  # not started yet: its port refuses connections
+    cfg = TrackingConfig(tracking_uri=server.uri, experiment="late-server", system_metrics=False, **FAST)
+    tracker = create_tracker(cfg, rank=0, local_rank=0, world_size=1, run_dir=str(tmp_path / "run"))
+    try:
+        assert tracker.run_id is None and tracker.offline
+        tracker.log_params({"seed": 7})
+        tracker.log_metrics({"loss": 3.0}, 1)
+        server.start()
+        assert tracker.flush(120)
+        assert tracker.run_id
+        tracker.finish("FAILED")
+        run = mlflow.MlflowClient(server.uri).get_run(tracker.run_id)
+        assert run.info.status == "FAILED" and run.data.params["seed"] == "7" and run.data.metrics["loss"] == 3.0
+        assert len(tracker_warnings(caplog)) == 1
+    finally:
+        server.stop()
