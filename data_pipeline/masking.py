@@ -90,30 +90,34 @@ class Masker:
         """Returns (masked input_ids, labels), labels -100 wherever there is nothing to predict."""
         device = input_ids.device
         flat_ids = input_ids.reshape(-1)
-        real = attention_mask.reshape(-1).bool()
+        real = attention_mask.reshape(-1) != 0
         log_w = self._log_weights_on(device)[flat_ids.clamp(0, self.vocab_size - 1)]
-        log_w = log_w.masked_fill(~real, float("-inf"))
-        eligible = int(torch.isfinite(log_w).sum())
-        n_select = min(math.ceil(self.cfg.mlm_probability * int(real.sum())), eligible)
+        log_w.masked_fill_(~real, float("-inf"))
+        n_select = math.ceil(self.cfg.mlm_probability * int(real.sum()))
 
         labels = torch.full_like(flat_ids, IGNORE_INDEX)
         masked = flat_ids.clone()
-        if n_select > 0:
-            uniform = torch.rand(flat_ids.shape, generator=generator, device=device)
-            gumbel = -torch.log(-torch.log(uniform.clamp_(1e-20, 1.0 - 1e-7)))
-            chosen = torch.topk(log_w + gumbel, n_select, sorted=False).indices
-            labels[chosen] = flat_ids[chosen]
+        if n_select == 0:
+            return masked.view_as(input_ids), labels.view_as(input_ids)
+        # Gumbel-top-k: keys log w - log(-log U); ineligible positions stay at -inf. U is kept off 0 so
+        # an eligible key is always finite.
+        noise = torch.rand(flat_ids.shape, generator=generator, device=device).clamp_min_(1e-30)
+        keys = log_w.sub_(noise.log_().neg_().log_())
+        top = torch.topk(keys, min(n_select, keys.numel()), sorted=False)
+        chosen = top.indices
+        if not bool(torch.isfinite(top.values).all()):  # fewer eligible tokens than the rate asks for
+            chosen = chosen[torch.isfinite(top.values)]
+        original = flat_ids[chosen]
+        labels[chosen] = original
 
-            action = torch.rand(n_select, generator=generator, device=device)
-            to_mask = chosen[action < self.cfg.mask_fraction]
-            to_random = chosen[
-                (action >= self.cfg.mask_fraction)
-                & (action < self.cfg.mask_fraction + self.cfg.random_fraction)
-            ]
-            masked[to_mask] = self.mask_token_id
-            masked[to_random] = torch.randint(
-                0, self.vocab_size, (to_random.numel(),), generator=generator, device=device
-            )
+        action = torch.rand(chosen.shape, generator=generator, device=device)
+        random_ids = torch.randint(0, self.vocab_size, chosen.shape, generator=generator, device=device)
+        replacement = torch.where(action < self.cfg.mask_fraction, self.mask_token_id, original)
+        cut = self.cfg.mask_fraction + self.cfg.random_fraction
+        replacement = torch.where(
+            (action >= self.cfg.mask_fraction) & (action < cut), random_ids, replacement
+        )
+        masked[chosen] = replacement
         return masked.view_as(input_ids), labels.view_as(input_ids)
 
 

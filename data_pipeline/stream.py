@@ -392,6 +392,17 @@ def decode_sample(sample: dict[str, Any] | None, vocab_size: int, max_len: int) 
     return ids
 
 
+def mix_seed(values: list[int]) -> int:
+    """A 64-bit seed from a tuple of ints (splitmix64 steps): cheap enough to run per batch."""
+    mask = (1 << 64) - 1
+    h = 0x9E3779B97F4A7C15
+    for v in values:
+        h = (h ^ (v & mask)) * 0xBF58476D1CE4E5B9 & mask
+        h = (h ^ (h >> 27)) * 0x94D049BB133111EB & mask
+        h ^= h >> 31
+    return h
+
+
 # ----------------------------------------------------------------------------------------------------
 # Producing batches (runs in DataLoader workers, or in the main process with num_workers=0)
 
@@ -495,8 +506,7 @@ class _ChunkProducer(IterableDataset):
                 "attention_mask": attention_mask,
                 "labels": unmasked_labels(input_ids, attention_mask),
             }
-        seed = int(np.random.SeedSequence(mask_key).generate_state(1, dtype=np.uint64)[0])
-        generator = torch.Generator().manual_seed(seed)
+        generator = torch.Generator().manual_seed(mix_seed(mask_key))
         masked, labels = self.masker(input_ids, attention_mask, generator)
         return {"input_ids": masked, "attention_mask": attention_mask, "labels": labels}
 
