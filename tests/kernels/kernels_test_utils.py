@@ -5,7 +5,17 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
+import pytest
 import torch
+
+from kernels._dispatch import interpreter_requested
+
+# Triton on CPU tensors needs the interpreter; conftest sets it unless the caller chose otherwise
+# (TRITON_INTERPRET=0 to run the compiled-kernel test on a GPU machine).
+needs_interpreter = pytest.mark.skipif(
+    not interpreter_requested(), reason="TRITON_INTERPRET is off: Triton kernels cannot run on CPU tensors"
+)
+BACKENDS = ["torch", pytest.param("triton", marks=needs_interpreter)]
 
 FP32_TOL = 1e-5
 BF16_TOL = 1e-2
