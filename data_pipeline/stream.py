@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import re
 import subprocess
 import urllib.error
@@ -631,10 +632,11 @@ class PretrainStream:
             return sum(-(-n // b.batch_size) for n in plan.chunk_lengths())
         tokens = sum(s.tokens for s in self._shards)
         mean_len = tokens / sum(s.samples for s in self._shards)
-        # Each batch is padded to its longest (rounded to pad_multiple) and closes about half a sequence
-        # short of the budget.
+        # Per chunk: its padded tokens over the budget a batch really fills (it closes about half a
+        # sequence short), plus half a batch for the chunk's last, partly filled one.
         usable = b.max_tokens - mean_len / 2
-        return max(1, round(plan.per_rank * (mean_len + b.pad_multiple / 2) / usable))
+        per_sample = mean_len + b.pad_multiple / 2
+        return max(1, sum(math.floor(n * per_sample / usable + 1.0) for n in plan.chunk_lengths()))
 
     def set_epoch(self, epoch: int) -> None:
         """Moves to the start of `epoch`; the epoch already current keeps its position (safe after a resume)."""
