@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import shutil
+import tarfile
 import tempfile
 from functools import lru_cache
 from pathlib import Path
@@ -43,6 +44,15 @@ def _tar_entry_bytes(payload: int) -> int:
     return TAR_BLOCK + -(-payload // TAR_BLOCK) * TAR_BLOCK
 
 
+def _use_ustar(writer) -> None:
+    """Plain ustar headers: the same bytes as tarfile's default (pax) for our short ASCII member names, minus
+    the per-member pax checks (about 10 % of the write time). webdataset's TarWriter takes a `format`
+    argument but does not pass it on to tarfile, hence this."""
+    tar = getattr(getattr(writer, "tarstream", None), "tarstream", None)
+    if isinstance(tar, tarfile.TarFile):
+        tar.format = tarfile.USTAR_FORMAT
+
+
 class ShardSetWriter:
     """Writes `{prefix}-NNNNNN.tar` shards of about `target_bytes` each and records what each holds."""
 
@@ -70,6 +80,7 @@ class ShardSetWriter:
             )
         else:
             self._writer.next_stream()
+        _use_ustar(self._writer)
         self.shards.append(ShardInfo(path=f"{self.prefix}-{len(self.shards):06d}.tar", samples=0, tokens=0))
         self._bytes = 0
 

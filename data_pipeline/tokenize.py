@@ -33,8 +33,9 @@ SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
 _WORD_CACHE_LIMIT = 1_000_000
 # ASCII control characters the BERT normalizer deletes (tab, newline and carriage return become spaces).
 _ASCII_CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
-# Whitespace that both Python and the BERT pipeline treat as a word boundary.
-_BOUNDARY = re.compile(r"[ \t\n\r]+")
+# A whitespace-delimited chunk (whitespace: what both Python and the BERT pipeline split at) holding a
+# character that is not printable ASCII. Anchored at a chunk start, so the scan stays linear.
+_NON_ASCII_CHUNK = re.compile(r"(?<![^ \t\n\r])[^ \t\n\r]*?[^\t\n\r\x20-\x7e][^ \t\n\r]*")
 
 
 # ---------------------------------------------------------------- tokenizers
@@ -190,24 +191,27 @@ class Encoder:
         return ids
 
     def _encode_chunks(self, text: str) -> list[int]:
-        """Non-ASCII text: whitespace-separated chunks, each encoded on its own (cached).
+        """Non-ASCII text: chunks holding non-ASCII characters are encoded on their own by the library
+        (cached per chunk), the ASCII text between them by the word cache.
 
-        The BERT normalizer and pre-tokenizer act per character and split at whitespace, so encoding the
-        chunks one by one gives the ids of encoding the whole text.
+        A chunk runs from whitespace to whitespace. The BERT normalizer and pre-tokenizer act per character
+        and split at whitespace, so encoding the pieces one by one gives the ids of the whole text.
         """
         ids: list[int] = []
-        for chunk in _BOUNDARY.split(text):
-            if not chunk:
-                continue
-            if chunk.isascii() and not _ASCII_CONTROL.search(chunk):
-                ids += self._encode_cached(chunk)
-                continue
+        done = 0
+        for match in _NON_ASCII_CHUNK.finditer(text):
+            if match.start() > done:
+                ids += self._encode_cached(text[done : match.start()])
+            chunk = match.group()
             piece = self.chunk_cache.get(chunk)
             if piece is None:
                 if len(self.chunk_cache) >= _WORD_CACHE_LIMIT:
                     self.chunk_cache.clear()
                 piece = self.chunk_cache[chunk] = self.tokenizer.encode(chunk, add_special_tokens=False).ids
             ids += piece
+            done = match.end()
+        if done < len(text):
+            ids += self._encode_cached(text[done:])
         return ids
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
@@ -218,7 +222,7 @@ class Encoder:
                 rest.append(i)
             elif text.isascii() and not _ASCII_CONTROL.search(text):
                 out[i] = self._encode_cached(text)
-            else:
+            else:  # some non-ASCII or control characters
                 out[i] = self._encode_chunks(text)
         if rest:
             encodings = self.tokenizer.encode_batch_fast([texts[i] for i in rest], add_special_tokens=False)

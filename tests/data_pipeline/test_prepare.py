@@ -308,3 +308,19 @@ def test_same_input_and_flags_give_identical_bytes(tmp_path, documents):
     assert sorted(first) == sorted(second) and len(first) > 5
     for name in first:
         assert first[name] == second[name], name
+
+
+def test_shards_are_the_bytes_webdataset_shardwriter_writes(tmp_path):
+    import webdataset as wds
+
+    from data_pipeline.shards import ShardSetWriter
+
+    samples = [npy_bytes(np.arange(n, dtype=np.uint16)) for n in (12, 40, 511)]
+    writer = ShardSetWriter(tmp_path, "train", 1 << 20)
+    for sample in samples:
+        writer.write(sample, 0)
+    writer.close()
+    with wds.ShardWriter(str(tmp_path / "plain-%06d.tar"), encoder=False, mtime=0, verbose=0) as plain:
+        for i, sample in enumerate(samples):
+            plain.write({"__key__": f"{i:012d}", "ids.npy": sample})
+    assert (tmp_path / "train-000000.tar").read_bytes() == (tmp_path / "plain-000000.tar").read_bytes()

@@ -1,0 +1,156 @@
+"""`distil prepare` end to end vs. the original's line-at-a-time encoding, on the same corpus and tokenizer.
+
+The corpus is generated offline: words drawn from the unigram distribution of the sample corpus (Python
+standard-library docstrings), a few non-ASCII words mixed in, lines of one to five sentences (the original
+takes one line as one sequence). A WordPiece tokenizer (30522 entries asked) is trained on it first.
+
+Baseline (binarized_data.py): one `tokenizer.encode("[CLS] line [SEP]")` per line with a fast BERT tokenizer
+from transformers, then `np.uint16`. Ours: `distil prepare` with 2 workers: read, tokenise, chunk, filter,
+write shards, token counts and manifest. Both run in this process, one after the other.
+
+    python benchmarks/bench_prepare.py [--mb 20] [--workers 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import re
+import tempfile
+import time
+from collections import Counter
+from pathlib import Path
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import numpy as np  # noqa: E402
+
+NON_ASCII_WORDS = ["café", "naïve", "Zürich", "–", "résumé", "“quoted”", "São", "Ångström", "façade", "coöperate"]
+
+
+def generate_corpus(path: Path, megabytes: float, seed: int = 0) -> int:
+    """Writes about `megabytes` of English-like lines; returns the number of lines."""
+    from data_pipeline.sample_corpus import sample_paragraphs
+
+    counts = Counter(w for p in sample_paragraphs() for w in re.findall(r"[A-Za-z][A-Za-z'-]*", p))
+    words = np.array(sorted(counts))
+    probs = np.array([counts[w] for w in words], dtype=np.float64)
+    probs /= probs.sum()
+    rng = np.random.default_rng(seed)
+    target = int(megabytes * 1e6)
+    written = lines = 0
+    with open(path, "w", encoding="utf-8") as f:
+        while written < target:
+            sentences = []
+            for _ in range(int(rng.integers(1, 6))):
+                n = int(rng.integers(6, 30))
+                chosen = list(rng.choice(words, size=n, p=probs))
+                for i in np.nonzero(rng.random(n) < 0.01)[0]:
+                    chosen[i] = NON_ASCII_WORDS[int(rng.integers(len(NON_ASCII_WORDS)))]
+                for i in np.nonzero(rng.random(n) < 0.06)[0][:-1]:
+                    chosen[i] += ","
+                sentences.append(" ".join(chosen).capitalize() + rng.choice([".", ".", ".", "?", "!"]))
+            line = " ".join(sentences) + "\n"
+            f.write(line)
+            written += len(line.encode("utf-8"))
+            lines += 1
+    return lines
+
+
+def train_tokenizer(corpus: Path, folder: Path, vocab_size: int) -> int:
+    from data_pipeline.tokenize import train_wordpiece
+
+    def batches():
+        with open(corpus, encoding="utf-8") as f:
+            batch = []
+            for line in f:
+                batch.append(line.strip())
+                if len(batch) == 10000:
+                    yield batch
+                    batch = []
+            if batch:
+                yield batch
+
+    tokenizer = train_wordpiece(batches, vocab_size)
+    tokenizer.save_pretrained(str(folder))
+    return len(tokenizer)
+
+
+def baseline(corpus: Path, tokenizer_dir: Path) -> tuple[int, float]:
+    """The original's binarized_data.py loop: encode one line at a time, keep uint16 arrays."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+    bos, sep = tokenizer.cls_token, tokenizer.sep_token
+    start = time.perf_counter()
+    sequences = []
+    with open(corpus, encoding="utf-8") as f:
+        for text in f:
+            ids = tokenizer.encode(f"{bos} {text.strip()} {sep}", add_special_tokens=False)
+            sequences.append(np.uint16(ids))
+    elapsed = time.perf_counter() - start
+    return sum(len(s) for s in sequences), elapsed
+
+
+def ours(corpus: Path, tokenizer_dir: Path, out: Path, workers: int, word_cache: bool = True) -> tuple[int, float]:
+    from data_pipeline import prepare as stage
+    from data_pipeline import tokenize as tk
+
+    original = tk._word_cache_spec
+    if not word_cache:  # only meaningful in-process (workers=1): spawned workers re-import the module
+        tk._word_cache_spec = lambda config: None
+    try:
+        config = stage.PrepareConfig(
+            inputs=[str(corpus)], output=out, tokenizer=str(tokenizer_dir), workers=workers, progress=False,
+            overwrite=True,
+        )
+        start = time.perf_counter()
+        manifest = stage.prepare(config)
+        elapsed = time.perf_counter() - start
+    finally:
+        tk._word_cache_spec = original
+    return manifest.total_tokens + sum(s.tokens for s in manifest.holdout_shards), elapsed
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--mb", type=float, default=20.0, help="corpus size in MB")
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--vocab", type=int, default=30522)
+    args = parser.parse_args()
+    if hasattr(os, "sched_setaffinity") and len(os.sched_getaffinity(0)) > 2:
+        os.sched_setaffinity(0, sorted(os.sched_getaffinity(0))[:2])  # "on 2 cores", children inherit it
+
+    import tokenizers
+    import transformers
+
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp_path = Path(tmp)
+        corpus = tmp_path / "corpus.txt"
+        t0 = time.perf_counter()
+        lines = generate_corpus(corpus, args.mb)
+        vocab = train_tokenizer(corpus, tmp_path / "tokenizer", args.vocab)
+        print(f"corpus: {corpus.stat().st_size / 1e6:.1f} MB, {lines} lines; WordPiece vocab {vocab} "
+              f"(asked {args.vocab}); setup {time.perf_counter() - t0:.0f} s")
+        rows = [("original: encode one line at a time (1 process)", *baseline(corpus, tmp_path / "tokenizer"))]
+        rows.append(("distil prepare --workers 1, library batch encode only",
+                     *ours(corpus, tmp_path / "tokenizer", tmp_path / "out", 1, word_cache=False)))
+        rows.append(("distil prepare --workers 1", *ours(corpus, tmp_path / "tokenizer", tmp_path / "out", 1)))
+        rows.append((f"distil prepare --workers {args.workers}",
+                     *ours(corpus, tmp_path / "tokenizer", tmp_path / "out", args.workers)))
+
+    base_rate = rows[0][1] / rows[0][2]
+    print(f"\nCPUs used: {len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count()}; "
+          f"python {platform.python_version()}, tokenizers {tokenizers.__version__}, "
+          f"transformers {transformers.__version__}")
+    print(f"| {'approach':<56} | {'tokens':>10} | {'seconds':>7} | {'M tokens/s':>10} | {'vs original':>11} |")
+    print(f"|{'-' * 58}|{'-' * 12}:|{'-' * 8}:|{'-' * 11}:|{'-' * 12}:|")
+    for name, tokens, seconds in rows:
+        rate = tokens / seconds
+        print(f"| {name:<56} | {tokens:>10} | {seconds:>7.2f} | {rate / 1e6:>10.3f} | {rate / base_rate:>10.2f}x |")
+
+
+if __name__ == "__main__":
+    main()
