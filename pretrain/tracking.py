@@ -468,6 +468,7 @@ class MlflowTracker(NullTracker):
         self._system_step = 0
         self._finished = False
         self._disabled = False
+        self._next_try = 0.0
         self._node_seq: dict[int, int] = {}
         self._known_nodes: set[int] = set()
 
@@ -477,6 +478,7 @@ class MlflowTracker(NullTracker):
         self._client = mlflow.MlflowClient(tracking_uri=uri, registry_uri=uri)
 
         self._outbox.put_op(("start", environment_tags(world_size, num_nodes)))
+        self._wake.set()
         self._sender = threading.Thread(target=self._send_loop, name="distil-mlflow-sender", daemon=True)
         self._sender.start()
         self._started.wait(cfg.start_timeout_s)
@@ -580,7 +582,10 @@ class MlflowTracker(NullTracker):
 
     def _send_loop(self) -> None:
         while True:
-            self._wake.wait(self.cfg.retry_interval_s if self._offline else 1.0)
+            if self._offline:  # new records do not hammer a dead server: it is tried once per interval
+                time.sleep(max(0.0, self._next_try - time.monotonic()))
+            else:
+                self._wake.wait(1.0)
             self._wake.clear()
             try:
                 self._busy = True
@@ -590,7 +595,6 @@ class MlflowTracker(NullTracker):
                     logger.info("MLflow tracking server %s reachable again; buffered records sent",
                                 self._safe_uri())
             except _Unreachable as error:
-                self._started.set()
                 if not self._offline:
                     self._offline = True
                     if not self._warned_offline:
@@ -600,6 +604,8 @@ class MlflowTracker(NullTracker):
                             "buffered (up to %d points) and sent when it answers again (retry every %.0fs)",
                             self._safe_uri(), str(error.__cause__ or error)[:200],
                             self.cfg.max_buffered_metrics, self.cfg.retry_interval_s)
+                self._next_try = time.monotonic() + self.cfg.retry_interval_s
+                self._started.set()  # create_tracker stops waiting: training starts offline
             finally:
                 self._busy = False
             if self._stopping.is_set() and self._outbox.pending() == (0, 0):

@@ -189,19 +189,34 @@ def test_other_nodes_system_metrics_reach_rank0_through_the_store(server, tmp_pa
     assert "distil.node.node_1.hostname" in run.data.tags
 
 
-def test_server_killed_mid_run_then_restarted_receives_the_buffered_metrics(tmp_path, caplog):
+def test_server_down_at_start_then_killed_mid_run_training_goes_on_and_metrics_arrive(tmp_path, caplog):
+    """One server process group, started late, killed mid-run, restarted on the same port and store."""
     caplog.set_level(logging.INFO, logger="distil.tracking")
-    server = MlflowServer(tmp_path / "server")
-    server.start()
+    server = MlflowServer(tmp_path / "server")  # not started yet: its port refuses connections
     try:
+        # 1. unreachable at start: the run is created once the server answers
+        late_cfg = TrackingConfig(tracking_uri=server.uri, experiment="late-server", system_metrics=False, **FAST)
+        late = create_tracker(late_cfg, rank=0, local_rank=0, world_size=1, run_dir=str(tmp_path / "late"))
+        assert late.run_id is None and late.offline
+        late.log_params({"seed": 7})
+        late.log_metrics({"loss": 3.0}, 1)
+        assert len(tracker_warnings(caplog)) == 1
+        server.start()
+        assert late.flush(120) and late.run_id
+        late.finish("FAILED")
+        client = mlflow.MlflowClient(server.uri)
+        run = client.get_run(late.run_id)
+        assert run.info.status == "FAILED" and run.data.params["seed"] == "7" and run.data.metrics["loss"] == 3.0
+        caplog.clear()
+
+        # 2. the server dies mid-run: every call returns, one warning, the metrics wait in the buffer
         cfg = TrackingConfig(tracking_uri=server.uri, experiment="outage", **FAST)
         tracker = create_tracker(cfg, rank=0, local_rank=0, world_size=1, run_dir=str(tmp_path / "run"))
         run_id = tracker.run_id
         tracker.log_metrics({"loss": 100.0}, 0)
         assert tracker.flush(60)
-
         server.kill()
-        for step in range(1, 41):  # "training" goes on: every call returns, none raises
+        for step in range(1, 41):
             tracker.log_metrics({"loss": 100.0 - step}, step)
             if step == 20:
                 tracker.log_params({"during_outage": True})
@@ -213,35 +228,15 @@ def test_server_killed_mid_run_then_restarted_receives_the_buffered_metrics(tmp_
         warnings = tracker_warnings(caplog)
         assert len(warnings) == 1 and "unreachable" in warnings[0]
 
-        server.start()  # same port, same SQLite store
+        # 3. restarted: the buffered metrics arrive, the run ends as it really ended
+        server.start()
         assert tracker.flush(120)
         tracker.finish("FINISHED")
         assert len(tracker_warnings(caplog)) == 1  # still the one warning
-
-        client = mlflow.MlflowClient(server.uri)
         run = client.get_run(run_id)
         assert run.info.status == "FINISHED"
         assert run.data.params["during_outage"] == "True"
         steps = sorted(m.step for m in client.get_metric_history(run_id, "loss"))
         assert steps == list(range(41))
-    finally:
-        server.stop()
-
-
-def test_unreachable_server_at_start_creates_the_run_once_it_answers(tmp_path, caplog):
-    server = MlflowServer(tmp_path / "server")  # not started yet: its port refuses connections
-    cfg = TrackingConfig(tracking_uri=server.uri, experiment="late-server", system_metrics=False, **FAST)
-    tracker = create_tracker(cfg, rank=0, local_rank=0, world_size=1, run_dir=str(tmp_path / "run"))
-    try:
-        assert tracker.run_id is None and tracker.offline
-        tracker.log_params({"seed": 7})
-        tracker.log_metrics({"loss": 3.0}, 1)
-        server.start()
-        assert tracker.flush(120)
-        assert tracker.run_id
-        tracker.finish("FAILED")
-        run = mlflow.MlflowClient(server.uri).get_run(tracker.run_id)
-        assert run.info.status == "FAILED" and run.data.params["seed"] == "7" and run.data.metrics["loss"] == 3.0
-        assert len(tracker_warnings(caplog)) == 1
     finally:
         server.stop()
