@@ -47,8 +47,9 @@ def read_only(shard_dir: Path) -> int:
     n = 0
     for tar in sorted(shard_dir.glob("train-*.tar")):
         for sample in wds.WebDataset([str(tar)], shardshuffle=False, nodesplitter=None, workersplitter=None):
-            n += len(sample["ids.npy"])
-    return n // 2  # bytes -> uint16 tokens (npy header included: approximate, reported as such)
+            data = sample["ids.npy"]
+            n += (len(data) - 10 - int.from_bytes(data[8:10], "little")) // 2  # uint16 ids after the header
+    return n
 
 
 def read_decode(shard_dir: Path) -> int:

@@ -91,7 +91,7 @@ class Masker:
         device = input_ids.device
         flat_ids = input_ids.reshape(-1)
         real = attention_mask.reshape(-1) != 0
-        log_w = self._log_weights_on(device)[flat_ids.clamp(0, self.vocab_size - 1)]
+        log_w = self._log_weights_on(device)[flat_ids]  # ids must be < vocab_size (the loader checks)
         log_w.masked_fill_(~real, float("-inf"))
         n_select = math.ceil(self.cfg.mlm_probability * int(real.sum()))
 

@@ -643,6 +643,10 @@ class PretrainStream:
         if epoch != self._position.epoch:
             self._position = _Position(epoch=epoch)
 
+    def rewind(self) -> None:
+        """Back to the start of the current epoch (e.g. to evaluate on the same held-out batches again)."""
+        self._position = _Position(epoch=self._position.epoch)
+
     @property
     def epoch(self) -> int:
         return self._position.epoch

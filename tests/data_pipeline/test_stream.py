@@ -174,7 +174,12 @@ def test_resume_with_other_settings_is_refused(three_shards):
         plain_stream(three_shards, seed=2).load_state_dict(state)
 
 
-def test_holdout_split(three_shards):
+def test_holdout_split_and_rewind(three_shards):
+    stream = plain_stream(three_shards, split="holdout", masking=MaskingConfig())
+    first = list(stream)
+    assert list(stream) == []  # the epoch is used up
+    stream.rewind()
+    assert same_batches(list(stream), first)
     assert set(serials(plain_stream(three_shards, split="holdout"))) == set(range(240, 270))
 
 
