@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import math
 import re
 import subprocess
@@ -72,6 +73,8 @@ from data_pipeline.manifest import (
     shard_url,
 )
 from data_pipeline.masking import Masker, MaskingConfig, unmasked_labels
+
+log = logging.getLogger(__name__)
 
 STATE_VERSION = 1
 PIPE_PLACEHOLDER = "{path}"
@@ -271,12 +274,10 @@ class ChunkStats:
 class _ShardReader:
     """Sequential reader of one shard (a webdataset.WebDataset over that single URL) with forward seeks."""
 
-    def __init__(self, url: str, expected: int) -> None:
+    def __init__(self, url: str) -> None:
         self.url = url
-        self.expected = expected
         self.next_index = 0  # index of the sample the iterator yields next
         self.failed_at: int | None = None  # sample index where reading broke off early
-        self._errors: list[BaseException] = []
         dataset = wds.WebDataset(
             [url],
             handler=self._on_error,
@@ -288,7 +289,7 @@ class _ShardReader:
         self._samples = iter(dataset)
 
     def _on_error(self, exn: BaseException) -> bool:
-        self._errors.append(exn)
+        log.warning("shard %s: %s (skipping what cannot be read)", self.url, exn)
         return True  # keep going: webdataset moves past what it can
 
     def take(self, index: int) -> dict[str, Any] | None:
@@ -315,10 +316,9 @@ class _ShardReader:
 class PartitionReader:
     """Reads rank-range positions of one partition in increasing order, keeping one shard open."""
 
-    def __init__(self, plan: EpochPlan, shards: list[ShardInfo], urls: list[str]) -> None:
+    def __init__(self, plan: EpochPlan, urls: list[str]) -> None:
         self.plan = plan
-        self.shards = shards
-        self.urls = urls
+        self.urls = urls  # in manifest order
         self._open: tuple[int, _ShardReader] | None = None
 
     def read(self, start: int, stop: int, stats: ChunkStats) -> list[tuple[int, dict[str, Any] | None]]:
@@ -342,8 +342,7 @@ class PartitionReader:
             if open_k == k and reader.next_index <= offset:
                 return reader
             reader.close()
-        shard = self.shards[self.plan.shard_order[k]]
-        reader = _ShardReader(self.urls[self.plan.shard_order[k]], shard.samples)
+        reader = _ShardReader(self.urls[self.plan.shard_order[k]])
         self._open = (k, reader)
         return reader
 
@@ -431,7 +430,6 @@ class _ChunkProducer(IterableDataset):
     def __init__(
         self,
         plan: EpochPlan,
-        shards: list[ShardInfo],
         urls: list[str],
         *,
         first_chunk: int,
@@ -443,7 +441,7 @@ class _ChunkProducer(IterableDataset):
         vocab_size: int,
         max_len: int,
     ) -> None:
-        self.plan, self.shards, self.urls = plan, shards, urls
+        self.plan, self.urls = plan, urls
         self.first_chunk, self.skip_batches = first_chunk, skip_batches
         self.key, self.batching, self.masker = key, batching, masker
         self.pad_id, self.vocab_size, self.max_len = pad_id, vocab_size, max_len
@@ -460,7 +458,7 @@ class _ChunkProducer(IterableDataset):
                 chunk = self.plan.chunk(index)
                 if chunk.partition % workers == worker:
                     if chunk.partition not in readers:
-                        readers[chunk.partition] = PartitionReader(self.plan, self.shards, self.urls)
+                        readers[chunk.partition] = PartitionReader(self.plan, self.urls)
                     skip = self.skip_batches if index == self.first_chunk else 0
                     yield from self._chunk_items(chunk, readers[chunk.partition], skip)
                 index += 1
@@ -658,7 +656,6 @@ class PretrainStream:
         special = self.manifest.special_tokens
         return _ChunkProducer(
             self._plan(pos.epoch),
-            self._shards,
             self._urls,
             first_chunk=pos.chunk,
             skip_batches=pos.batch_in_chunk,
