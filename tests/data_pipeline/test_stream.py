@@ -141,13 +141,17 @@ def test_fresh_mask_for_a_sequence_in_a_new_epoch(three_shards):
     assert sum(e0[s] != e1[s] for s in e0) > 0.9 * len(e0)
 
 
-@pytest.mark.parametrize("world_size", [1, 2])
-def test_resume_at_a_random_point_yields_the_same_batches(three_shards, world_size):
+@pytest.mark.parametrize(
+    ("world_size", "batching"),
+    [(1, {"batch_size": 8}), (2, {"batch_size": 8}), (2, {"batch_size": None, "max_tokens": 192})],
+)
+def test_resume_at_a_random_point_yields_the_same_batches(three_shards, world_size, batching):
     rng = np.random.default_rng(11)
     for rank in range(world_size):
         make = functools.partial(
-            plain_stream, three_shards, masking=MaskingConfig(), seed=2, rank=rank, world_size=world_size
-        )
+            plain_stream, three_shards, masking=MaskingConfig(), seed=2, rank=rank, world_size=world_size,
+            **batching,
+        )  # fmt: skip
         reference = make()
         reference.set_epoch(1)
         full = list(reference)
@@ -166,6 +170,18 @@ def test_resume_at_a_random_point_yields_the_same_batches(three_shards, world_si
         tail = list(resumed)
         assert same_batches(head + tail, full)
         assert resumed.stats()["batches"] == len(full)
+
+
+def test_resume_from_the_end_of_an_epoch_goes_on_with_the_next(three_shards):
+    first = plain_stream(three_shards, masking=MaskingConfig())
+    list(first)
+    resumed = plain_stream(three_shards, masking=MaskingConfig())
+    resumed.load_state_dict(first.state_dict())
+    assert list(resumed) == []
+    resumed.set_epoch(1)
+    reference = plain_stream(three_shards, masking=MaskingConfig())
+    reference.set_epoch(1)
+    assert same_batches(list(resumed), list(reference))
 
 
 def test_resume_with_other_settings_is_refused(three_shards):
