@@ -33,7 +33,7 @@ for the next epoch. Corrupt data that shrinks a rank's batches is made up the sa
 
 Corrupt input (a truncated tar, an undecodable or out-of-range sample) is skipped and counted in
 stats(); the positions it should have held stay empty, so resuming stays exact. Samples are decoded only
-with np.load(allow_pickle=False) (.npy) or json: shards are data, never code.
+from .npy with pickling disabled (see load_npy): shards are data, never code.
 
 `shards` may be a folder or manifest.json path, an http(s) URL of either, or a `pipe:` command with a
 `{path}` placeholder, e.g. `pipe:aws s3 cp s3://bucket/wiki/{path} -`: it is run with {path} set to
@@ -109,26 +109,33 @@ class ShardSet:
         raise UserError(f"unknown split {split!r}: use 'train' or 'holdout'")
 
     def read_file(self, relative_path: str) -> bytes:
-        """Reads a small side file of the set (token_counts.npy, manifest.json)."""
-        url = self.url(relative_path)
-        try:
-            if url.startswith("pipe:"):
-                return _run_pipe(url)
-            if url.startswith(("http://", "https://")):
-                with urllib.request.urlopen(url, timeout=60) as r:  # noqa: S310 - user-given shard URL
-                    return r.read()
-            return Path(url).read_bytes()
-        except FileNotFoundError:
-            raise UserError(f"{url} is missing: the shard set at {self.location} is incomplete") from None
-        except (OSError, urllib.error.URLError) as e:
-            raise UserError(f"cannot read {url}: {e}") from None
+        """Reads a small side file of the set (token_counts.npy, manifest.json, tokenizer files)."""
+        return read_location(self.url(relative_path), self.location)
 
 
-def _run_pipe(url: str) -> bytes:
-    result = subprocess.run(url[len("pipe:") :], shell=True, capture_output=True, timeout=600)  # noqa: S602
+def read_location(url: str, shard_set: str) -> bytes:
+    """The bytes at a local path, an http(s) URL or the stdout of a `pipe:` command."""
+    try:
+        if url.startswith("pipe:"):
+            return _run_pipe(url[len("pipe:") :])
+        if url.startswith(("http://", "https://")):
+            with urllib.request.urlopen(url, timeout=60) as r:  # noqa: S310 - user-given shard URL
+                return r.read()
+        return Path(url).read_bytes()
+    except FileNotFoundError:
+        raise UserError(f"{url} is missing: the shard set at {shard_set} is incomplete") from None
+    except (OSError, urllib.error.URLError) as e:
+        raise UserError(f"cannot read {url}: {e}") from None
+
+
+def _run_pipe(command: str) -> bytes:
+    try:
+        result = subprocess.run(command, shell=True, capture_output=True, timeout=600)  # noqa: S602
+    except subprocess.TimeoutExpired:
+        raise UserError(f"`{command}` did not finish within 600 s: check the command and the store") from None
     if result.returncode != 0:
         err = result.stderr.decode("utf-8", "replace").strip().splitlines()
-        raise UserError(f"`{url[5:]}` failed (exit {result.returncode}): {err[-1] if err else 'no message'}")
+        raise UserError(f"`{command}` failed (exit {result.returncode}): {err[-1] if err else 'no message'}")
     return result.stdout
 
 
@@ -141,14 +148,12 @@ def open_shard_set(shards: str) -> ShardSet:
                 f"pipe: shard location {location!r} needs a {PIPE_PLACEHOLDER} placeholder for the file it "
                 "should print, e.g. 'pipe:aws s3 cp s3://bucket/set/{path} -'"
             )
-        shard_set = ShardSet(manifest=None, location=location, base="", pipe_command=location)  # type: ignore[arg-type]
-        raw = shard_set.read_file(MANIFEST_NAME)
+        raw = read_location(location.replace(PIPE_PLACEHOLDER, MANIFEST_NAME), location)
         try:
             data = json.loads(raw.decode("utf-8"))
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
             raise UserError(f"{location}: the manifest it printed is not valid JSON ({e})") from None
-        shard_set.manifest = Manifest.from_dict(data, where=location)
-        return shard_set
+        return ShardSet(Manifest.from_dict(data, where=location), location, base="", pipe_command=location)
     manifest, base = load_manifest(location)
     return ShardSet(manifest=manifest, location=location, base=base)
 

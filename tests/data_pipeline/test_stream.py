@@ -224,6 +224,11 @@ def test_pipe_without_placeholder_is_a_user_error(three_shards):
         plain_stream(f"pipe:cat {three_shards}/manifest.json")
 
 
+def test_failing_pipe_command_is_a_user_error(tmp_path):
+    with pytest.raises(UserError, match="failed"):
+        plain_stream(f"pipe:cat {tmp_path}/nowhere/{{path}}")
+
+
 def test_missing_shard_is_a_clear_error_at_start(tmp_path):
     shards = make_shard_set(tmp_path, [20, 20], vocab_size=VOCAB)
     (shards / "train-000001.tar").unlink()
