@@ -539,6 +539,7 @@ class MlflowTracker(NullTracker):
         if self._sampler_thread is not None:
             self._sampler_thread.stop()
             self._system_tick(final=True)
+        self._outbox.put_op(("loss_curves",))
         self._outbox.put_op(("end", status))
         self._stopping.set()
         self._wake.set()
@@ -737,6 +738,18 @@ class MlflowTracker(NullTracker):
     def _do_student(self, export_dir: str) -> None:
         log_student_model(self._client, self._run_id, export_dir, self.cfg.registered_model_name)
 
+    def _do_loss_curves(self) -> None:
+        """The run folder's metrics.jsonl as a PNG under the run's plots/ artifacts."""
+        try:
+            from pretrain.plots import write_loss_curves
+
+            png = write_loss_curves(self.run_dir)
+        except Exception as error:  # noqa: BLE001 - a plot is never worth a failed run
+            logger.warning("could not draw the loss curves of %s: %s", self.run_dir, error)
+            return
+        if png is not None:
+            self._client.log_artifact(self._run_id, str(png), "plots")
+
     def _do_end(self, status: str) -> None:
         self._client.set_terminated(self._run_id, status=status)
 
@@ -792,6 +805,7 @@ def log_student_model(client: Any, run_id: str, export_dir: str, registered_mode
     import mlflow.transformers
     from transformers import pipeline
 
+    client.set_tag(run_id, "distil.num_parameters", str(count_parameters(export_dir)))
     fill_mask = pipeline("fill-mask", model=export_dir, device="cpu")
     quiet = logging.getLogger("mlflow.transformers")
     level = quiet.level
@@ -819,3 +833,15 @@ def log_student_model(client: Any, run_id: str, export_dir: str, registered_mode
     version_info = client.create_model_version(registered_model_name, source=info.model_uri, run_id=run_id,
                                                model_id=info.model_id)
     client.set_tag(run_id, "distil.registered_model", f"{registered_model_name}/{version_info.version}")
+
+
+def count_parameters(export_dir: str | os.PathLike) -> int:
+    """Parameters of an exported model, read from its safetensors headers (nothing loaded). save_pretrained
+    stores tied weights once, so this matches model.num_parameters()."""
+    from safetensors import safe_open
+
+    total = 0
+    for file in sorted(Path(export_dir).glob("*.safetensors")):
+        with safe_open(str(file), framework="np") as handle:
+            total += sum(math.prod(handle.get_slice(name).get_shape()) for name in handle.keys())
+    return total

@@ -1,0 +1,188 @@
+"""`distil review`: compare the MLflow runs of an experiment in the terminal and in one PNG.
+
+One row per run: teacher (an MLM run, `mode=mlm`) or student (`mode=distill`), parameters of the exported
+model, final total loss and each final loss component, final evaluation metrics (metrics named eval*),
+throughput (median tokens/s over the run), steps and wall time.
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import click
+
+from data_pipeline.errors import UserError
+
+DEFAULT_LOCAL_STORE = Path("runs") / "mlflow.db"  # where `distil train` keeps it with the default output_dir
+
+
+@dataclass
+class RunSummary:
+    run_id: str
+    name: str
+    role: str
+    status: str
+    num_parameters: int | None
+    final: dict[str, float]  # last value of every training metric, by name
+    tokens_per_s: float | None
+    steps: int | None
+    wall_time_s: float | None
+    loss_curve: tuple[list[float], list[float]] = field(default_factory=lambda: ([], []))
+
+    @property
+    def label(self) -> str:
+        return f"{self.name} ({self.role})"
+
+
+def default_review_uri() -> str:
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{DEFAULT_LOCAL_STORE.resolve()}"
+
+
+def open_client(tracking_uri: str):
+    """An MlflowClient that fails fast with a one-line UserError when the store is missing or unreachable."""
+    from pretrain.tracking import _configure_http_client
+
+    if tracking_uri.startswith("sqlite:///"):
+        db = Path(tracking_uri[len("sqlite:///"):])
+        if not db.is_file():
+            raise UserError(f"no MLflow store at {db}; pass --tracking-uri (the local store is "
+                            f"<run.output_dir>/../mlflow.db, or the URI of your tracking server)")
+    _configure_http_client(timeout_s=20)
+    import mlflow
+
+    return mlflow.MlflowClient(tracking_uri=tracking_uri)
+
+
+def select_runs(client: Any, experiment: str, run_ids: tuple[str, ...], filter_string: str | None,
+                max_runs: int) -> list[Any]:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        found = client.get_experiment_by_name(experiment)
+    except MlflowException as error:
+        raise UserError(f"cannot read the tracking store: {str(error).splitlines()[0][:200]}") from error
+    if found is None:
+        names = ", ".join(sorted(e.name for e in client.search_experiments())) or "none"
+        raise UserError(f"no experiment named {experiment!r} (experiments there: {names}); fix --experiment")
+    try:
+        runs = client.search_runs([found.experiment_id], filter_string=filter_string or "",
+                                  max_results=max_runs, order_by=["attributes.start_time ASC"])
+    except MlflowException as error:
+        raise UserError(f"bad --filter {filter_string!r}: {str(error).splitlines()[0][:200]}") from error
+    if run_ids:
+        by_id = {r.info.run_id: r for r in runs}
+        missing = [i for i in run_ids if not any(rid.startswith(i) for rid in by_id)]
+        if missing:
+            raise UserError(f"no run {', '.join(missing)} in experiment {experiment!r} (with that filter); "
+                            "fix --runs")
+        runs = [r for r in runs if any(r.info.run_id.startswith(i) for i in run_ids)]
+    if not runs:
+        raise UserError(f"experiment {experiment!r} has no runs" + (" matching --filter" if filter_string else ""))
+    return runs
+
+
+def summarize(client: Any, run: Any) -> RunSummary:
+    data, info = run.data, run.info
+    history = client.get_metric_history(info.run_id, "loss") if "loss" in data.metrics else []
+    history.sort(key=lambda m: m.step)
+    throughput = client.get_metric_history(info.run_id, "tokens_per_s") if "tokens_per_s" in data.metrics else []
+    mode = data.params.get("mode", "")
+    role = {"mlm": "teacher", "distill": "student"}.get(mode, mode or "?")
+    end = info.end_time or (int(time.time() * 1000) if info.status == "RUNNING" else None)
+    num_parameters = data.tags.get("distil.num_parameters")
+    final = {k: v for k, v in data.metrics.items() if not k.startswith("system/")}
+    steps = max((m.step for m in history), default=None)
+    return RunSummary(
+        run_id=info.run_id, name=info.run_name or info.run_id[:8], role=role, status=info.status,
+        num_parameters=int(num_parameters) if num_parameters and num_parameters.isdigit() else None,
+        final=final,
+        tokens_per_s=statistics.median(m.value for m in throughput) if throughput else None,
+        steps=steps, wall_time_s=(end - info.start_time) / 1000 if end and info.start_time else None,
+        loss_curve=([m.step for m in history], [m.value for m in history]))
+
+
+def table_columns(summaries: list[RunSummary]) -> tuple[list[str], list[str]]:
+    """The loss components and evaluation metrics any of the runs has, in a stable order."""
+    names = {k for s in summaries for k in s.final}
+    losses = sorted(k for k in names if k.startswith("loss") and k != "loss")
+    evals = sorted(k for k in names if k.startswith("eval"))
+    return losses, evals
+
+
+def _fmt(value: float | None, spec: str = ".4g") -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def _fmt_params(n: int | None) -> str:
+    return "-" if n is None else f"{n / 1e6:.2f}M" if n >= 1e5 else f"{n:,}"
+
+
+def _fmt_duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    minutes, secs = divmod(int(round(seconds)), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{secs:02d}s"
+
+
+def render_table(summaries: list[RunSummary], title: str) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    losses, evals = table_columns(summaries)
+    table = Table(title=title, header_style="bold")
+    for column in ["run", "id", "role", "status", "params", "loss", *losses, *evals, "tokens/s", "steps",
+                   "wall time"]:
+        table.add_column(column, justify="left" if column in ("run", "id", "role", "status") else "right",
+                         min_width=len(column), no_wrap=True)
+    # teachers first, then students by final loss
+    ordered = sorted(summaries, key=lambda s: (s.role != "teacher", s.final.get("loss", float("inf"))))
+    for s in ordered:
+        table.add_row(s.name, s.run_id[:8], s.role, s.status, _fmt_params(s.num_parameters),
+                      _fmt(s.final.get("loss")), *[_fmt(s.final.get(k)) for k in losses],
+                      *[_fmt(s.final.get(k)) for k in evals], _fmt(s.tokens_per_s, ",.0f"),
+                      _fmt(s.steps, "d") if s.steps is not None else "-", _fmt_duration(s.wall_time_s))
+    Console(width=max(160, Console().width)).print(table)
+
+
+def write_comparison_plot(summaries: list[RunSummary], output: Path, title: str) -> Path:
+    from pretrain.plots import plot_run_comparison
+
+    curves = {s.label: s.loss_curve for s in summaries if s.loss_curve[0]}
+    bars: dict[str, dict[str, float]] = {}
+    throughput = {s.label: s.tokens_per_s for s in summaries if s.tokens_per_s is not None}
+    if throughput:
+        bars["tokens/s (median)"] = throughput
+    evals = table_columns(summaries)[1]
+    if evals:
+        key = evals[0]
+        bars[key] = {s.label: s.final[key] for s in summaries if key in s.final}
+    return plot_run_comparison(curves, bars, output, title=title)
+
+
+@click.command("review")
+@click.option("--experiment", required=True, help="MLflow experiment whose runs to compare.")
+@click.option("--tracking-uri", default=None,
+              help="Tracking server or store (default: MLFLOW_TRACKING_URI, else sqlite:///runs/mlflow.db).")
+@click.option("--runs", "run_ids", multiple=True,
+              help="Only these run ids (a unique prefix is enough); repeat the option for several.")
+@click.option("--filter", "filter_string", default=None,
+              help="MLflow search filter, e.g. \"params.mode = 'distill' and metrics.loss < 3\".")
+@click.option("--max-runs", default=50, show_default=True, type=click.IntRange(1, 10000))
+@click.option("--output", type=click.Path(dir_okay=False, path_type=Path), default=Path("comparison.png"),
+              show_default=True, help="Where to write the comparison plot (PNG).")
+def review(experiment: str, tracking_uri: str | None, run_ids: tuple[str, ...], filter_string: str | None,
+           max_runs: int, output: Path) -> None:
+    """Compare the runs of an experiment: teacher vs students, in a table and a plot."""
+    uri = tracking_uri or default_review_uri()
+    client = open_client(uri)
+    runs = select_runs(client, experiment, run_ids, filter_string, max_runs)
+    summaries = [summarize(client, run) for run in runs]
+    render_table(summaries, title=f"experiment {experiment}: {len(summaries)} run(s)")
+    path = write_comparison_plot(summaries, output, title=f"experiment {experiment}")
+    click.echo(f"comparison plot: {path}")
