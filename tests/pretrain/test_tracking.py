@@ -5,6 +5,7 @@ One server serves the whole module; the outage test runs its own server because 
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from pathlib import Path
@@ -51,6 +52,12 @@ def student_dir(tmp_path_factory) -> Path:
     return out
 
 
+def loaded_student(path: Path):
+    from transformers import AutoModelForMaskedLM
+
+    return AutoModelForMaskedLM.from_pretrained(path)
+
+
 def tracker_warnings(caplog) -> list[str]:
     return [r.getMessage() for r in caplog.records if r.name == "distil.tracking" and r.levelno >= logging.WARNING]
 
@@ -77,14 +84,18 @@ def test_disabled_and_nonzero_ranks_get_null_trackers(tmp_path):
 def test_rank0_logs_params_metrics_system_metrics_artifacts_and_registered_model(server, student_dir, tmp_path):
     cfg = TrackingConfig(tracking_uri=server.uri, experiment="logs-everything", run_name="students-1",
                          registered_model_name="tiny-student", **FAST)
-    tracker = create_tracker(cfg, rank=0, local_rank=0, world_size=2, run_dir=str(tmp_path / "run"))
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    tracker = create_tracker(cfg, rank=0, local_rank=0, world_size=2, run_dir=str(run_dir))
     assert isinstance(tracker, MlflowTracker) and tracker.run_id
     config_file = tmp_path / "config.yaml"
     config_file.write_text("train:\n  lr: 0.0005\n")
     tracker.log_params({"train": {"lr": 5e-4, "epochs": 3}, "hub_token": "secret-value"})
     for step in range(1, 6):
-        tracker.log_metrics({"loss/total": 10.0 / step, "loss/ce": 4.0 / step, "lr": 1e-4 * step,
-                             "tokens_per_s": 1000.0 + step}, step=step)
+        metrics = {"loss/total": 10.0 / step, "loss/ce": 4.0 / step, "lr": 1e-4 * step, "tokens_per_s": 1000.0}
+        tracker.log_metrics(metrics, step=step)
+        with open(run_dir / "metrics.jsonl", "a") as f:  # what the trainer writes beside
+            f.write(json.dumps({"step": step, **metrics}) + "\n")
     tracker.log_artifact(str(config_file), "config")
     assert tracker.flush(60)
     tracker.log_student(str(student_dir))
@@ -108,6 +119,8 @@ def test_rank0_logs_params_metrics_system_metrics_artifacts_and_registered_model
         assert tags[f"distil.version.{package}"]
     assert len(tags["mlflow.source.git.commit"]) == 40
     assert [a.path for a in client.list_artifacts(tracker.run_id, "config")] == ["config/config.yaml"]
+    assert [a.path for a in client.list_artifacts(tracker.run_id, "plots")] == ["plots/loss_curves.png"]
+    assert tags["distil.num_parameters"] == str(sum(p.numel() for p in loaded_student(student_dir).parameters()))
     versions = client.search_model_versions(f"name='tiny-student' and run_id='{tracker.run_id}'")
     assert len(versions) == 1
     loaded = mlflow.transformers.load_model(versions[0].source)
