@@ -81,8 +81,8 @@ class _WorkerSettings:
 
 @dataclass
 class BatchResult:
-    train: list[tuple[bytes, int]]  # (.npy bytes, tokens) per kept sequence, in order
-    holdout: list[tuple[bytes, int]]
+    train: shards.Members  # the kept sequences as tar members, in order
+    holdout: shards.Members
     token_counts: np.ndarray  # over the train sequences
     stats: dict[str, int]
 
@@ -110,17 +110,20 @@ def holdout_mask(seed: int, first_document: int, count: int, fraction: float) ->
     return (x >> np.uint64(11)).astype(np.float64) / float(1 << 53) < fraction
 
 
-def process_batch(task: tuple[int, list[list[str]]]) -> BatchResult:
-    """Tokenises one batch of documents into finished samples (runs in a worker process)."""
+def process_batch(task: tuple[int, int, list[list[str]]]) -> BatchResult:
+    """Tokenises one batch of documents into finished tar members (runs in a worker process).
+
+    Sample keys are `{batch:010d}-{index in batch:07d}`: unique, and in write order when sorted.
+    """
     assert _settings is not None and _encoder is not None, "worker not initialised"
     s = _settings
-    first_document, documents = task
+    batch_number, first_document, documents = task
     texts = [segment for document in documents for segment in document]
     encoded = _encoder.encode_batch(texts)
     to_holdout = holdout_mask(s.seed, first_document, len(documents), s.holdout_fraction)
     stats = dict.fromkeys(("sequences", "dropped_short", "dropped_unk", "split_long"), 0)
-    train: list[tuple[bytes, int]] = []
-    holdout: list[tuple[bytes, int]] = []
+    train: list[tuple[str, bytes, int]] = []
+    holdout: list[tuple[str, bytes, int]] = []
     train_ids: list[int] = []
     position = 0
     for index, document in enumerate(documents):
@@ -133,36 +136,38 @@ def process_batch(task: tuple[int, list[list[str]]]) -> BatchResult:
             if reason is not None:
                 stats["dropped_" + reason] += 1
                 continue
+            key = f"{batch_number:010d}-{stats['sequences']:07d}"
             stats["sequences"] += 1
-            out.append((shards.npy_bytes(np.asarray(sequence, dtype=s.dtype)), len(sequence)))
+            out.append((key, shards.npy_bytes(np.asarray(sequence, dtype=s.dtype)), len(sequence)))
             if out is train:
                 train_ids += sequence
     counts = np.bincount(np.asarray(train_ids, dtype=np.int64), minlength=s.vocab_size)
-    return BatchResult(train, holdout, counts, stats)
+    return BatchResult(shards.Members.build(train), shards.Members.build(holdout), counts, stats)
 
 
 # ---------------------------------------------------------------- main side
 
 
-def _batches(documents: Iterator[list[str]], batch_bytes: int) -> Iterator[tuple[int, list[list[str]]]]:
+def _batches(documents: Iterator[list[str]], batch_bytes: int) -> Iterator[tuple[int, int, list[list[str]]]]:
+    """(batch number, index of its first document, documents) with about `batch_bytes` of text each."""
     batch: list[list[str]] = []
-    first = 0
-    size = 0
+    number = first = size = 0
     for index, document in enumerate(documents):
         if not batch:
             first = index
         batch.append(document)
         size += sum(len(segment) for segment in document)
         if size >= batch_bytes:
-            yield first, batch
+            yield number, first, batch
+            number += 1
             batch, size = [], 0
     if batch:
-        yield first, batch
+        yield number, first, batch
 
 
 def _text_batches(sources: list[corpus.Source], config: PrepareConfig) -> Iterator[list[str]]:
     documents = corpus.iter_documents(sources, separator=config.doc_separator, text_field=config.text_field)
-    for _, batch in _batches(documents, config.batch_bytes):
+    for _, _, batch in _batches(documents, config.batch_bytes):
         yield [segment for document in batch for segment in document]
 
 
@@ -176,7 +181,7 @@ def _get_tokenizer(sources: list[corpus.Source], config: PrepareConfig):
 
 
 def _results(
-    tasks: Iterator[tuple[int, list[list[str]]]], settings: _WorkerSettings, workers: int
+    tasks: Iterator[tuple[int, int, list[list[str]]]], settings: _WorkerSettings, workers: int
 ) -> Iterator[BatchResult]:
     """Batch results in task order; at most 2 x workers batches in flight, so memory stays bounded."""
     if workers == 1:
@@ -215,13 +220,12 @@ def _write_shards(
     totals: dict[str, int] = {}
     with _progress(config.progress) as bar:
         for result in _results(_batches(documents, config.batch_bytes), settings, config.workers):
-            for writer, samples in ((train_writer, result.train), (holdout_writer, result.holdout)):
-                for npy, tokens in samples:
-                    writer.write(npy, tokens)
+            train_writer.write(result.train)
+            holdout_writer.write(result.holdout)
             counts += result.token_counts
             for name, value in result.stats.items():
                 totals[name] = totals.get(name, 0) + value
-            bar.update(sum(t for _, t in result.train) + sum(t for _, t in result.holdout))
+            bar.update(sum(result.train.tokens) + sum(result.holdout.tokens))
     totals.update(documents=read_stats.documents, segments=read_stats.segments, replaced_utf8=read_stats.replaced_utf8)
     return train_writer.close(), holdout_writer.close(), counts, totals
 

@@ -1,9 +1,14 @@
 """Writing a shard set: webdataset tar shards, token counts, manifest, and moving it into place.
 
-Reproducible bytes: tar members get mtime 0 and fixed owner names (webdataset's TarWriter defaults, uid/gid
-0), samples are keyed by their index, and the manifest holds no time or temporary path. A shard set is
-built in a hidden temporary folder beside the output and renamed into place only when complete, with
-manifest.json written last inside it.
+Shards are the exact bytes webdataset's ShardWriter/TarWriter write (mtime 0, owner "bigdata", mode 0444,
+ustar headers; a test compares them with ShardWriter's output), but produced in two steps so that the
+expensive part runs in parallel: worker processes turn samples into tar members (`tar_members`, with the
+standard library's tarfile), and the main process only concatenates members into shards of about the
+target size and ends each shard as tarfile does. Per-sample tar writing in one process was the slowest step
+of `distil prepare` (bench_prepare.py).
+
+The manifest holds no time or temporary path. A shard set is built in a hidden temporary folder beside the
+output and renamed into place only when complete, with manifest.json written last inside it.
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ import io
 import shutil
 import tarfile
 import tempfile
+from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 
@@ -21,7 +27,11 @@ from data_pipeline.errors import UserError
 from data_pipeline.manifest import MANIFEST_NAME, SAMPLE_KEY, TOKEN_COUNTS_NAME, Manifest, ShardInfo
 
 TAR_BLOCK = 512
+TAR_RECORD = 20 * TAR_BLOCK  # tarfile pads a finished archive to a multiple of this
 UINT16_VOCAB_LIMIT = 1 << 16
+# webdataset TarWriter's member attributes
+_TAR_USER = "bigdata"
+_TAR_MODE = 0o444
 
 
 def ids_dtype(vocab_size: int) -> np.dtype:
@@ -40,66 +50,79 @@ def npy_bytes(ids: np.ndarray) -> bytes:
     return _npy_header(len(ids), ids.dtype.str) + ids.tobytes()
 
 
-def _tar_entry_bytes(payload: int) -> int:
-    return TAR_BLOCK + -(-payload // TAR_BLOCK) * TAR_BLOCK
+def tar_member(key: str, payload: bytes) -> bytes:
+    """One sample `{key}.ids.npy` as tar member bytes (header + payload padded to whole blocks)."""
+    info = tarfile.TarInfo(f"{key}.{SAMPLE_KEY}")
+    info.size = len(payload)
+    info.mtime = 0
+    info.mode = _TAR_MODE
+    info.uname = info.gname = _TAR_USER
+    padding = -len(payload) % TAR_BLOCK
+    return info.tobuf(tarfile.USTAR_FORMAT, "utf-8", "surrogateescape") + payload + b"\0" * padding
 
 
-def _use_ustar(writer) -> None:
-    """Plain ustar headers: the same bytes as tarfile's default (pax) for our short ASCII member names, minus
-    the per-member pax checks (about 10 % of the write time). webdataset's TarWriter takes a `format`
-    argument but does not pass it on to tarfile, hence this."""
-    tar = getattr(getattr(writer, "tarstream", None), "tarstream", None)
-    if isinstance(tar, tarfile.TarFile):
-        tar.format = tarfile.USTAR_FORMAT
+@dataclass
+class Members:
+    """Consecutive tar members of one split of a batch, as built in a worker."""
+
+    data: bytes = b""
+    sizes: list[int] = field(default_factory=list)  # bytes of each member
+    tokens: list[int] = field(default_factory=list)  # tokens of each sample
+
+    @classmethod
+    def build(cls, samples: list[tuple[str, bytes, int]]) -> Members:
+        """From (key, .npy bytes, tokens) per sample."""
+        parts = [tar_member(key, payload) for key, payload, _ in samples]
+        return cls(b"".join(parts), [len(p) for p in parts], [t for _, _, t in samples])
 
 
 class ShardSetWriter:
-    """Writes `{prefix}-NNNNNN.tar` shards of about `target_bytes` each and records what each holds."""
+    """Concatenates tar members into `{prefix}-NNNNNN.tar` shards of about `target_bytes` each."""
 
     def __init__(self, folder: Path, prefix: str, target_bytes: int) -> None:
         self.folder = folder
         self.prefix = prefix
         self.target_bytes = target_bytes
         self.shards: list[ShardInfo] = []
-        self._writer = None
+        self._file = None
         self._bytes = 0
-        self.total_samples = 0
 
     def _start_shard(self) -> None:
-        import webdataset as wds
-
-        if self._writer is None:
-            # Rolling is decided here from the real tar size, so ShardWriter's own limits are disabled.
-            self._writer = wds.ShardWriter(
-                str(self.folder / f"{self.prefix}-%06d.tar"),
-                maxcount=1 << 62,
-                maxsize=float("inf"),
-                verbose=0,
-                encoder=False,
-                mtime=0,
-            )
-        else:
-            self._writer.next_stream()
-        _use_ustar(self._writer)
-        self.shards.append(ShardInfo(path=f"{self.prefix}-{len(self.shards):06d}.tar", samples=0, tokens=0))
+        self._finish_shard()
+        info = ShardInfo(path=f"{self.prefix}-{len(self.shards):06d}.tar", samples=0, tokens=0)
+        self.shards.append(info)
+        self._file = open(self.folder / info.path, "wb")  # noqa: SIM115 - closed in _finish_shard
         self._bytes = 0
 
-    def write(self, sample_npy: bytes, tokens: int) -> None:
-        """Appends one sample, keyed by its index in this shard set."""
-        size = _tar_entry_bytes(len(sample_npy))
-        if self._writer is None or (self._bytes and self._bytes + size > self.target_bytes):
-            self._start_shard()
-        self._writer.write({"__key__": f"{self.total_samples:012d}", SAMPLE_KEY: sample_npy})
-        shard = self.shards[-1]
-        shard.samples += 1
-        shard.tokens += tokens
-        self._bytes += size
-        self.total_samples += 1
+    def _finish_shard(self) -> None:
+        """Ends the archive as tarfile does: two zero blocks, then zeros up to a whole record."""
+        if self._file is None:
+            return
+        end = 2 * TAR_BLOCK
+        end += -(self._bytes + end) % TAR_RECORD
+        self._file.write(b"\0" * end)
+        self._file.close()
+        self._file = None
+
+    def write(self, members: Members) -> None:
+        view = memoryview(members.data)
+        start = end = 0  # members[start:end] not yet written to the current shard
+        for size, tokens in zip(members.sizes, members.tokens, strict=True):
+            if self._file is None or (self._bytes and self._bytes + size > self.target_bytes):
+                if end > start:
+                    self._file.write(view[start:end])
+                    start = end
+                self._start_shard()
+            end += size
+            self._bytes += size
+            shard = self.shards[-1]
+            shard.samples += 1
+            shard.tokens += tokens
+        if end > start:
+            self._file.write(view[start:end])
 
     def close(self) -> list[ShardInfo]:
-        if self._writer is not None:
-            self._writer.close()
-            self._writer = None
+        self._finish_shard()
         return self.shards
 
 

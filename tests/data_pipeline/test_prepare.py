@@ -125,6 +125,16 @@ def test_folders_and_globs_are_read_in_sorted_order(tmp_path, tokenizer_dir, doc
     assert _ids(tmp_path / "out_glob") == expected_sequences(tokenizer_dir, _lines(documents[:20]), MAX_LEN)
 
 
+def test_several_inputs_after_one_flag_and_repeated_flags(tmp_path, tokenizer_dir, documents):
+    _write_text(tmp_path / "a.txt", documents[:20])
+    _write_jsonl(tmp_path / "b.jsonl", documents[20:])
+    expected = expected_sequences(tokenizer_dir, _lines(documents), MAX_LEN)
+    _prepare_ok([str(tmp_path / "a.txt"), str(tmp_path / "b.jsonl")], tmp_path / "out1", tokenizer_dir)
+    assert _ids(tmp_path / "out1") == expected
+    _prepare_ok([str(tmp_path / "a.txt")], tmp_path / "out2", tokenizer_dir, "--input", str(tmp_path / "b.jsonl"))
+    assert _ids(tmp_path / "out2") == expected
+
+
 def test_jsonl_text_field_is_configurable(tmp_path, tokenizer_dir, documents):
     _write_jsonl(tmp_path / "c.jsonl", documents, field="body")
     _prepare_ok([str(tmp_path / "c.jsonl")], tmp_path / "out", tokenizer_dir, "--text-field", "body")
@@ -139,7 +149,8 @@ def test_manifest_describes_the_shard_set(tmp_path, tokenizer_dir, documents):
     samples = read_split(out)
     assert manifest.total_samples == len(samples) == manifest.stats["train_sequences"]
     assert manifest.total_tokens == sum(len(ids) for _, ids in samples)
-    assert [key for key, _ in samples] == [f"{i:012d}" for i in range(len(samples))]
+    keys = [key for key, _ in samples]
+    assert keys == sorted(keys) and len(set(keys)) == len(keys)
     assert manifest.dtype == "uint16" and all(ids.dtype == np.uint16 for _, ids in samples)
     from transformers import AutoTokenizer
 
@@ -313,14 +324,26 @@ def test_same_input_and_flags_give_identical_bytes(tmp_path, documents):
 def test_shards_are_the_bytes_webdataset_shardwriter_writes(tmp_path):
     import webdataset as wds
 
-    from data_pipeline.shards import ShardSetWriter
+    from data_pipeline.shards import Members, ShardSetWriter
 
-    samples = [npy_bytes(np.arange(n, dtype=np.uint16)) for n in (12, 40, 511)]
-    writer = ShardSetWriter(tmp_path, "train", 1 << 20)
-    for sample in samples:
-        writer.write(sample, 0)
-    writer.close()
-    with wds.ShardWriter(str(tmp_path / "plain-%06d.tar"), encoder=False, mtime=0, verbose=0) as plain:
-        for i, sample in enumerate(samples):
-            plain.write({"__key__": f"{i:012d}", "ids.npy": sample})
-    assert (tmp_path / "train-000000.tar").read_bytes() == (tmp_path / "plain-000000.tar").read_bytes()
+    rng = np.random.default_rng(0)
+    samples = [(f"{i:010d}-0000000", npy_bytes(np.arange(n, dtype=np.uint16)), n) for i, n in
+               enumerate(rng.integers(0, 600, 60))]
+    target = 8000  # several shards; each is compared with a ShardWriter shard of the same samples
+    writer = ShardSetWriter(tmp_path, "train", target)
+    writer.write(Members.build(samples[:25]))
+    writer.write(Members.build(samples[25:]))
+    infos = writer.close()
+    assert len(infos) > 2 and sum(i.samples for i in infos) == len(samples)
+    assert sum(i.tokens for i in infos) == sum(t for _, _, t in samples)
+    done = 0
+    for info in infos:
+        part = samples[done : done + info.samples]
+        done += info.samples
+        with wds.ShardWriter(str(tmp_path / "ref-%06d.tar"), encoder=False, mtime=0, verbose=0) as ref:
+            for key, payload, _ in part:
+                ref.write({"__key__": key, "ids.npy": payload})
+        produced = (tmp_path / info.path).read_bytes()
+        assert produced == (tmp_path / "ref-000000.tar").read_bytes(), info.path
+        members = sum(512 + -(-len(p) // 512) * 512 for _, p, _ in part)
+        assert members <= target or info.samples == 1
