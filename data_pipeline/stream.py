@@ -47,6 +47,7 @@ import json
 import logging
 import math
 import re
+import shlex
 import subprocess
 import urllib.error
 import urllib.request
@@ -96,6 +97,18 @@ class ShardSet:
         if self.pipe_command is not None:
             return self.pipe_command.replace(PIPE_PLACEHOLDER, relative_path)
         return shard_url(self.base, ShardInfo(path=relative_path, samples=0, tokens=0))
+
+    def read_url(self, relative_path: str) -> str:
+        """What webdataset opens to stream a shard. http(s) goes through curl, as webdataset's own opener
+        does, plus a stall limit (under 1 kB/s for 60 s aborts the shard), so a server that stops
+        answering costs a skipped shard instead of a hung rank."""
+        url = self.url(relative_path)
+        if url.startswith(("http://", "https://")):
+            return (
+                "pipe:curl -f -s -L --connect-timeout 30 --retry 5 --retry-delay 2 "
+                f"--speed-limit 1024 --speed-time 60 {shlex.quote(url)}"
+            )
+        return url
 
     def shards(self, split: str) -> list[ShardInfo]:
         if split == "train":
@@ -606,7 +619,7 @@ class PretrainStream:
             self.masker = Masker(
                 masking, self.token_counts, special.ids(), special.mask, self.manifest.vocab_size
             )
-        self._urls = [self.shard_set.url(s.path) for s in self._shards]
+        self._urls = [self.shard_set.read_url(s.path) for s in self._shards]
         self._position = _Position()
         self._stats = StreamStats()
         self._plan_cache: tuple[int, EpochPlan] | None = None

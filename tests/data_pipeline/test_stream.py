@@ -1,5 +1,6 @@
 """The streaming loader: rank split, equal batch counts, determinism, resume, sources, corrupt input."""
 
+import contextlib
 import functools
 import http.server
 import io
@@ -199,19 +200,35 @@ def test_holdout_split_and_rewind(three_shards):
     assert set(serials(plain_stream(three_shards, split="holdout"))) == set(range(240, 270))
 
 
-def test_http_served_shards_match_local(three_shards):
-    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(three_shards))
+@contextlib.contextmanager
+def http_server(folder: Path):
+    """Serves `folder` on 127.0.0.1 at a free port from a thread; yields the base URL."""
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(folder))
     handler.log_message = lambda *a: None
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:
-        url = f"http://127.0.0.1:{server.server_address[1]}"
-        remote = list(plain_stream(url, masking=MaskingConfig(), seed=4))
+        yield f"http://127.0.0.1:{server.server_address[1]}"
     finally:
         server.shutdown()
         server.server_close()
+
+
+def test_http_served_shards_match_local(three_shards):
+    with http_server(three_shards) as url:
+        remote = list(plain_stream(url, masking=MaskingConfig(), seed=4))
     assert same_batches(remote, list(plain_stream(three_shards, masking=MaskingConfig(), seed=4)))
+
+
+def test_http_shard_gone_mid_run_is_skipped_and_counted(tmp_path):
+    shards = make_shard_set(tmp_path, [40, 40], vocab_size=VOCAB)
+    with http_server(shards) as url:
+        stream = plain_stream(url, batch_size=4)
+        (shards / "train-000000.tar").unlink()  # after the start-up check: a 404 at read time
+        got = serials(stream)
+    assert set(got) == set(range(40, 80))
+    assert stream.stats()["skipped_shards"] >= 1 and stream.stats()["skipped_samples"] >= 40
 
 
 def test_pipe_command_shards_match_local(three_shards):
