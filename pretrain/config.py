@@ -117,6 +117,8 @@ class RunConfig:
     log_every: int = 10
     max_nonfinite_steps: int = 10  # stop after this many non-finite losses in a row
     export: bool = True  # export the model in HF format at the end
+    stop_after_steps: int | None = None  # stop as on SIGTERM (checkpoint, exit) after this many steps of this
+    # process: for time-sliced jobs that resubmit themselves with --resume auto
     peak_tflops: float | None = None  # per-device peak for MFU; None: a table of known GPUs (no MFU on CPU)
 
 
@@ -221,6 +223,7 @@ def validate(cfg: TrainConfig) -> None:
     _require(r.epochs >= 1, f"run.epochs={r.epochs} must be >= 1")
     _require(r.max_steps is None or r.max_steps >= 1, f"run.max_steps={r.max_steps} must be >= 1 or null")
     _require(r.log_every >= 1 and r.max_nonfinite_steps >= 1, "run.log_every and run.max_nonfinite_steps must be >= 1")
+    _require(r.stop_after_steps is None or r.stop_after_steps >= 1, "run.stop_after_steps must be >= 1 or null")
     _require(r.peak_tflops is None or r.peak_tflops > 0, "run.peak_tflops must be > 0 or null")
     st = cfg.student
     _require(st.num_layers is None or st.num_layers >= 1, "student.num_layers must be >= 1 or null")

@@ -1,0 +1,73 @@
+"""`distil train`: distil a BERT teacher into a DistilBERT student (or pretrain a BERT in MLM mode).
+
+    distil train --config configs/tiny_cpu.yaml run.max_steps=100 data.batch_size=8 [--resume auto]
+    deepspeed --num_gpus 8 -m pretrain.train --config configs/distilbert_base_uncased.yaml
+    torchrun --nproc_per_node 8 -m pretrain.train --config ...
+
+The DeepSpeed launcher adds `--local_rank=N`; it is accepted and ignored (LOCAL_RANK in the environment is
+what counts). Every rank parses the same config, so a config error stops all of them before any work.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+
+import click
+
+from data_pipeline.errors import UserError
+
+
+def _is_rank0() -> bool:
+    return os.environ.get("RANK", "0") == "0"
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"], "ignore_unknown_options": False})
+@click.option("--config", "config_path", type=click.Path(dir_okay=False), required=True,
+              help="YAML training config (see configs/).")
+@click.option("--resume", default=None, metavar="auto|PATH",
+              help="Continue from the latest complete checkpoint in the run's checkpoint folder (auto) or from PATH.")
+@click.option("--local_rank", "--local-rank", "local_rank", type=int, default=None, hidden=True,
+              help="Set by the deepspeed launcher; LOCAL_RANK is used instead.")
+@click.argument("overrides", nargs=-1)
+def train(config_path: str, resume: str | None, local_rank: int | None, overrides: tuple[str, ...]) -> None:
+    """Train with a YAML config plus key=value overrides (e.g. run.max_steps=100 loss.alpha_cos=0)."""
+    if local_rank is not None:
+        os.environ.setdefault("LOCAL_RANK", str(local_rank))
+    logging.basicConfig(level=logging.INFO if _is_rank0() else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        from pretrain.config import load_config
+
+        cfg = load_config(config_path, list(overrides))
+        from pretrain.trainer import NonFiniteLossError, run_training
+
+        try:
+            out = run_training(cfg, resume)
+        except NonFiniteLossError as e:
+            if _is_rank0():
+                click.echo(f"error: {e}", err=True)
+            sys.exit(1)
+        if out is not None:
+            click.echo(f"exported to {out}")
+    except UserError as e:
+        if _is_rank0():
+            click.echo(f"error: {e}", err=True)
+        sys.exit(2)
+    finally:
+        _shutdown()
+
+
+def _shutdown() -> None:
+    try:
+        import torch.distributed as dist
+
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    except Exception:  # best effort at exit
+        pass
+
+
+if __name__ == "__main__":
+    train()

@@ -1,0 +1,144 @@
+"""End to end on CPU: `distil prepare` shards, an MLM-mode teacher, then a 2-process ZeRO-2 distillation
+launched through the deepspeed launcher (DS_ACCELERATOR=cpu, gloo); its loss falls, its export loads in
+transformers, and an interrupted + resumed run gives bitwise the same weights as an uninterrupted one.
+
+DeepSpeed launches are few (4) because each costs seconds of imports; the first one on a machine also
+compiles DeepSpeed's CPU shared-memory op into TORCH_EXTENSIONS_DIR (about a minute, cached after).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+pytestmark = pytest.mark.slow
+
+REPO = Path(__file__).resolve().parents[2]
+BIN = Path(sys.executable).parent
+WORDS = ("the a cat dog bird runs jumps sees big small red blue green house tree river quickly slowly over "
+         "under near far and but").split()
+
+
+def env() -> dict[str, str]:
+    e = dict(os.environ)
+    e.update(DS_ACCELERATOR="cpu", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
+             OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    return e
+
+
+def run(cmd: list[str], timeout: int = 420) -> subprocess.CompletedProcess:
+    p = subprocess.run(cmd, cwd=REPO, env=env(), capture_output=True, text=True, timeout=timeout)
+    assert p.returncode == 0, f"{' '.join(cmd)} failed ({p.returncode}):\n{p.stdout[-3000:]}\n{p.stderr[-5000:]}"
+    return p
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def losses(run_dir: Path) -> list[float]:
+    return [json.loads(line)["loss"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("data")
+    rng = random.Random(0)
+    lines = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(14, 40))) + "." for _ in range(800)]
+    (root / "corpus.txt").write_text("\n".join(lines) + "\n")
+    run([str(BIN / "distil"), "prepare", "-i", str(root / "corpus.txt"), "-o", str(root / "shards"),
+         "--train-tokenizer", "1000", "--max-seq-len", "64", "--workers", "1", "--shard-size-mb", "0.05", "-q"])
+    return root / "shards"
+
+
+@pytest.fixture(scope="module")
+def teacher_run(shards, tmp_path_factory) -> Path:
+    """MLM mode, single process (`python -m pretrain.train`): a tiny BERT teacher trained from scratch."""
+    out = tmp_path_factory.mktemp("teacher")
+    run([sys.executable, "-m", "pretrain.train", "--config", "configs/tiny_mlm_cpu.yaml", f"data.shards={shards}",
+         f"run.output_dir={out}", "run.max_steps=40", "run.log_every=5", "checkpoint.every=20"])
+    return out
+
+
+def distill(shards: Path, teacher: Path, out: Path, *extra: str, resume: bool = False) -> None:
+    cmd = [str(BIN / "deepspeed"), "--num_gpus", "2", "--master_port", str(free_port()), "--module",
+           "pretrain.train", "--config", "configs/tiny_cpu.yaml", f"data.shards={shards}",
+           f"teacher.path={teacher / 'export'}", f"run.output_dir={out}", "run.max_steps=16", "run.log_every=2",
+           "checkpoint.every=4", "checkpoint.keep=2", *extra]
+    if resume:
+        cmd += ["--resume", "auto"]
+    run(cmd)
+
+
+@pytest.fixture(scope="module")
+def student_run(shards, teacher_run, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("student")
+    distill(shards, teacher_run, out)
+    return out
+
+
+def test_mlm_mode_pretrains_a_teacher(teacher_run):
+    curve = losses(teacher_run)
+    assert len(curve) == 8
+    assert sum(curve[-2:]) / 2 < sum(curve[:2]) / 2 - 0.2, curve
+    from transformers import BertForMaskedLM
+
+    model = BertForMaskedLM.from_pretrained(teacher_run / "export")
+    assert model.config.num_hidden_layers == 4
+    latest = (teacher_run / "checkpoints" / "latest").read_text().strip()
+    assert latest == "step_00000040" and (teacher_run / "checkpoints" / latest / "COMPLETE").is_file()
+
+
+def test_two_process_zero2_distillation_loss_falls(student_run):
+    lines = [json.loads(x) for x in (student_run / "metrics.jsonl").read_text().splitlines()]
+    assert [x["step"] for x in lines] == list(range(2, 17, 2))
+    for key in ("loss", "loss_kl", "loss_mlm", "loss_cos", "lr", "grad_norm", "loss_scale", "tokens_per_s",
+                "sequences_per_s", "masked_tokens", "tflops_per_s"):
+        assert key in lines[-1], key
+    curve = [x["loss"] for x in lines]
+    assert sum(curve[-2:]) / 2 < sum(curve[:2]) / 2, curve
+    ds = json.loads((student_run / "ds_config.json").read_text())
+    assert ds["zero_optimization"]["stage"] == 2 and ds["train_batch_size"] == 8 * 2 * 2
+    assert ds["optimizer"]["params"]["betas"] == [0.9, 0.98] and ds["gradient_clipping"] == 5.0
+    # keep=2: only the last two complete checkpoints remain
+    tags = sorted(p.name for p in (student_run / "checkpoints").glob("step_*"))
+    assert tags == ["step_00000012", "step_00000016"]
+
+
+def test_export_round_trip_fill_mask(student_run):
+    from transformers import AutoModelForMaskedLM, AutoTokenizer, pipeline
+
+    export = student_run / "export"
+    assert (export / "model.safetensors").is_file()
+    model = AutoModelForMaskedLM.from_pretrained(export)
+    assert type(model).__name__ == "DistilBertForMaskedLM" and model.config.n_layers == 2
+    tok = AutoTokenizer.from_pretrained(export)
+    fill = pipeline("fill-mask", model=model, tokenizer=tok)
+    preds = fill(f"the cat {tok.mask_token} over the tree.")
+    assert len(preds) == 5 and all(p["token_str"] for p in preds)
+
+
+def test_resume_gives_bitwise_equal_weights(shards, teacher_run, student_run, tmp_path):
+    out = tmp_path / "resumed"
+    distill(shards, teacher_run, out, "run.stop_after_steps=6")  # "preempted" after 6 steps
+    assert (out / "checkpoints" / "latest").read_text().strip() == "step_00000006"
+    assert not (out / "export").exists()
+    distill(shards, teacher_run, out, resume=True)
+    a = load_file(student_run / "export" / "model.safetensors")
+    b = load_file(out / "export" / "model.safetensors")
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    # the resumed run's log continues where the first stopped
+    assert [json.loads(x)["step"] for x in (out / "metrics.jsonl").read_text().splitlines()] == list(range(2, 17, 2))
