@@ -17,6 +17,7 @@ import argparse
 import os
 import platform
 import re
+import resource
 import tempfile
 import time
 from collections import Counter
@@ -30,28 +31,46 @@ import numpy as np  # noqa: E402
 NON_ASCII_WORDS = ["café", "naïve", "Zürich", "–", "résumé", "“quoted”", "São", "Ångström", "façade", "coöperate"]
 
 
-def generate_corpus(path: Path, megabytes: float, seed: int = 0) -> int:
-    """Writes about `megabytes` of English-like lines; returns the number of lines."""
+SYLLABLES = ("ka", "ren", "to", "mi", "sal", "vor", "ed", "li", "qua", "ster", "on", "bri", "dex", "um", "pha",
+             "gol", "tri", "nes", "ul", "zo", "ca", "ment", "ir", "pe", "dro", "ix", "ath", "wen", "sy", "lor")
+
+
+def _vocabulary(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """Real words of the sample corpus by frequency, then made-up words (names, rare terms) for a long tail;
+    returns the words and the cumulative Zipf distribution over them."""
     from data_pipeline.sample_corpus import sample_paragraphs
 
     counts = Counter(w for p in sample_paragraphs() for w in re.findall(r"[A-Za-z][A-Za-z'-]*", p))
-    words = np.array(sorted(counts))
-    probs = np.array([counts[w] for w in words], dtype=np.float64)
-    probs /= probs.sum()
+    real = sorted(counts, key=lambda w: (-counts[w], w))
+    syllables = np.array(SYLLABLES)[rng.integers(0, len(SYLLABLES), size=(80_000, 4))]
+    lengths = rng.integers(2, 5, size=80_000)
+    made_up = {"".join(row[:n]) for row, n in zip(syllables.tolist(), lengths.tolist(), strict=True)}
+    words = np.array(real + sorted(made_up - set(real)))
+    probs = (np.arange(len(words)) + 10.0) ** -1.15
+    return words, np.cumsum(probs / probs.sum())
+
+
+def generate_corpus(path: Path, megabytes: float, seed: int = 0) -> int:
+    """Writes about `megabytes` of English-like lines; returns the number of lines."""
     rng = np.random.default_rng(seed)
+    words, cdf = _vocabulary(rng)
     target = int(megabytes * 1e6)
     written = lines = 0
     with open(path, "w", encoding="utf-8") as f:
         while written < target:
             sentences = []
-            for _ in range(int(rng.integers(1, 6))):
-                n = int(rng.integers(6, 30))
-                chosen = list(rng.choice(words, size=n, p=probs))
-                for i in np.nonzero(rng.random(n) < 0.01)[0]:
-                    chosen[i] = NON_ASCII_WORDS[int(rng.integers(len(NON_ASCII_WORDS)))]
-                for i in np.nonzero(rng.random(n) < 0.06)[0][:-1]:
-                    chosen[i] += ","
-                sentences.append(" ".join(chosen).capitalize() + rng.choice([".", ".", ".", "?", "!"]))
+            lengths = rng.integers(6, 30, size=int(rng.integers(1, 6)))
+            picks = np.minimum(np.searchsorted(cdf, rng.random(int(lengths.sum()))), len(words) - 1)
+            chosen = list(words[picks])
+            for i in np.nonzero(rng.random(len(chosen)) < 0.01)[0]:
+                chosen[i] = NON_ASCII_WORDS[int(rng.integers(len(NON_ASCII_WORDS)))]
+            for i in np.nonzero(rng.random(len(chosen)) < 0.06)[0]:
+                chosen[i] += ","
+            start = 0
+            for n in lengths:
+                sentence = " ".join(chosen[start : start + n]).rstrip(",")
+                sentences.append(sentence[:1].upper() + sentence[1:] + str(rng.choice([".", ".", ".", "?", "!"])))
+                start += n
             line = " ".join(sentences) + "\n"
             f.write(line)
             written += len(line.encode("utf-8"))
@@ -78,23 +97,31 @@ def train_tokenizer(corpus: Path, folder: Path, vocab_size: int) -> int:
     return len(tokenizer)
 
 
-def baseline(corpus: Path, tokenizer_dir: Path) -> tuple[int, float]:
+def _cpu_seconds() -> float:
+    """User + system time of this process and its finished children."""
+    me, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return me.ru_utime + me.ru_stime + children.ru_utime + children.ru_stime
+
+
+def baseline(corpus: Path, tokenizer_dir: Path) -> tuple[int, float, float]:
     """The original's binarized_data.py loop: encode one line at a time, keep uint16 arrays."""
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
     bos, sep = tokenizer.cls_token, tokenizer.sep_token
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), _cpu_seconds()
     sequences = []
     with open(corpus, encoding="utf-8") as f:
         for text in f:
             ids = tokenizer.encode(f"{bos} {text.strip()} {sep}", add_special_tokens=False)
             sequences.append(np.uint16(ids))
     elapsed = time.perf_counter() - start
-    return sum(len(s) for s in sequences), elapsed
+    return sum(len(s) for s in sequences), elapsed, _cpu_seconds() - cpu
 
 
-def ours(corpus: Path, tokenizer_dir: Path, out: Path, workers: int, word_cache: bool = True) -> tuple[int, float]:
+def ours(
+    corpus: Path, tokenizer_dir: Path, out: Path, workers: int, word_cache: bool = True
+) -> tuple[int, float, float]:
     from data_pipeline import prepare as stage
     from data_pipeline import tokenize as tk
 
@@ -106,12 +133,12 @@ def ours(corpus: Path, tokenizer_dir: Path, out: Path, workers: int, word_cache:
             inputs=[str(corpus)], output=out, tokenizer=str(tokenizer_dir), workers=workers, progress=False,
             overwrite=True,
         )
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), _cpu_seconds()
         manifest = stage.prepare(config)
-        elapsed = time.perf_counter() - start
+        elapsed, cpu = time.perf_counter() - start, _cpu_seconds() - cpu
     finally:
         tk._word_cache_spec = original
-    return manifest.total_tokens + sum(s.tokens for s in manifest.holdout_shards), elapsed
+    return manifest.total_tokens + sum(s.tokens for s in manifest.holdout_shards), elapsed, cpu
 
 
 def main() -> None:
@@ -126,6 +153,7 @@ def main() -> None:
     import tokenizers
     import transformers
 
+    load_before = f"{os.getloadavg()[0]:.2f}"
     with tempfile.TemporaryDirectory() as tmp:
         tmp_path = Path(tmp)
         corpus = tmp_path / "corpus.txt"
@@ -143,13 +171,15 @@ def main() -> None:
 
     base_rate = rows[0][1] / rows[0][2]
     print(f"\nCPUs used: {len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count()}; "
-          f"python {platform.python_version()}, tokenizers {tokenizers.__version__}, "
-          f"transformers {transformers.__version__}")
-    print(f"| {'approach':<56} | {'tokens':>10} | {'seconds':>7} | {'M tokens/s':>10} | {'vs original':>11} |")
-    print(f"|{'-' * 58}|{'-' * 12}:|{'-' * 8}:|{'-' * 11}:|{'-' * 12}:|")
-    for name, tokens, seconds in rows:
+          f"load average before/after: {load_before} / {os.getloadavg()[0]:.2f}; python {platform.python_version()}, "
+          f"tokenizers {tokenizers.__version__}, transformers {transformers.__version__}")
+    print(f"| {'approach':<56} | {'tokens':>9} | {'wall s':>7} | {'CPU s':>6} | {'M tokens/s':>10} "
+          f"| {'vs original':>11} |")
+    print(f"|{'-' * 58}|{'-' * 10}:|{'-' * 8}:|{'-' * 7}:|{'-' * 11}:|{'-' * 12}:|")
+    for name, tokens, seconds, cpu in rows:
         rate = tokens / seconds
-        print(f"| {name:<56} | {tokens:>10} | {seconds:>7.2f} | {rate / 1e6:>10.3f} | {rate / base_rate:>10.2f}x |")
+        print(f"| {name:<56} | {tokens:>9} | {seconds:>7.2f} | {cpu:>6.1f} | {rate / 1e6:>10.3f} "
+              f"| {rate / base_rate:>10.2f}x |")
 
 
 if __name__ == "__main__":
