@@ -1,0 +1,120 @@
+"""End to end: `distil train` runs tracked by a real `mlflow server` on 127.0.0.1.
+
+An MLM teacher (one process), then a 2-process ZeRO-2 distillation through the deepspeed launcher that is
+"preempted" after 6 steps (run KILLED) and resumed with `--resume auto`; during the resumed part the server
+is killed and restarted. Checked through MlflowClient: params, metrics of every step in one run, system
+metrics, artifacts, the registered student, the final status; then `distil review` over the experiment.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from mlflow_test_server import MlflowServer
+from test_train_distributed import BIN, REPO, env, free_port, run, shards  # noqa: F401 - shards is a fixture
+
+pytestmark = pytest.mark.slow
+mlflow = pytest.importorskip("mlflow")
+
+EXPERIMENT = "e2e"
+
+
+def tracking_overrides(server: MlflowServer, name: str, model: str) -> list[str]:
+    return ["tracking.enabled=true", f"tracking.tracking_uri={server.uri}", f"tracking.experiment={EXPERIMENT}",
+            f"tracking.run_name={name}", f"tracking.registered_model_name={model}",
+            "tracking.system_metrics_interval_s=1", "tracking.retry_interval_s=1"]
+
+
+def metric_lines(run_dir: Path) -> list[dict]:
+    path = run_dir / "metrics.jsonl"
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    srv = MlflowServer(tmp_path_factory.mktemp("e2e-mlflow"))
+    srv.start()
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture(scope="module")
+def teacher(shards, server, tmp_path_factory) -> Path:  # noqa: F811
+    out = tmp_path_factory.mktemp("tracked-teacher")
+    run([sys.executable, "-m", "pretrain.train", "--config", "configs/tiny_mlm_cpu.yaml", f"data.shards={shards}",
+         f"run.output_dir={out}", "run.max_steps=20", "run.log_every=5", "checkpoint.every=20",
+         *tracking_overrides(server, "teacher", "e2e-teacher")])
+    return out
+
+
+def distill_command(shards: Path, teacher: Path, out: Path, server: MlflowServer, *extra: str) -> list[str]:  # noqa: F811
+    return [str(BIN / "deepspeed"), "--num_gpus", "2", "--master_port", str(free_port()), "--module",
+            "pretrain.train", "--config", "configs/tiny_cpu.yaml", f"data.shards={shards}",
+            f"teacher.path={teacher / 'export'}", f"run.output_dir={out}", "run.max_steps=16", "run.log_every=2",
+            "checkpoint.every=2", "checkpoint.keep=2", *tracking_overrides(server, "student", "e2e-student"),
+            *extra]
+
+
+def test_tracked_distillation_preempted_resumed_and_outage(shards, teacher, server, tmp_path):  # noqa: F811
+    out = tmp_path / "student"
+    client = mlflow.MlflowClient(server.uri)
+
+    # 1. preempted after 6 steps: the run ends KILLED and its id is in the checkpoint
+    run(distill_command(shards, teacher, out, server, "run.stop_after_steps=6"))
+    experiment = client.get_experiment_by_name(EXPERIMENT)
+    students = client.search_runs([experiment.experiment_id], "attributes.run_name = 'student'")
+    assert len(students) == 1  # rank 1 created no run of its own
+    run_id = students[0].info.run_id
+    assert students[0].info.status == "KILLED"
+
+    # 2. resumed; the server dies after the first new metrics line and comes back a few lines later
+    done_before = len(metric_lines(out))
+    job = subprocess.Popen(distill_command(shards, teacher, out, server) + ["--resume", "auto"], cwd=REPO,
+                           env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 400
+        while len(metric_lines(out)) <= done_before and job.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.2)
+        server.kill()
+        killed_at = len(metric_lines(out))
+        while len(metric_lines(out)) < killed_at + 2 and job.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.2)
+        server.start()
+        output, _ = job.communicate(timeout=400)
+    finally:
+        if job.poll() is None:
+            job.kill()
+    assert job.returncode == 0, output[-5000:]
+    assert output.count("is unreachable") == 1, output[-5000:]
+
+    steps = [line["step"] for line in metric_lines(out)]
+    assert steps == list(range(2, 17, 2))
+    data = client.get_run(run_id)
+    assert data.info.status == "FINISHED"
+    assert sorted(m.step for m in client.get_metric_history(run_id, "loss")) == steps  # one run, every step
+    for key in ("loss_kl", "loss_mlm", "loss_cos", "lr", "grad_norm", "loss_scale", "tokens_per_s"):
+        assert key in data.data.metrics, key
+    assert any(k.startswith("system/node_0/") for k in data.data.metrics)
+    assert data.data.params["mode"] == "distill" and data.data.params["derived.world_size"] == "2"
+    assert data.data.tags["distil.world_size"] == "2" and data.data.tags["distil.resumed"] == "true"
+    artifacts = {a.path for a in client.list_artifacts(run_id, "run")}
+    assert {"run/config.yaml", "run/ds_config.json", "run/manifest.json"} <= artifacts
+    assert [a.path for a in client.list_artifacts(run_id, "plots")] == ["plots/loss_curves.png"]
+    versions = client.search_model_versions(f"name='e2e-student' and run_id='{run_id}'")
+    assert len(versions) == 1
+
+    # the teacher's run, then both compared
+    teacher_run = client.search_runs([experiment.experiment_id], "attributes.run_name = 'teacher'")[0]
+    assert teacher_run.info.status == "FINISHED"
+    assert client.search_model_versions(f"name='e2e-teacher' and run_id='{teacher_run.info.run_id}'")
+    review = run([str(BIN / "distil"), "review", "--experiment", EXPERIMENT, "--tracking-uri", server.uri,
+                  "--output", str(tmp_path / "cmp.png")])
+    assert "teacher" in review.stdout and "student" in review.stdout
+    assert (tmp_path / "cmp.png").is_file()
