@@ -141,7 +141,12 @@ def create_tracker(cfg: TrackingConfig, *, rank: int, local_rank: int, world_siz
 
 
 def _infer_num_nodes(world_size: int) -> int:
-    """Launchers export the per-node process count (torchrun: LOCAL_WORLD_SIZE, DeepSpeed: LOCAL_SIZE)."""
+    """From the launcher's contract: DeepSpeed exports CROSS_SIZE (nodes) and LOCAL_SIZE, torchrun
+    LOCAL_WORLD_SIZE (processes per node), SLURM SLURM_JOB_NUM_NODES."""
+    for name in ("CROSS_SIZE", "SLURM_JOB_NUM_NODES"):
+        value = os.environ.get(name)
+        if value and value.isdigit() and int(value) > 0:
+            return int(value)
     for name in ("LOCAL_WORLD_SIZE", "LOCAL_SIZE"):
         value = os.environ.get(name)
         if value and value.isdigit() and int(value) > 0:
