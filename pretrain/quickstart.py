@@ -51,8 +51,9 @@ def quickstart(output: str, vocab_size: int, teacher_steps: int, student_steps: 
     tracking = [f"tracking.tracking_uri=sqlite:///{out / 'mlflow.db'}"]
 
     corpus = out / "corpus.txt"
-    written = write_sample_corpus(corpus, max_bytes=int(corpus_mb * 1_000_000))
-    click.echo(f"sample corpus: {corpus} ({written / 1e6:.1f} MB of standard-library docstrings)")
+    paragraphs = write_sample_corpus(corpus, max_bytes=int(corpus_mb * 1_000_000))
+    click.echo(f"sample corpus: {corpus} ({paragraphs} paragraphs, {corpus.stat().st_size / 1e6:.1f} MB "
+               "of standard-library docstrings)")
 
     shards = out / "shards"
     _run("prepare", ["prepare", "--input", str(corpus), "--output", str(shards), "--train-tokenizer",
