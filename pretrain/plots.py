@@ -70,12 +70,7 @@ def plot_loss_curves(series: Mapping[str, Series], path: str | Path, title: str 
         lr_ax.set_ylabel("learning rate")
         lr_ax.grid(True, alpha=0.3)
     axes[-1][0].set_xlabel("optimizer step")
-    fig.tight_layout()
-    out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=100)
-    plt.close(fig)
-    return out
+    return _save(plt, fig, path)
 
 
 def write_loss_curves(run_dir: str | Path) -> Path | None:
@@ -111,6 +106,10 @@ def plot_run_comparison(curves: Mapping[str, Series], bars: Mapping[str, Mapping
         bar_ax.grid(True, axis="y", alpha=0.3)
     if title:
         fig.suptitle(title)
+    return _save(plt, fig, path)
+
+
+def _save(plt, fig, path: str | Path) -> Path:
     fig.tight_layout()
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)

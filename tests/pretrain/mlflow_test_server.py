@@ -8,6 +8,7 @@ import socket
 import subprocess
 import time
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
@@ -76,3 +77,13 @@ class MlflowServer:
         """The access-log lines of REST calls the server answered ("GET /health" excluded)."""
         lines = self.log_path.read_text().splitlines() if self.log_path.exists() else []
         return [line for line in lines if '"GET /health' not in line and "/api/" in line]
+
+
+def running_server(directory: Path) -> Iterator[MlflowServer]:
+    """Body of a module-scoped fixture: a started server, stopped afterwards."""
+    server = MlflowServer(directory)
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()

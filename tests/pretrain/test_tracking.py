@@ -14,7 +14,7 @@ import pytest
 
 mlflow = pytest.importorskip("mlflow")
 
-from mlflow_test_server import MlflowServer  # noqa: E402
+from mlflow_test_server import MlflowServer, running_server  # noqa: E402
 
 from pretrain.tracking import (  # noqa: E402
     MlflowTracker,
@@ -31,10 +31,7 @@ FAST = dict(system_metrics_interval_s=0.2, retry_interval_s=0.3, finish_timeout_
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    srv = MlflowServer(tmp_path_factory.mktemp("mlflow-server"))
-    srv.start()
-    yield srv
-    srv.stop()
+    yield from running_server(tmp_path_factory.mktemp("mlflow-server"))
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
-from mlflow_test_server import MlflowServer
+from mlflow_test_server import MlflowServer, running_server
 from test_train_distributed import BIN, REPO, env, free_port, run, shards  # noqa: F401 - shards is a fixture
 
 pytestmark = pytest.mark.slow
@@ -39,10 +39,7 @@ def metric_lines(run_dir: Path) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    srv = MlflowServer(tmp_path_factory.mktemp("e2e-mlflow"))
-    srv.start()
-    yield srv
-    srv.stop()
+    yield from running_server(tmp_path_factory.mktemp("e2e-mlflow"))
 
 
 @pytest.fixture(scope="module")
