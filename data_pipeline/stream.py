@@ -12,8 +12,9 @@ How an epoch is laid out (everything below is a pure function of the manifest's 
 3. Partitions: a rank's range is cut into `partitions` contiguous parts (by default one per DataLoader
    worker), each read sequentially by its own tar reader. Worker w serves the partitions p with
    p % num_workers == w, so no worker reads another's data. A partition that starts inside a shard reads
-   past that shard's first samples, so more partitions cost more reading; the batch sequence depends on
-   `partitions` only, not on num_workers, so fixing `partitions` lets a run resume with other workers.
+   past that shard's first samples, so more partitions cost more reading. The batch sequence depends on
+   `partitions`, not on num_workers: a resumed stream keeps the saved partition count (unless one is
+   passed explicitly), so a run can resume with another number of workers.
 4. Chunks: each partition is cut into chunks of `shuffle_buffer` samples (rounded up to a multiple of
    batch_size). A chunk is read whole, then shuffled and grouped by length into batches (batching.py),
    seeded by (seed, epoch, rank, chunk): the shuffle buffer. Chunks are emitted round-robin over the
@@ -607,6 +608,7 @@ class PretrainStream:
             )
         self.rank, self.world_size, self.seed = rank, world_size, seed
         self.num_workers, self.prefetch_factor, self.pin_memory = num_workers, prefetch_factor, pin_memory
+        self._partitions_given = partitions is not None
         self.partitions = partitions if partitions is not None else max(1, num_workers)
         chunk_size = shuffle_buffer if batch_size is None else -(-shuffle_buffer // batch_size) * batch_size
         self.batching = BatchingConfig(batch_size, max_tokens, group_by_size, pad_multiple, chunk_size)
@@ -781,20 +783,21 @@ class PretrainStream:
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restores a position saved by state_dict(); ask batches_per_epoch() after this, not before."""
         if state.get("version") != STATE_VERSION:
             raise UserError(f"data loader state version {state.get('version')!r} is not {STATE_VERSION}")
-        saved, current = state["config"], self._fingerprint()
+        saved = state["config"]
+        if not self._partitions_given and saved.get("partitions") != self.partitions:
+            # partitions defaulted to num_workers: keep the saved layout, so the batch sequence goes on
+            # unchanged with another worker count (workers then serve several partitions, or none).
+            log.info("data loader: resuming with the saved %s partitions", saved.get("partitions"))
+            self.partitions = int(saved["partitions"])
+            self._plan_cache = None
+        current = self._fingerprint()
         changed = [k for k in current if saved.get(k) != current[k]]
         if changed:
             details = ", ".join(f"{k}: saved {saved.get(k)!r}, now {current[k]!r}" for k in changed)
-            hint = (
-                " (partitions defaults to num_workers: pass partitions= to change workers)"
-                if "partitions" in changed
-                else ""
-            )
-            raise UserError(
-                f"cannot resume the data position ({details}): resume with the saved settings{hint}"
-            )
+            raise UserError(f"cannot resume the data position ({details}): resume with the saved settings")
         self._position = _Position(
             epoch=int(state["epoch"]),
             chunk=int(state["chunk"]),

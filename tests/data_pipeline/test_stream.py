@@ -189,6 +189,8 @@ def test_resume_with_other_settings_is_refused(three_shards):
     state = plain_stream(three_shards, seed=1).state_dict()
     with pytest.raises(UserError, match="seed"):
         plain_stream(three_shards, seed=2).load_state_dict(state)
+    with pytest.raises(UserError, match="partitions"):
+        plain_stream(three_shards, seed=1, partitions=3).load_state_dict(state)
 
 
 def test_holdout_split_and_rewind(three_shards):

@@ -31,7 +31,7 @@ def take(stream, n):
 def test_workers_split_the_rank_and_resume_exactly(tmp_path):
     shards = make_shard_set(tmp_path, [130, 90, 60], vocab_size=VOCAB)
 
-    def make(workers, rank=0, masking=MaskingConfig()):
+    def make(workers, rank=0, masking=MaskingConfig(), partitions=2):
         stream = PretrainStream(
             str(shards),
             batch_size=6,
@@ -41,7 +41,7 @@ def test_workers_split_the_rank_and_resume_exactly(tmp_path):
             world_size=2,
             masking=masking,
             seed=9,
-            partitions=2,
+            partitions=partitions,
         )
         stream.set_epoch(2)
         return stream
@@ -56,11 +56,13 @@ def test_workers_split_the_rank_and_resume_exactly(tmp_path):
     rows = [serial_of(row, VOCAB) for rank in unmasked for b in rank for row in b["labels"].numpy()]
     assert sorted(rows) == list(range(280))
 
-    # stop at a point inside the epoch with 2 workers, resume with 2 workers and with none
-    first = make(2)
+    # stop at a point inside the epoch with 2 workers (partitions defaulting to 2), resume with 2 workers
+    # and with none: the resumed stream keeps the saved partitions
+    first = make(2, partitions=None)
     head = take(first, 17)
     state = json.loads(json.dumps(first.state_dict()))
     for workers in (2, 0):
-        resumed = make(workers)
+        resumed = make(workers, partitions=None)
         resumed.load_state_dict(state)
+        assert resumed.partitions == 2
         assert same_batches(head + list(resumed), in_process)
