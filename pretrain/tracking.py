@@ -77,7 +77,8 @@ class TrackingConfig:
     retry_interval_s: float = 10.0  # how often an unreachable server is tried again
     request_timeout_s: int = 20  # per HTTP request to the tracking server
     start_timeout_s: float = 15.0  # create_tracker waits at most this long for the run to be created
-    finish_timeout_s: float = 300.0  # finish() waits at most this long for the outbox to drain
+    finish_timeout_s: float = 300.0  # finish() waits at most this long for the outbox to drain ...
+    finish_offline_wait_s: float = 30.0  # ... but only this long while the server does not answer
 
 
 class NullTracker:
@@ -136,8 +137,12 @@ def create_tracker(cfg: TrackingConfig, *, rank: int, local_rank: int, world_siz
         if local_rank == 0 and cfg.system_metrics and (nodes > 1 or store is not None):
             return NodeReporter(cfg, store=store)
         return NullTracker()
-    return MlflowTracker(cfg, uri=resolve_tracking_uri(cfg, run_dir), world_size=world_size, num_nodes=nodes,
-                         run_dir=run_dir, resume_run_id=resume_run_id, store=store)
+    try:
+        return MlflowTracker(cfg, uri=resolve_tracking_uri(cfg, run_dir), world_size=world_size,
+                             num_nodes=nodes, run_dir=run_dir, resume_run_id=resume_run_id, store=store)
+    except Exception as error:  # noqa: BLE001 - tracking never stops training
+        logger.warning("MLflow tracking disabled for this run: %r", error)
+        return NullTracker()
 
 
 def _infer_num_nodes(world_size: int) -> int:
@@ -448,6 +453,23 @@ def _configure_http_client(timeout_s: int) -> None:
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
 
+def _never_raises(method: Callable) -> Callable:
+    """Tracking never stops training: a failing tracker call is logged (once per method) and ignored."""
+    import functools
+
+    @functools.wraps(method)
+    def guarded(self, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return method(self, *args, **kwargs)
+        except Exception as error:  # noqa: BLE001
+            if method.__name__ not in self._warned_permanent:
+                self._warned_permanent.add(method.__name__)
+                logger.warning("tracking: %s failed and is skipped: %r", method.__name__, error)
+            return None
+
+    return guarded
+
+
 class MlflowTracker(NullTracker):
     """Global rank 0's tracker. All public methods return at once; the sender thread does the I/O."""
 
@@ -503,13 +525,16 @@ class MlflowTracker(NullTracker):
     def offline(self) -> bool:
         return self._offline
 
+    @_never_raises
     def log_params(self, params: Mapping[str, Any]) -> None:
         self._put(("params", clean_params(params)))
 
+    @_never_raises
     def set_tags(self, tags: Mapping[str, Any]) -> None:
         cleaned = {clean_key(k): clean_value(k, v, MAX_TAG_VALUE_LENGTH) for k, v in flatten(tags).items()}
         self._put(("tags", cleaned))
 
+    @_never_raises
     def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
         from mlflow.entities import Metric
 
@@ -519,12 +544,14 @@ class MlflowTracker(NullTracker):
             self._outbox.put_metrics(points)
             self._wake.set()
 
+    @_never_raises
     def log_artifact(self, path: str, artifact_path: str | None = None) -> None:
         if not Path(path).exists():
             logger.warning("not logging artifact %s: no such file or folder", path)
             return
         self._put(("artifact", str(path), artifact_path))
 
+    @_never_raises
     def log_dict(self, values: Mapping[str, Any], artifact_file: str) -> None:
         """A JSON/YAML artifact from a dict (written now, sent later)."""
         target = self.run_dir / "tracking_artifacts" / artifact_file
@@ -532,9 +559,11 @@ class MlflowTracker(NullTracker):
         target.write_text(json.dumps(values, indent=2, default=str))
         self._put(("artifact", str(target), str(Path(artifact_file).parent) if "/" in artifact_file else None))
 
+    @_never_raises
     def log_student(self, export_dir: str) -> None:
         self._put(("student", str(export_dir)))
 
+    @_never_raises
     def finish(self, status: str = "FINISHED") -> None:
         """Ends the run with `status`; waits at most finish_timeout_s for unsent records."""
         if self._finished:
@@ -548,7 +577,7 @@ class MlflowTracker(NullTracker):
         self._outbox.put_op(("end", status))
         self._stopping.set()
         self._wake.set()
-        self._sender.join(self.cfg.finish_timeout_s)
+        self._wait_for_sender()
         ops, metrics = self._outbox.pending()
         if ops or metrics:
             logger.warning("MLflow: %d metric points and %d other records could not be sent to %s before "
@@ -558,6 +587,17 @@ class MlflowTracker(NullTracker):
             logger.warning("MLflow: %d metric points were dropped while the server was unreachable "
                            "(buffer limit max_buffered_metrics=%d)", self._outbox.dropped_metrics,
                            self.cfg.max_buffered_metrics)
+
+    def _wait_for_sender(self) -> None:
+        """Until the outbox is drained: up to finish_timeout_s while sending works (a model upload takes a
+        while), up to finish_offline_wait_s once the server stops answering (a preempted job has a grace
+        period; metrics.jsonl holds every step anyway)."""
+        start = time.monotonic()
+        while self._sender.is_alive():
+            waited = time.monotonic() - start
+            if waited >= self.cfg.finish_timeout_s or (self._offline and waited >= self.cfg.finish_offline_wait_s):
+                return
+            self._sender.join(0.2)
 
     def flush(self, timeout_s: float = 60.0) -> bool:
         """Waits until everything queued so far is sent (tests, evaluation scripts). True if drained."""
@@ -583,7 +623,7 @@ class MlflowTracker(NullTracker):
     def _finish_at_exit(self) -> None:
         """A process that exits without finish(): the run did not end as planned."""
         if not self._finished:
-            self.cfg.finish_timeout_s = min(self.cfg.finish_timeout_s, 30.0)
+            self.cfg.finish_timeout_s = min(self.cfg.finish_timeout_s, self.cfg.finish_offline_wait_s)
             self.finish("FAILED")
 
     def _send_loop(self) -> None:

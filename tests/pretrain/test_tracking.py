@@ -14,7 +14,7 @@ import pytest
 
 mlflow = pytest.importorskip("mlflow")
 
-from mlflow_test_server import MlflowServer, running_server  # noqa: E402
+from mlflow_test_server import MlflowServer, free_port, running_server  # noqa: E402
 
 from pretrain.tracking import (  # noqa: E402
     MlflowTracker,
@@ -250,3 +250,15 @@ def test_server_down_at_start_then_killed_mid_run_training_goes_on_and_metrics_a
         assert steps == list(range(41))
     finally:
         server.stop()
+
+
+def test_finish_with_the_server_gone_returns_and_says_what_was_not_sent(tmp_path, caplog):
+    cfg = TrackingConfig(tracking_uri=f"http://127.0.0.1:{free_port()}", system_metrics=False,
+                         finish_offline_wait_s=0.5, **FAST)
+    tracker = create_tracker(cfg, rank=0, local_rank=0, world_size=1, run_dir=str(tmp_path))
+    tracker.log_metrics({"loss": 1.0}, 1)
+    tracker.log_metrics({"loss": 0.5, "not_a_number": "x"}, "2")  # sloppy input is cleaned, never raised
+    tracker.finish("KILLED")
+    warnings = tracker_warnings(caplog)
+    assert len(warnings) == 2 and "unreachable" in warnings[0]
+    assert "2 metric points" in warnings[1] and "could not be sent" in warnings[1]
