@@ -59,6 +59,10 @@ def fused_linear_forward(
     dtype = torch.promote_types(hidden.dtype, weight.dtype)
     w = weight.to(dtype)
     b = bias.to(dtype) if bias is not None else None
+    if teacher_hidden is not None:
+        t_dtype = torch.promote_types(teacher_hidden.dtype, teacher_weight.dtype)
+        t_w = teacher_weight.to(t_dtype)
+        t_b = teacher_bias.to(t_dtype) if teacher_bias is not None else None
     scales = loss_scales(labels, kl_mask, has_teacher, temperature, alpha_kl, alpha_ce)
     rows_fn = kl_ce_rows_fn(backend)
     sum_dtype = compute_dtype(dtype)
@@ -80,7 +84,7 @@ def fused_linear_forward(
             if teacher_logits is not None:
                 t = teacher_logits[rows]
             elif teacher_hidden is not None:
-                t = _project(teacher_hidden[rows], teacher_weight, teacher_bias)
+                t = _project(teacher_hidden[rows].to(t_dtype), t_w, t_b)
             else:
                 t = None
         kl_rows, ce_rows = rows_fn(
