@@ -262,3 +262,16 @@ def test_finish_with_the_server_gone_returns_and_says_what_was_not_sent(tmp_path
     warnings = tracker_warnings(caplog)
     assert len(warnings) == 2 and "unreachable" in warnings[0]
     assert "2 metric points" in warnings[1] and "could not be sent" in warnings[1]
+
+
+@pytest.mark.parametrize("args, message", [(["--port", "http"], "--port must be a number"),
+                                           (["--bogus"], "unknown option --bogus")])
+def test_server_script_rejects_bad_options_in_one_line(args, message):
+    import subprocess
+
+    from mlflow_test_server import SCRIPT
+
+    result = subprocess.run(["bash", str(SCRIPT), *args], capture_output=True, text=True, timeout=30)
+    assert result.returncode == 2
+    assert result.stderr.startswith("error: ") and message in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
