@@ -182,6 +182,8 @@ def _text_documents(source: Source, separator: DocSeparator, stats: ReadStats) -
 
 def _jsonl_documents(source: Source, text_field: str, stats: ReadStats) -> Iterator[list[str]]:
     for number, line in _lines(source, stats):
+        if number == 1:
+            line = line.removeprefix("\ufeff")  # a UTF-8 byte order mark
         if not line.strip():
             continue
         try:

@@ -1,9 +1,9 @@
 """`distil prepare`: raw text -> tokenised webdataset shards + manifest.json + token_counts.npy + tokenizer/.
 
 The main process reads documents in a fixed order and cuts them into batches of about `batch_bytes` of
-text; worker processes tokenise a batch at a time and return finished samples; the main process writes
-them in batch order. So the output depends only on the inputs and the flags, never on `--workers` or on
-scheduling. Held-out documents are chosen by a hash of (seed, document index).
+text; worker processes tokenise a batch at a time and return its samples as finished tar members; the main
+process appends them to the shards in batch order. So the output depends only on the inputs and the flags,
+never on `--workers` or on scheduling. Held-out documents are chosen by a hash of (seed, document index).
 """
 
 from __future__ import annotations
@@ -176,6 +176,8 @@ def _get_tokenizer(sources: list[corpus.Source], config: PrepareConfig):
         tokenizer = tk.load_tokenizer(config.tokenizer)
         return tokenizer, config.tokenizer
     assert config.train_tokenizer is not None
+    if config.progress:
+        print(f"training a {config.train_tokenizer}-entry WordPiece tokenizer on the corpus...", file=sys.stderr)
     tokenizer = tk.train_wordpiece(lambda: _text_batches(sources, config), config.train_tokenizer)
     return tokenizer, TRAINED_TOKENIZER_NAME.format(vocab_size=config.train_tokenizer)
 

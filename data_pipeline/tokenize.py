@@ -7,9 +7,9 @@ are >= 50 % [UNK] are dropped. `pack` fills a sequence with consecutive segments
 
 Encoding: special-token strings that occur in the corpus (a literal "[SEP]" in some text) are encoded as
 text, never as the special ids, so a corpus cannot inject structure. For BERT-style WordPiece tokenizers
-the work goes through per-process caches: ASCII text is split like the pre-tokenizer with one regex and
-each distinct word is tokenised once by the library's WordPiece model; other text is cut at whitespace and
-each distinct chunk is encoded once by the library's full pipeline. Both give the ids of the library's
+the work goes through per-process caches keyed by whitespace-delimited chunk: a printable-ASCII chunk is
+split like the pre-tokenizer with one regex and its words tokenised by the library's WordPiece model; any
+other chunk is encoded by the library's full pipeline. Each distinct chunk is tokenised once. Both give the ids of the library's
 pipeline on the whole text (tested against it) at several times its speed. Other tokenizers use the
 library's batched `encode_batch_fast`.
 """
@@ -168,31 +168,34 @@ class Encoder:
         self.tokenizer = Tokenizer.from_str(tokenizer_json_str)
         self.tokenizer.encode_special_tokens = True  # literal "[SEP]" in text is text
         self.spec = _word_cache_spec(json.loads(tokenizer_json_str))
-        self.cache: dict[str, list[int]] = {}  # ASCII word -> ids
-        self.chunk_cache: dict[str, list[int]] = {}  # other whitespace-free chunk -> ids
+        self.ascii_cache: dict[str, list[int]] = {}  # printable-ASCII chunk (lowercased if uncased) -> ids
+        self.other_cache: dict[str, list[int]] = {}  # any other chunk -> ids
 
-    def _word_ids(self, word: str) -> list[int]:
-        ids = self.cache.get(word)
-        if ids is None:
-            if len(self.cache) >= _WORD_CACHE_LIMIT:
-                self.cache.clear()
-            ids = self.cache[word] = [t.id for t in self.tokenizer.model.tokenize(word)]
+    def _ascii_chunk_ids(self, chunk: str) -> list[int]:
+        """A printable-ASCII chunk: split like the pre-tokenizer, each word through the WordPiece model."""
+        assert self.spec is not None
+        if len(self.ascii_cache) >= _WORD_CACHE_LIMIT:
+            self.ascii_cache.clear()
+        model = self.tokenizer.model
+        ids = [t.id for word in self.spec.word.findall(chunk) for t in model.tokenize(word)]
+        self.ascii_cache[chunk] = ids
         return ids
 
-    def _encode_cached(self, text: str) -> list[int]:
+    def _encode_ascii(self, text: str) -> list[int]:
+        """Printable ASCII (plus tab/newline/CR): str.split() cuts exactly where the pipeline does."""
         assert self.spec is not None
         if self.spec.lowercase:
             text = text.lower()
         ids: list[int] = []
-        cache = self.cache
-        for word in self.spec.word.findall(text):
-            piece = cache.get(word)
-            ids += piece if piece is not None else self._word_ids(word)
+        cache = self.ascii_cache
+        for chunk in text.split():
+            piece = cache.get(chunk)
+            ids += piece if piece is not None else self._ascii_chunk_ids(chunk)
         return ids
 
-    def _encode_chunks(self, text: str) -> list[int]:
-        """Non-ASCII text: chunks holding non-ASCII characters are encoded on their own by the library
-        (cached per chunk), the ASCII text between them by the word cache.
+    def _encode_mixed(self, text: str) -> list[int]:
+        """Text with non-ASCII or control characters: chunks holding them are encoded on their own by the
+        library (cached per chunk), the ASCII text between them as above.
 
         A chunk runs from whitespace to whitespace. The BERT normalizer and pre-tokenizer act per character
         and split at whitespace, so encoding the pieces one by one gives the ids of the whole text.
@@ -201,17 +204,17 @@ class Encoder:
         done = 0
         for match in _NON_ASCII_CHUNK.finditer(text):
             if match.start() > done:
-                ids += self._encode_cached(text[done : match.start()])
+                ids += self._encode_ascii(text[done : match.start()])
             chunk = match.group()
-            piece = self.chunk_cache.get(chunk)
+            piece = self.other_cache.get(chunk)
             if piece is None:
-                if len(self.chunk_cache) >= _WORD_CACHE_LIMIT:
-                    self.chunk_cache.clear()
-                piece = self.chunk_cache[chunk] = self.tokenizer.encode(chunk, add_special_tokens=False).ids
+                if len(self.other_cache) >= _WORD_CACHE_LIMIT:
+                    self.other_cache.clear()
+                piece = self.other_cache[chunk] = self.tokenizer.encode(chunk, add_special_tokens=False).ids
             ids += piece
             done = match.end()
         if done < len(text):
-            ids += self._encode_cached(text[done:])
+            ids += self._encode_ascii(text[done:])
         return ids
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
@@ -221,9 +224,9 @@ class Encoder:
             if self.spec is None:
                 rest.append(i)
             elif text.isascii() and not _ASCII_CONTROL.search(text):
-                out[i] = self._encode_cached(text)
-            else:  # some non-ASCII or control characters
-                out[i] = self._encode_chunks(text)
+                out[i] = self._encode_ascii(text)
+            else:
+                out[i] = self._encode_mixed(text)
         if rest:
             encodings = self.tokenizer.encode_batch_fast([texts[i] for i in rest], add_special_tokens=False)
             for i, encoding in zip(rest, encodings, strict=True):
