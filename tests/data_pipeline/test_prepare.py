@@ -347,3 +347,15 @@ def test_shards_are_the_bytes_webdataset_shardwriter_writes(tmp_path):
         assert produced == (tmp_path / "ref-000000.tar").read_bytes(), info.path
         members = sum(512 + -(-len(p) // 512) * 512 for _, p, _ in part)
         assert members <= target or info.samples == 1
+
+
+def test_the_streaming_loader_reads_every_prepared_token(tmp_path, tokenizer_dir, documents):
+    stream_module = pytest.importorskip("data_pipeline.stream", reason="the Stage 2 loader is not in this tree")
+    _write_text(tmp_path / "c.txt", documents)
+    _prepare_ok([str(tmp_path / "c.txt")], tmp_path / "out", tokenizer_dir, "--holdout-fraction", "0.2")
+    manifest = manifest_of(tmp_path / "out")
+    for split, infos in (("train", manifest.shards), ("holdout", manifest.holdout_shards)):
+        stream = stream_module.PretrainStream(str(tmp_path / "out"), split=split, batch_size=4)
+        stream.set_epoch(0)
+        tokens = sum(int(batch["attention_mask"].sum()) for batch in stream)
+        assert tokens == sum(s.tokens for s in infos), split
