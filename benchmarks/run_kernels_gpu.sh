@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Device session for the fused-loss kernels (about 5 minutes on one H200, inside the 15-minute budget):
 #   1. the compiled Triton kernels against the torch implementation at V=30522 (pytest -k cuda),
-#   2. benchmarks/bench_kernels.py: eager / torch.compile / ours / Liger at N = 4K, 16K, 64K, bf16.
+#   2. benchmarks/bench_kernels.py: eager / torch.compile / ours / Liger at N = 4K, 16K, 64K, bf16,
+#   3. ours at N = 16K with chunk sizes 1024 and 4096 against the automatic choice (tables appended to one file).
 # Figures land in $OUT (the device tool's return folder) or /tmp/distil_kernels_gpu/.
 #   bash benchmarks/run_kernels_gpu.sh
 #   bash benchmarks/run_kernels_gpu.sh --cpu-smoke   # the same steps on CPU with tiny shapes (no GPU needed)
@@ -14,8 +15,12 @@ cd "$(dirname "$0")/.."
 out="${OUT:-/tmp/distil_kernels_gpu}"
 py="${PYTHON:-python3}"
 bench_args=(--device cuda)
+sweep_args=(--device cuda --rows 16384 --methods ours)
+sweep_chunks=(1024 4096)
 if [ "${1:-}" = "--cpu-smoke" ]; then
   bench_args=(--device cpu --tiny --methods eager,ours,liger --repeats 2)
+  sweep_args=(--device cpu --tiny --rows 128 --methods ours --repeats 2)
+  sweep_chunks=(32 64)
 fi
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 TRITON_INTERPRET=0
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
@@ -37,6 +42,14 @@ tests_rc=${PIPESTATUS[0]}
 timeout 300 "$py" benchmarks/bench_kernels.py "${bench_args[@]}" \
   --out "$out/bench_kernels_gpu.json" --markdown "$out/bench_kernels_gpu.md" 2>&1 | tee "$out/bench_kernels_gpu.log"
 bench_rc=${PIPESTATUS[0]}
+
+: >"$out/bench_kernels_gpu_chunks.txt"
+for chunk in "${sweep_chunks[@]}"; do
+  echo "chunk size $chunk" >>"$out/bench_kernels_gpu_chunks.txt"
+  timeout 120 "$py" benchmarks/bench_kernels.py "${sweep_args[@]}" --chunk-size "$chunk" \
+    >>"$out/bench_kernels_gpu_chunks.txt" 2>&1 || bench_rc=1
+done
+cat "$out/bench_kernels_gpu_chunks.txt"
 
 echo "cuda tests exit $tests_rc, benchmark exit $bench_rc"
 [ "$tests_rc" -eq 0 ] && [ "$bench_rc" -eq 0 ]
