@@ -10,7 +10,6 @@ without replacement, in one `topk` on whatever device the batch lives on. Of the
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -88,37 +87,63 @@ class Masker:
         generator: torch.Generator | None = None,
     ) -> tuple[torch.LongTensor, torch.LongTensor]:
         """Returns (masked input_ids, labels), labels -100 wherever there is nothing to predict."""
-        device = input_ids.device
-        flat_ids = input_ids.reshape(-1)
-        real = attention_mask.reshape(-1) != 0
-        log_w = self._log_weights_on(device)[flat_ids]  # ids must be < vocab_size (the loader checks)
-        log_w.masked_fill_(~real, float("-inf"))
-        n_select = math.ceil(self.cfg.mlm_probability * int(real.sum()))
+        masked, labels = self.mask_rows(input_ids.reshape(1, -1), attention_mask.reshape(1, -1), generator)
+        return masked.view_as(input_ids), labels.view_as(input_ids)
 
-        labels = torch.full_like(flat_ids, IGNORE_INDEX)
-        masked = flat_ids.clone()
-        if n_select == 0:
-            return masked.view_as(input_ids), labels.view_as(input_ids)
+    def mask_batches(
+        self,
+        batches: list[tuple[torch.Tensor, torch.Tensor]],
+        generator: torch.Generator | None = None,
+    ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Masks several (input_ids, attention_mask) batches with one set of tensor ops instead of one per
+        batch; each batch gets its own ceil(rate x its real tokens) positions, as if masked alone."""
+        sizes = [ids.numel() for ids, _ in batches]
+        ids = batches[0][0].new_zeros((len(batches), max(sizes)))
+        attention = torch.zeros_like(ids)
+        for row, (b_ids, b_attention) in enumerate(batches):
+            ids[row, : sizes[row]] = b_ids.reshape(-1)
+            attention[row, : sizes[row]] = b_attention.reshape(-1)
+        masked, labels = self.mask_rows(ids, attention, generator)
+        return [
+            (masked[row, :n].view_as(b_ids), labels[row, :n].view_as(b_ids))
+            for row, (n, (b_ids, _)) in enumerate(zip(sizes, batches, strict=True))
+        ]
+
+    def mask_rows(
+        self, ids: torch.Tensor, attention: torch.Tensor, generator: torch.Generator | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Masks each row of [R, N] ids as one batch: ceil(rate x real tokens of the row) positions."""
+        device = ids.device
+        real = attention != 0
+        log_w = self._log_weights_on(device)[ids]  # ids must be < vocab_size (the loader checks)
+        log_w.masked_fill_(~real, float("-inf"))
+        # float64, as math.ceil(rate * n) in the recipe
+        wanted = torch.ceil(real.sum(dim=1, dtype=torch.float64) * self.cfg.mlm_probability).long()
+        labels = torch.full_like(ids, IGNORE_INDEX)
+        masked = ids.clone()
+        most = min(int(wanted.max()), ids.shape[1])
+        if most == 0:
+            return masked, labels
         # Gumbel-top-k: keys log w - log(-log U); ineligible positions stay at -inf. U is kept off 0 so
         # an eligible key is always finite.
-        noise = torch.rand(flat_ids.shape, generator=generator, device=device).clamp_min_(1e-30)
+        noise = torch.rand(ids.shape, generator=generator, device=device).clamp_min_(1e-30)
         keys = log_w.sub_(noise.log_().neg_().log_())
-        top = torch.topk(keys, min(n_select, keys.numel()), sorted=False)
-        chosen = top.indices
-        if not bool(torch.isfinite(top.values).all()):  # fewer eligible tokens than the rate asks for
-            chosen = chosen[torch.isfinite(top.values)]
-        original = flat_ids[chosen]
-        labels[chosen] = original
+        top = torch.topk(keys, most, dim=1, sorted=True)
+        # row r keeps its first wanted[r] keys; a -inf key means the row ran out of eligible tokens
+        keep = (torch.arange(most, device=device)[None, :] < wanted[:, None]) & torch.isfinite(top.values)
+        rows = torch.arange(ids.shape[0], device=device)[:, None].expand(-1, most)[keep]
+        cols = top.indices[keep]
+        original = ids[rows, cols]
+        labels[rows, cols] = original
 
-        action = torch.rand(chosen.shape, generator=generator, device=device)
-        random_ids = torch.randint(0, self.vocab_size, chosen.shape, generator=generator, device=device)
-        replacement = torch.where(action < self.cfg.mask_fraction, self.mask_token_id, original)
-        cut = self.cfg.mask_fraction + self.cfg.random_fraction
+        action = torch.rand(original.shape, generator=generator, device=device)
+        random_ids = torch.randint(0, self.vocab_size, original.shape, generator=generator, device=device)
         replacement = torch.where(
-            (action >= self.cfg.mask_fraction) & (action < cut), random_ids, replacement
+            action < self.cfg.mask_fraction + self.cfg.random_fraction, random_ids, original
         )
-        masked[chosen] = replacement
-        return masked.view_as(input_ids), labels.view_as(input_ids)
+        replacement.masked_fill_(action < self.cfg.mask_fraction, self.mask_token_id)
+        masked[rows, cols] = replacement
+        return masked, labels
 
 
 def unmasked_labels(input_ids: torch.LongTensor, attention_mask: torch.LongTensor) -> torch.LongTensor:

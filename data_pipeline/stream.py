@@ -20,8 +20,10 @@ How an epoch is laid out (everything below is a pure function of the manifest's 
    seeded by (seed, epoch, rank, chunk): the shuffle buffer. Chunks are emitted round-robin over the
    partitions: chunk 0 of every partition, then chunk 1, ...; the main process puts the workers' output
    back in this order, so the batch sequence does not depend on num_workers.
-5. Masking: each batch is masked with a generator seeded by (seed, epoch, rank, chunk, batch index), so a
-   sequence gets a fresh mask every epoch and a resumed run draws exactly the masks it would have drawn.
+5. Masking: the batches of a chunk are masked together (Masker.mask_batches: one set of tensor ops, each
+   batch still gets its own ceil(rate x its tokens) positions) with a generator seeded by (seed, epoch,
+   rank, chunk), so a sequence gets a fresh mask every epoch and a resumed run, which rebuilds the chunk,
+   draws exactly the masks it would have drawn.
 
 The position in the stream is (epoch, chunk index, batches already taken from that chunk): state_dict()
 is that, and a resumed stream re-reads the current chunk and skips the batches already taken.
@@ -497,10 +499,10 @@ class _ChunkProducer(IterableDataset):
             seqs.append(ids)
         chunk_key = [*self.key, chunk.pass_, chunk.partition, chunk.number]
         groups = self._group(seqs, np.random.default_rng([*chunk_key, _GROUPING]))
-        for j in range(skip, len(groups)):
-            batch = self._make_batch([seqs[i] for i in groups[j]], [*chunk_key, j, _MASKING])
-            yield _Item(chunk.index, j, batch, stats if j == 0 else None)
-        yield _Item(chunk.index, len(groups), None, stats if not groups and skip == 0 else None)
+        batches = self._make_batches(seqs, groups, mix_seed([*chunk_key, _MASKING]))
+        for j in range(skip, len(batches)):
+            yield _Item(chunk.index, j, batches[j], stats if j == 0 else None)
+        yield _Item(chunk.index, len(batches), None, stats if not batches and skip == 0 else None)
 
     def _group(self, seqs: list[np.ndarray], rng: np.random.Generator) -> list[np.ndarray]:
         if not seqs:
@@ -515,18 +517,27 @@ class _ChunkProducer(IterableDataset):
             lengths, b.batch_size, rng, max_len=self.max_len, group_by_size=b.group_by_size
         )
 
-    def _make_batch(self, seqs: list[np.ndarray], mask_key: list[int]) -> dict[str, torch.Tensor]:
-        ids_np, attention_np = pad_sequences(seqs, self.pad_id, self.batching.pad_multiple)
-        input_ids, attention_mask = torch.from_numpy(ids_np), torch.from_numpy(attention_np)
+    def _make_batches(
+        self, seqs: list[np.ndarray], groups: list[np.ndarray], mask_seed: int
+    ) -> list[dict[str, torch.Tensor]]:
+        """Pads every batch of a chunk and masks them all at once, from one generator seeded per chunk
+        (a resumed chunk is rebuilt whole, so its masks come out the same)."""
+        padded = []
+        for group in groups:
+            ids, attention = pad_sequences([seqs[i] for i in group], self.pad_id, self.batching.pad_multiple)
+            padded.append((torch.from_numpy(ids), torch.from_numpy(attention)))
         if self.masker is None:
-            return {
-                "input_ids": input_ids,
-                "attention_mask": attention_mask,
-                "labels": unmasked_labels(input_ids, attention_mask),
-            }
-        generator = torch.Generator().manual_seed(mix_seed(mask_key))
-        masked, labels = self.masker(input_ids, attention_mask, generator)
-        return {"input_ids": masked, "attention_mask": attention_mask, "labels": labels}
+            return [
+                {"input_ids": ids, "attention_mask": att, "labels": unmasked_labels(ids, att)}
+                for ids, att in padded
+            ]
+        if not padded:
+            return []
+        masked = self.masker.mask_batches(padded, torch.Generator().manual_seed(mask_seed))
+        return [
+            {"input_ids": m_ids, "attention_mask": att, "labels": labels}
+            for (_, att), (m_ids, labels) in zip(padded, masked, strict=True)
+        ]
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -48,6 +48,22 @@ def test_exact_count_and_never_special_or_pad():
         assert torch.equal(masked[~chosen], ids[~chosen])  # nothing outside the selection changes
 
 
+def test_mask_batches_masks_each_batch_as_if_alone():
+    rng = np.random.default_rng(6)
+    masker = make_masker()
+    batches = [
+        random_batch(rng, batch=int(rng.integers(1, 9)), width=8 * int(rng.integers(1, 9))) for _ in range(40)
+    ]
+    out = masker.mask_batches(batches, torch.Generator().manual_seed(2))
+    for (ids, attention), (masked, labels) in zip(batches, out, strict=True):
+        assert masked.shape == ids.shape == labels.shape
+        chosen = labels != IGNORE_INDEX
+        assert int(chosen.sum()) == math.ceil(0.15 * int(attention.sum()))
+        special = torch.isin(ids, torch.tensor(SPECIAL)) | (attention == 0)
+        assert not (chosen & special).any()
+        assert torch.equal(labels[chosen], ids[chosen]) and torch.equal(masked[~chosen], ids[~chosen])
+
+
 def test_count_capped_by_eligible_tokens():
     masker = make_masker(MaskingConfig(mlm_probability=1.0))
     ids = torch.tensor([[CLS, 7, 8, SEP]])
@@ -83,7 +99,8 @@ def inclusion_rates(select, ids: torch.Tensor, trials: int) -> torch.Tensor:
     return hits / trials
 
 
-def test_smoothing_matches_multinomial_without_replacement():
+@pytest.mark.parametrize("entry", ["call", "mask_batches"])
+def test_smoothing_matches_multinomial_without_replacement(entry):
     # Half the positions hold a rare token (count 1), half a frequent one (count 1000): the recipe draws
     # torch.multinomial(count ** -0.7, k, replacement=False); our Gumbel-top-k must match its rates.
     counts = np.full(VOCAB, 1000)
@@ -94,8 +111,13 @@ def test_smoothing_matches_multinomial_without_replacement():
     k = math.ceil(0.15 * seq.numel())
     gen = torch.Generator().manual_seed(3)
 
+    other = (torch.tensor([[CLS, 10, 10, 20, SEP, PAD]]), torch.tensor([[1, 1, 1, 1, 1, 0]]))
+
     def ours():
-        _, labels = masker(seq[None], attention[None], gen)
+        if entry == "call":
+            _, labels = masker(seq[None], attention[None], gen)
+        else:  # masked alongside another, shorter batch
+            (_, labels), _ = masker.mask_batches([(seq[None], attention[None]), other], gen)
         return (labels[0] != IGNORE_INDEX).nonzero().flatten()
 
     weights = torch.tensor(np.maximum(counts, 1) ** -0.7, dtype=torch.float64)[seq]
