@@ -131,22 +131,36 @@ def kl_ce_forward(
 class _KLCEFunction(torch.autograd.Function):
     @staticmethod
     def forward(
-        ctx, student_logits, teacher_logits, labels, kl_mask, temperature, alpha_kl, alpha_ce, backend
+        ctx,
+        student_logits,
+        teacher_logits,
+        labels,
+        kl_mask,
+        temperature,
+        alpha_kl,
+        alpha_ce,
+        backend,
+        inplace,
     ):
         loss, kl, ce, grad = kl_ce_forward(
             student_logits, teacher_logits, labels, kl_mask, temperature, alpha_kl, alpha_ce, backend, True
         )
         ctx.grad = grad
+        ctx.inplace = inplace
         ctx.mark_non_differentiable(kl, ce)
         return loss, kl, ce
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_loss, _grad_kl, _grad_ce):
-        # The loss is the last layer: backward only scales the gradient made in the forward. Out of
-        # place, so the graph can be run again (retain_graph, gradcheck); the stored buffer goes with
-        # the graph.
-        return ctx.grad * grad_loss, None, None, None, None, None, None, None
+        # The loss is the last layer: backward only scales the gradient made in the forward.
+        nones = (None,) * 8
+        if not ctx.inplace:
+            return ctx.grad * grad_loss, *nones
+        grad, ctx.grad = ctx.grad, None
+        if grad is None:
+            raise RuntimeError("distillation_kl_ce(inplace_backward=True): backward can run only once")
+        return grad.mul_(grad_loss), *nones
 
 
 def distillation_kl_ce(
@@ -159,6 +173,7 @@ def distillation_kl_ce(
     alpha_ce: float,
     *,
     backend: str | None = None,
+    inplace_backward: bool = False,
 ) -> DistillLoss:
     """alpha_kl * KL(softmax(t/T) || softmax(s/T)) * T^2 + alpha_ce * CE, fused over the vocabulary.
 
@@ -167,8 +182,9 @@ def distillation_kl_ce(
     KL is batchmean over the kl_mask rows (as KLDivLoss(reduction="batchmean") on those rows), CE the
     mean over labelled rows; either is 0 when it covers no rows. Only `loss` carries a gradient, for
     student_logits (the teacher is a constant). The gradient is computed in the forward and kept with
-    the graph (one [N, V] buffer in the student's dtype); backward scales it by the incoming gradient.
-    backend: "auto" | "triton" | "torch" (see kernels._dispatch).
+    the graph (one [N, V] buffer in the student's dtype); backward scales it by the incoming gradient,
+    into a new tensor, or with inplace_backward=True into that buffer (one [N, V] less at backward, but
+    the graph can then be run backward only once). backend: "auto" | "triton" | "torch" (see kernels._dispatch).
     """
     if student_logits.dim() != 2:
         raise ValueError(f"student_logits must be [N, V], got {list(student_logits.shape)}")
@@ -179,8 +195,9 @@ def distillation_kl_ce(
         check_label_range(labels, vocab)
     if torch.is_grad_enabled() and student_logits.requires_grad:
         loss, kl, ce = _KLCEFunction.apply(
-            student_logits, teacher_logits, labels, kl_mask, temperature, alpha_kl, alpha_ce, chosen
-        )
+            student_logits, teacher_logits, labels, kl_mask, temperature, alpha_kl, alpha_ce, chosen,
+            inplace_backward,
+        )  # fmt: skip
     else:
         loss, kl, ce, _ = kl_ce_forward(
             student_logits, teacher_logits, labels, kl_mask, temperature, alpha_kl, alpha_ce, chosen, False

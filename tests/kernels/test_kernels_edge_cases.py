@@ -103,23 +103,40 @@ def test_mlm_only_mode_without_teacher(seed, backend):
         distillation_kl_ce(s, None, labels, kl_mask, 2.0, 1.0, 1.0, backend=backend)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_backward_scales_by_incoming_gradient_and_graph_can_rerun(seed, backend):
-    s = torch.randn(4, 23)
-    t = torch.randn(4, 23)
+def _small_case() -> tuple[torch.Tensor, tuple]:
+    """Student logits and the remaining distillation_kl_ce arguments for a 4 x 23 case."""
     labels = torch.tensor([1, -100, 22, 5])
     kl_mask = torch.tensor([True, True, False, True])
+    return torch.randn(4, 23), (torch.randn(4, 23), labels, kl_mask, 2.0, 5.0, 2.0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_backward_scales_by_incoming_gradient_and_graph_can_rerun(seed, backend):
+    s, args = _small_case()
     x1 = s.clone().requires_grad_()
-    distillation_kl_ce(x1, t, labels, kl_mask, 2.0, 5.0, 2.0, backend=backend).loss.backward()
+    distillation_kl_ce(x1, *args, backend=backend).loss.backward()
     x3 = s.clone().requires_grad_()
-    loss = distillation_kl_ce(x3, t, labels, kl_mask, 2.0, 5.0, 2.0, backend=backend).loss * 3.0
+    loss = distillation_kl_ce(x3, *args, backend=backend).loss * 3.0
     loss.backward(retain_graph=True)
     assert_close(x3.grad, 3.0 * x1.grad, FP32_TOL, "grad of 3 * loss", seed)
     loss.backward()
     assert_close(x3.grad, 6.0 * x1.grad, FP32_TOL, "grad after a second backward", seed)
     with torch.no_grad():
-        plain = distillation_kl_ce(s, t, labels, kl_mask, 2.0, 5.0, 2.0, backend=backend)
+        plain = distillation_kl_ce(s, *args, backend=backend)
     assert_close(plain.loss * 3.0, loss.detach(), FP32_TOL, "loss under no_grad", seed)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_inplace_backward_scales_the_stored_gradient_once(seed, backend):
+    s, args = _small_case()
+    x_ref = s.clone().requires_grad_()
+    (distillation_kl_ce(x_ref, *args, backend=backend).loss * 0.5).backward()
+    x = s.clone().requires_grad_()
+    loss = distillation_kl_ce(x, *args, backend=backend, inplace_backward=True).loss * 0.5
+    loss.backward(retain_graph=True)
+    assert_close(x.grad, x_ref.grad, FP32_TOL, "in-place backward", seed)
+    with pytest.raises(RuntimeError, match="only once"):
+        loss.backward()
 
 
 def test_backend_choice_and_errors(monkeypatch):
