@@ -32,8 +32,7 @@ def _command_line(params: dict) -> list[str]:
 @click.option("--train-tokenizer", type=int, metavar="VOCAB_SIZE",
               help="Train an uncased WordPiece of this size on the corpus (saved beside the shards).")
 @click.option("--max-seq-len", default=512, show_default=True, type=int, help="Longest sequence, with [CLS]/[SEP].")
-@click.option("--workers", default=stage.default_workers, show_default="CPUs available", type=int,
-              help="Tokeniser processes.")
+@click.option("--workers", type=int, help="Tokeniser processes.  [default: one per CPU, fewer for a small corpus]")
 @click.option("--pack", is_flag=True, help="Fill each sequence with consecutive lines of the same document.")
 @click.option("--holdout-fraction", default=0.0, show_default=True, type=float,
               help="Share of documents written to a held-out shard set (holdout-*.tar).")

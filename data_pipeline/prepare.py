@@ -35,7 +35,7 @@ class PrepareConfig:
     tokenizer: str | None = None
     train_tokenizer: int | None = None  # vocab size of a WordPiece trained on the corpus
     max_seq_len: int = 512
-    workers: int = 1
+    workers: int | None = 1  # None: one per CPU, fewer for a small corpus
     pack: bool = False
     holdout_fraction: float = 0.0
     shard_size_mb: float = 256.0
@@ -58,7 +58,7 @@ class PrepareConfig:
             raise UserError(f"--holdout-fraction {self.holdout_fraction}: must be in [0, 1)")
         if self.shard_size_mb <= 0:
             raise UserError(f"--shard-size-mb {self.shard_size_mb}: must be positive")
-        if self.workers < 1:
+        if self.workers is not None and self.workers < 1:
             raise UserError(f"--workers {self.workers}: must be at least 1")
         if self.doc_separator not in corpus.DOC_SEPARATORS:
             raise UserError(f"--doc-separator {self.doc_separator}: use one of {', '.join(corpus.DOC_SEPARATORS)}")
@@ -221,7 +221,8 @@ def _write_shards(
     counts = np.zeros(settings.vocab_size, dtype=np.int64)
     totals: dict[str, int] = {}
     with _progress(config.progress) as bar:
-        for result in _results(_batches(documents, config.batch_bytes), settings, config.workers):
+        workers = config.workers or auto_workers(sources, config.batch_bytes)
+        for result in _results(_batches(documents, config.batch_bytes), settings, workers):
             train_writer.write(result.train)
             holdout_writer.write(result.holdout)
             counts += result.token_counts
@@ -290,8 +291,12 @@ def prepare(config: PrepareConfig) -> Manifest:
     return manifest
 
 
-def default_workers() -> int:
+def auto_workers(sources: list[corpus.Source], batch_bytes: int) -> int:
+    """One worker per available CPU, but no more than the corpus has batches for (about 4 each): starting
+    a worker process costs about a second, which a small corpus does not repay."""
     try:
-        return max(1, len(os.sched_getaffinity(0)))
+        cpus = len(os.sched_getaffinity(0))
     except AttributeError:
-        return max(1, os.cpu_count() or 1)
+        cpus = os.cpu_count() or 1
+    batches = sum(s.bytes for s in sources) // batch_bytes
+    return max(1, min(cpus, batches // 4))

@@ -119,3 +119,14 @@ def test_sample_corpus_is_small_english_and_deterministic(tmp_path: Path):
     assert len(lines) == count > 100
     assert all(len(line.split()) >= 8 for line in lines)
     assert sum(" the " in line for line in lines) > len(lines) // 2
+
+
+def test_automatic_worker_count_spares_small_corpora(monkeypatch):
+    from data_pipeline.corpus import Source
+    from data_pipeline.prepare import auto_workers
+
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: {0, 1, 2, 3}, raising=False)
+    small = [Source("a.txt", Path("a.txt"), "text", None, 3 << 20)]
+    large = [Source("b.txt", Path("b.txt"), "text", None, 1 << 30)]
+    assert auto_workers(small, 1 << 20) == 1
+    assert auto_workers(large, 1 << 20) == 4
