@@ -601,6 +601,8 @@ class PretrainStream:
             raise UserError(f"batch_size {batch_size} must be >= 1")
         if not 0 <= rank < world_size:
             raise UserError(f"rank {rank} is outside world_size {world_size}")
+        if seed < 0:
+            raise UserError(f"seed {seed} must be >= 0")
         if num_workers < 0 or shuffle_buffer < 1 or pad_multiple < 1:
             raise UserError("num_workers must be >= 0, shuffle_buffer and pad_multiple >= 1")
         self.shard_set = open_shard_set(shards)
@@ -669,6 +671,8 @@ class PretrainStream:
 
     def set_epoch(self, epoch: int) -> None:
         """Moves to the start of `epoch`; the epoch already current keeps its position (safe after a resume)."""
+        if epoch < 0:
+            raise ValueError(f"epoch {epoch} must be >= 0")
         if epoch != self._position.epoch:
             self._position = _Position(epoch=epoch)
 

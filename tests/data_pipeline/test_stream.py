@@ -106,6 +106,21 @@ def test_token_budget_equal_counts_and_within_budget(three_shards):
     assert counts[0] == counts[1]
 
 
+@pytest.mark.parametrize(
+    ("kw", "message"),
+    [
+        ({"batch_size": None}, "exactly one"),
+        ({"max_tokens": 512}, "exactly one"),
+        ({"rank": 2, "world_size": 2}, "rank"),
+        ({"seed": -1}, "seed"),
+        ({"split": "validation"}, "split"),
+    ],
+)
+def test_bad_settings_are_user_errors(three_shards, kw, message):
+    with pytest.raises(UserError, match=message):
+        plain_stream(three_shards, **kw)
+
+
 def test_max_tokens_below_one_sequence_is_a_user_error(three_shards):
     with pytest.raises(UserError, match="max_tokens"):
         plain_stream(three_shards, batch_size=None, max_tokens=32)
