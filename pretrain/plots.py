@@ -34,8 +34,12 @@ def read_metrics_jsonl(path: str | Path) -> dict[str, Series]:
     return series
 
 
+NOT_LOSSES = {"loss_scale"}  # fp16's dynamic loss scale is logged beside the losses, but is not one
+
+
 def is_loss(name: str) -> bool:
-    return name.split("/")[-1].startswith("loss") or name.startswith("loss")
+    """`loss` and its components (`loss_kl`, `loss/ce`, ...), not `loss_scale`."""
+    return name.startswith("loss") and name not in NOT_LOSSES
 
 
 def _pyplot():

@@ -17,6 +17,7 @@ from typing import Any
 import click
 
 from data_pipeline.errors import UserError
+from pretrain.plots import is_loss
 
 DEFAULT_LOCAL_STORE = Path("runs") / "mlflow.db"  # where `distil train` keeps it with the default output_dir
 
@@ -109,7 +110,7 @@ def summarize(client: Any, run: Any) -> RunSummary:
 def table_columns(summaries: list[RunSummary]) -> tuple[list[str], list[str]]:
     """The loss components and evaluation metrics any of the runs has, in a stable order."""
     names = {k for s in summaries for k in s.final}
-    losses = sorted(k for k in names if k.startswith("loss") and k != "loss")
+    losses = sorted(k for k in names if is_loss(k) and k != "loss")
     evals = sorted(k for k in names if k.startswith("eval"))
     return losses, evals
 
@@ -119,7 +120,12 @@ def _fmt(value: float | None, spec: str = ".4g") -> str:
 
 
 def _fmt_params(n: int | None) -> str:
-    return "-" if n is None else f"{n / 1e6:.2f}M" if n >= 1e5 else f"{n:,}"
+    if n is None:
+        return "-"
+    for scale, suffix in ((1e9, "B"), (1e6, "M"), (1e3, "K")):
+        if n >= scale:
+            return f"{n / scale:.3g}{suffix}"
+    return str(n)
 
 
 def _fmt_duration(seconds: float | None) -> str:

@@ -24,6 +24,7 @@ def _log_run(client, experiment_id: str, name: str, mode: str, params: int, loss
     metrics = []
     for step, loss in enumerate(losses, start=1):
         metrics += [Metric("loss", loss, now + step, step), Metric("loss_mlm", loss / 2, now + step, step),
+                    Metric("loss_scale", 65536.0, now + step, step),
                     Metric("tokens_per_s", tokens_per_s, now + step, step),
                     Metric("system/node_0/cpu_utilization_percentage", 50.0, now + step, step)]
     if eval_ppl is not None:
@@ -61,11 +62,12 @@ def test_review_compares_teacher_and_students_and_writes_a_plot(store, tmp_path)
     assert result.exit_code == 0, result.output
     lines = result.output.splitlines()
     rows = {name: next(line for line in lines if name in line) for name in ("teacher-mlm", "student-a", "student-b")}
-    assert "teacher" in rows["teacher-mlm"] and "4.40M" in rows["teacher-mlm"] and "12.5" in rows["teacher-mlm"]
-    assert "student" in rows["student-a"] and "2.10M" in rows["student-a"] and "3.25" in rows["student-a"]
+    assert "teacher" in rows["teacher-mlm"] and "4.4M" in rows["teacher-mlm"] and "12.5" in rows["teacher-mlm"]
+    assert "student" in rows["student-a"] and "2.1M" in rows["student-a"] and "3.25" in rows["student-a"]
     assert "1,800" in rows["student-a"] and "6.5" in rows["student-b"]
     assert "loss_mlm" in result.output and "eval/perplexity" in result.output
     assert "cpu_utilization" not in result.output  # system metrics are not training figures
+    assert "loss_scale" not in result.output  # not a loss
     assert lines.index(rows["teacher-mlm"]) < lines.index(rows["student-a"]) < lines.index(rows["student-b"])
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
