@@ -20,10 +20,10 @@ How an epoch is laid out (everything below is a pure function of the manifest's 
    seeded by (seed, epoch, rank, chunk): the shuffle buffer. Chunks are emitted round-robin over the
    partitions: chunk 0 of every partition, then chunk 1, ...; the main process puts the workers' output
    back in this order, so the batch sequence does not depend on num_workers.
-5. Masking: the batches of a chunk are masked together (Masker.mask_batches: one set of tensor ops, each
-   batch still gets its own ceil(rate x its tokens) positions) with a generator seeded by (seed, epoch,
-   rank, chunk), so a sequence gets a fresh mask every epoch and a resumed run, which rebuilds the chunk,
-   draws exactly the masks it would have drawn.
+5. Masking: a chunk's batches are masked MASK_GROUP at a time (Masker.mask_batches: one set of tensor
+   ops, each batch still gets its own ceil(rate x its tokens) positions) with a generator seeded by
+   (seed, epoch, rank, chunk, group), so a sequence gets a fresh mask every epoch and a resumed run,
+   which rebuilds the chunk, draws exactly the masks it would have drawn.
 
 The position in the stream is (epoch, chunk index, batches already taken from that chunk): state_dict()
 is that, and a resumed stream re-reads the current chunk and skips the batches already taken.
@@ -81,6 +81,7 @@ from data_pipeline.masking import Masker, MaskingConfig, unmasked_labels
 log = logging.getLogger(__name__)
 
 STATE_VERSION = 1
+MASK_GROUP = 64  # batches masked together (Masker.mask_batches)
 PIPE_PLACEHOLDER = "{path}"
 _GROUPING, _MASKING, _SHARD_ORDER = 1, 2, 3
 
@@ -499,10 +500,15 @@ class _ChunkProducer(IterableDataset):
             seqs.append(ids)
         chunk_key = [*self.key, chunk.pass_, chunk.partition, chunk.number]
         groups = self._group(seqs, np.random.default_rng([*chunk_key, _GROUPING]))
-        batches = self._make_batches(seqs, groups, mix_seed([*chunk_key, _MASKING]))
-        for j in range(skip, len(batches)):
-            yield _Item(chunk.index, j, batches[j], stats if j == 0 else None)
-        yield _Item(chunk.index, len(batches), None, stats if not batches and skip == 0 else None)
+        # Batches are built and masked MASK_GROUP at a time, each group from its own seed: memory stays
+        # bounded for large shuffle buffers, and a resumed chunk skips whole groups without masking them.
+        for first in range(skip - skip % MASK_GROUP, len(groups), MASK_GROUP):
+            seed = mix_seed([*chunk_key, first, _MASKING])
+            batches = self._make_batches(seqs, groups[first : first + MASK_GROUP], seed)
+            for j, batch in enumerate(batches, start=first):
+                if j >= skip:
+                    yield _Item(chunk.index, j, batch, stats if j == 0 else None)
+        yield _Item(chunk.index, len(groups), None, stats if not groups and skip == 0 else None)
 
     def _group(self, seqs: list[np.ndarray], rng: np.random.Generator) -> list[np.ndarray]:
         if not seqs:
@@ -520,8 +526,7 @@ class _ChunkProducer(IterableDataset):
     def _make_batches(
         self, seqs: list[np.ndarray], groups: list[np.ndarray], mask_seed: int
     ) -> list[dict[str, torch.Tensor]]:
-        """Pads every batch of a chunk and masks them all at once, from one generator seeded per chunk
-        (a resumed chunk is rebuilt whole, so its masks come out the same)."""
+        """Pads batches and masks them all at once from one seeded generator."""
         padded = []
         for group in groups:
             ids, attention = pad_sequences([seqs[i] for i in group], self.pad_id, self.batching.pad_multiple)

@@ -13,6 +13,7 @@ import pytest
 import torch
 from shardset import make_shard_set, npy_bytes, serial_of, write_shard
 
+from data_pipeline import stream as stream_module
 from data_pipeline.errors import UserError
 from data_pipeline.manifest import MANIFEST_NAME
 from data_pipeline.masking import IGNORE_INDEX, MaskingConfig
@@ -186,6 +187,23 @@ def test_resume_at_a_random_point_yields_the_same_batches(three_shards, world_si
         tail = list(resumed)
         assert same_batches(head + tail, full)
         assert resumed.stats()["batches"] == len(full)
+
+
+def test_resume_inside_a_chunk_past_whole_mask_groups(three_shards, monkeypatch):
+    monkeypatch.setattr(stream_module, "MASK_GROUP", 3)  # chunks of 16 batches: 6 mask groups
+    make = functools.partial(
+        plain_stream, three_shards, batch_size=4, shuffle_buffer=64, masking=MaskingConfig()
+    )
+    full = list(make())
+    positions = set()
+    for stop in (1, 3, 7, 20, 35):
+        first = make()
+        head = [b for _, b in zip(range(stop), first, strict=False)]  # range first: no extra pull
+        resumed = make()
+        resumed.load_state_dict(first.state_dict())
+        positions.add(resumed.state_dict()["batch_in_chunk"])
+        assert same_batches(head + list(resumed), full)
+    assert max(positions) > 3  # resumed past at least one whole mask group
 
 
 def test_resume_from_the_end_of_an_epoch_goes_on_with_the_next(three_shards):
