@@ -51,6 +51,7 @@ import logging
 import math
 import re
 import shlex
+import shutil
 import subprocess
 import urllib.error
 import urllib.request
@@ -108,6 +109,8 @@ class ShardSet:
         answering costs a skipped shard instead of a hung rank."""
         url = self.url(relative_path)
         if url.startswith(("http://", "https://")):
+            if shutil.which("curl") is None:
+                raise UserError(f"shards at {self.location} are streamed with curl: install curl")
             return (
                 "pipe:curl -f -s -L --connect-timeout 30 --retry 5 --retry-delay 2 "
                 f"--speed-limit 1024 --speed-time 60 {shlex.quote(url)}"

@@ -5,6 +5,7 @@ import functools
 import http.server
 import io
 import json
+import shutil
 import threading
 from pathlib import Path
 
@@ -250,12 +251,17 @@ def http_server(folder: Path):
         server.server_close()
 
 
+needs_curl = pytest.mark.skipif(shutil.which("curl") is None, reason="http(s) shards are streamed with curl")
+
+
+@needs_curl
 def test_http_served_shards_match_local(three_shards):
     with http_server(three_shards) as url:
         remote = list(plain_stream(url, masking=MaskingConfig(), seed=4))
     assert same_batches(remote, list(plain_stream(three_shards, masking=MaskingConfig(), seed=4)))
 
 
+@needs_curl
 def test_http_shard_gone_mid_run_is_skipped_and_counted(tmp_path):
     shards = make_shard_set(tmp_path, [40, 40], vocab_size=VOCAB)
     with http_server(shards) as url:
