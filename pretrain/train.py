@@ -44,13 +44,17 @@ def train(config_path: str, resume: str | None, local_rank: int | None, override
         from pretrain.trainer import NonFiniteLossError, run_training
 
         try:
-            out = run_training(cfg, resume)
+            result = run_training(cfg, resume)
         except NonFiniteLossError as e:
             if _is_rank0():
                 click.echo(f"error: {e}", err=True)
             sys.exit(1)
-        if out is not None:
-            click.echo(f"exported to {out}")
+        if result.export_dir is not None:
+            click.echo(f"exported to {result.export_dir}")
+        if result.status == "KILLED" and _is_rank0():
+            click.echo("stopped early with a checkpoint written; continue with --resume auto", err=True)
+        if result.signal is not None:
+            sys.exit(128 + result.signal)  # the conventional status of a process ended by that signal
     except UserError as e:
         if _is_rank0():
             click.echo(f"error: {e}", err=True)

@@ -556,7 +556,16 @@ class Trainer:
             dist.barrier()
 
 
-def run_training(cfg: TrainConfig, resume: str | None = None) -> Path | None:
+@dataclass
+class RunResult:
+    status: str  # FINISHED | KILLED (stopped by a signal or run.stop_after_steps; checkpoint written)
+    export_dir: Path | None
+    signal: int | None  # the signal that stopped the run, if any
+
+
+def run_training(cfg: TrainConfig, resume: str | None = None) -> RunResult:
     trainer = Trainer(cfg, resume)
     trainer.setup()
-    return trainer.train()
+    export_dir = trainer.train()
+    status = "FINISHED" if trainer.counters.step >= trainer.total_steps else "KILLED"
+    return RunResult(status, export_dir, trainer.stop_signal)

@@ -11,9 +11,11 @@ from __future__ import annotations
 import json
 import os
 import random
+import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -35,7 +37,7 @@ def env() -> dict[str, str]:
     return e
 
 
-def run(cmd: list[str], timeout: int = 420) -> subprocess.CompletedProcess:
+def run(cmd: list[str], timeout: int = 300) -> subprocess.CompletedProcess:
     p = subprocess.run(cmd, cwd=REPO, env=env(), capture_output=True, text=True, timeout=timeout)
     assert p.returncode == 0, f"{' '.join(cmd)} failed ({p.returncode}):\n{p.stdout[-3000:]}\n{p.stderr[-5000:]}"
     return p
@@ -64,21 +66,40 @@ def shards(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def teacher_run(shards, tmp_path_factory) -> Path:
-    """MLM mode, single process (`python -m pretrain.train`): a tiny BERT teacher trained from scratch."""
+    """MLM mode: a tiny BERT teacher trained from scratch. Started as a single process (`python -m
+    pretrain.train`), stopped by SIGTERM once it has logged, then resumed under torchrun (launch/torchrun.sh)."""
     out = tmp_path_factory.mktemp("teacher")
-    run([sys.executable, "-m", "pretrain.train", "--config", "configs/tiny_mlm_cpu.yaml", f"data.shards={shards}",
-         f"run.output_dir={out}", "run.max_steps=40", "run.log_every=5", "checkpoint.every=20"])
+    args = ["--config", "configs/tiny_mlm_cpu.yaml", f"data.shards={shards}", f"run.output_dir={out}",
+            "run.max_steps=40", "run.log_every=5", "checkpoint.every=100"]
+    proc = subprocess.Popen([sys.executable, "-m", "pretrain.train", *args], cwd=REPO, env=env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    metrics = out / "metrics.jsonl"
+    deadline = time.monotonic() + 300
+    while not (metrics.is_file() and metrics.read_text().strip()) and proc.poll() is None:
+        assert time.monotonic() < deadline, "no metrics line within 300 s"
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    log, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 128 + signal.SIGTERM, log[-3000:]
+    stopped_at = (out / "checkpoints" / "latest").read_text().strip()
+    assert 5 <= int(stopped_at.split("_")[1]) < 40 and not (out / "export").exists()
+    e = env()
+    e.update(NPROC_PER_NODE="1")
+    p = subprocess.run(["bash", "launch/torchrun.sh", *args[1:]], cwd=REPO, env=e, capture_output=True, text=True,
+                       timeout=420)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-5000:]
     return out
 
 
-def distill(shards: Path, teacher: Path, out: Path, *extra: str, resume: bool = False) -> None:
-    cmd = [str(BIN / "deepspeed"), "--num_gpus", "2", "--master_port", str(free_port()), "--module",
-           "pretrain.train", "--config", "configs/tiny_cpu.yaml", f"data.shards={shards}",
+def distill(shards: Path, teacher: Path, out: Path, *extra: str) -> None:
+    """2 processes through the deepspeed launcher (launch/local.sh: resumes when a checkpoint exists)."""
+    e = env()
+    e.update(NUM_GPUS="2", MASTER_PORT=str(free_port()))
+    cmd = ["bash", "launch/local.sh", "configs/tiny_cpu.yaml", f"data.shards={shards}",
            f"teacher.path={teacher / 'export'}", f"run.output_dir={out}", "run.max_steps=16", "run.log_every=2",
            "checkpoint.every=4", "checkpoint.keep=2", *extra]
-    if resume:
-        cmd += ["--resume", "auto"]
-    run(cmd)
+    p = subprocess.run(cmd, cwd=REPO, env=e, capture_output=True, text=True, timeout=420)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-5000:]
 
 
 @pytest.fixture(scope="module")
@@ -88,9 +109,11 @@ def student_run(shards, teacher_run, tmp_path_factory) -> Path:
     return out
 
 
-def test_mlm_mode_pretrains_a_teacher(teacher_run):
-    curve = losses(teacher_run)
-    assert len(curve) == 8
+def test_mlm_mode_pretrains_a_teacher_and_survives_sigterm(teacher_run):
+    lines = [json.loads(x) for x in (teacher_run / "metrics.jsonl").read_text().splitlines()]
+    steps = [x["step"] for x in lines]
+    assert steps == sorted(set(steps)) and steps[-1] == 40  # the resumed run continued the log
+    curve = [x["loss"] for x in lines]
     assert sum(curve[-2:]) / 2 < sum(curve[:2]) / 2 - 0.2, curve
     from transformers import BertForMaskedLM
 
@@ -134,7 +157,7 @@ def test_resume_gives_bitwise_equal_weights(shards, teacher_run, student_run, tm
     distill(shards, teacher_run, out, "run.stop_after_steps=6")  # "preempted" after 6 steps
     assert (out / "checkpoints" / "latest").read_text().strip() == "step_00000006"
     assert not (out / "export").exists()
-    distill(shards, teacher_run, out, resume=True)
+    distill(shards, teacher_run, out, "run.stop_after_steps=null")
     a = load_file(student_run / "export" / "model.safetensors")
     b = load_file(out / "export" / "model.safetensors")
     assert a.keys() == b.keys()

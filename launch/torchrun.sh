@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# torchrun instead of the DeepSpeed launcher. One node:
+#   launch/torchrun.sh configs/distilbert_base_uncased.yaml data.shards=/data/wiki_books
+# Several nodes (run this same command on every node):
+#   NNODES=4 RDZV_ENDPOINT=node1:29500 launch/torchrun.sh CONFIG.yaml ...
+set -euo pipefail
+cd "$(dirname "$0")/.."
+config="${1:?usage: launch/torchrun.sh CONFIG.yaml [key=value ...]}"; shift
+nproc="${NPROC_PER_NODE:-$(python -c "import torch; print(max(torch.cuda.device_count(), 1))")}"
+if [[ "${NNODES:-1}" == 1 ]]; then
+  exec torchrun --standalone --nproc_per_node "$nproc" -m pretrain.train --config "$config" --resume auto "$@"
+fi
+exec torchrun --nnodes "$NNODES" --nproc_per_node "$nproc" --rdzv_backend c10d \
+  --rdzv_endpoint "${RDZV_ENDPOINT:?set RDZV_ENDPOINT=host:port of one node}" --rdzv_id "${RDZV_ID:-distil}" \
+  -m pretrain.train --config "$config" --resume auto "$@"
