@@ -118,19 +118,17 @@ def process_batch(task: tuple[int, int, list[list[str]]]) -> BatchResult:
     assert _settings is not None and _encoder is not None, "worker not initialised"
     s = _settings
     batch_number, first_document, documents = task
-    texts = [segment for document in documents for segment in document]
-    encoded = _encoder.encode_batch(texts)
+    encoded = _encoder.encode_batch([segment for document in documents for segment in document])
     to_holdout = holdout_mask(s.seed, first_document, len(documents), s.holdout_fraction)
     stats = dict.fromkeys(("sequences", "dropped_short", "dropped_unk", "split_long"), 0)
-    train: list[tuple[str, bytes, int]] = []
-    holdout: list[tuple[str, bytes, int]] = []
+    splits: dict[bool, list[tuple[str, bytes, int]]] = {False: [], True: []}  # held out? -> samples
     train_ids: list[int] = []
     position = 0
     for index, document in enumerate(documents):
         segments = encoded[position : position + len(document)]
         position += len(document)
         stats["split_long"] += sum(1 for ids in segments if len(ids) + 2 > s.max_len)
-        out = holdout if to_holdout[index] else train
+        held_out = bool(to_holdout[index])
         for sequence in tk.document_sequences(segments, s.special.cls, s.special.sep, s.max_len, s.pack):
             reason = tk.drop_reason(sequence, s.special.unk)
             if reason is not None:
@@ -138,11 +136,11 @@ def process_batch(task: tuple[int, int, list[list[str]]]) -> BatchResult:
                 continue
             key = f"{batch_number:010d}-{stats['sequences']:07d}"
             stats["sequences"] += 1
-            out.append((key, shards.npy_bytes(np.asarray(sequence, dtype=s.dtype)), len(sequence)))
-            if out is train:
+            splits[held_out].append((key, shards.npy_bytes(np.asarray(sequence, dtype=s.dtype)), len(sequence)))
+            if not held_out:
                 train_ids += sequence
     counts = np.bincount(np.asarray(train_ids, dtype=np.int64), minlength=s.vocab_size)
-    return BatchResult(shards.Members.build(train), shards.Members.build(holdout), counts, stats)
+    return BatchResult(shards.Members.build(splits[False]), shards.Members.build(splits[True]), counts, stats)
 
 
 # ---------------------------------------------------------------- main side
