@@ -33,7 +33,9 @@ def _command_line(params: dict) -> list[str]:
               help="Train an uncased WordPiece of this size on the corpus (saved beside the shards).")
 @click.option("--max-seq-len", default=512, show_default=True, type=int, help="Longest sequence, with [CLS]/[SEP].")
 @click.option("--workers", type=int, help="Tokeniser processes.  [default: one per CPU, fewer for a small corpus]")
-@click.option("--pack", is_flag=True, help="Fill each sequence with consecutive lines of the same document.")
+@click.option("--pack", is_flag=True,
+              help="Fill each sequence with consecutive lines of one document (blank-line-separated text, or the "
+                   "lines of a JSONL/Parquet text) up to --max-seq-len.")
 @click.option("--holdout-fraction", default=0.0, show_default=True, type=float,
               help="Share of documents written to a held-out shard set (holdout-*.tar).")
 @click.option("--shard-size-mb", default=256.0, show_default=True, type=float, help="Target size of one shard.")

@@ -97,16 +97,18 @@ def _expand(pattern: str) -> list[tuple[str, Path]]:
     return [(pattern, path)]
 
 
-def resolve_sources(inputs: Sequence[str]) -> list[Source]:
-    """Expands the inputs into files in a fixed order; a file named twice is read once."""
+def resolve_sources(inputs: Sequence[str], exclude: Path | None = None) -> list[Source]:
+    """Expands the inputs into files in a fixed order; a file named twice is read once, files under
+    `exclude` (the output folder, when it lies inside an input folder) not at all."""
     if not inputs:
         raise UserError("no input given: pass --input PATH (files, folders or globs)")
     sources: list[Source] = []
     seen: set[Path] = set()
+    excluded = exclude.resolve() if exclude is not None else None
     for pattern in inputs:
         for name, path in _expand(str(pattern)):
             real = path.resolve()
-            if real in seen:
+            if real in seen or (excluded is not None and real.is_relative_to(excluded)):
                 continue
             seen.add(real)
             fmt, compression = _classify(path)

@@ -235,7 +235,9 @@ def prepare(config: PrepareConfig) -> Manifest:
     """Runs the whole stage; returns the manifest of the published shard set."""
     config.validate()
     output = Path(config.output)
-    sources = corpus.resolve_sources(config.inputs)
+    sources = corpus.resolve_sources(config.inputs, exclude=output)
+    if not sources:
+        raise UserError("the inputs hold no files besides the output folder; pass files with text in them")
     shards.check_output(output, config.overwrite)
     first = next(corpus.iter_documents(sources, separator=config.doc_separator, text_field=config.text_field), None)
     if first is None:

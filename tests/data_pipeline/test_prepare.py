@@ -359,3 +359,13 @@ def test_the_streaming_loader_reads_every_prepared_token(tmp_path, tokenizer_dir
         stream.set_epoch(0)
         tokens = sum(int(batch["attention_mask"].sum()) for batch in stream)
         assert tokens == sum(s.tokens for s in infos), split
+
+
+def test_output_inside_an_input_folder_is_not_read_back(tmp_path, tokenizer_dir, documents):
+    data = tmp_path / "data"
+    data.mkdir()
+    _write_text(data / "a.txt", documents)
+    for _ in range(2):  # the second run must not read the first run's shards as input
+        _prepare_ok([str(data)], data / "shards", tokenizer_dir, "--overwrite")
+    assert [s["path"] for s in manifest_of(data / "shards").sources] == [f"{data}/a.txt"]
+    assert _ids(data / "shards") == expected_sequences(tokenizer_dir, _lines(documents), MAX_LEN)
