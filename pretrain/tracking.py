@@ -80,6 +80,26 @@ class TrackingConfig:
     finish_timeout_s: float = 300.0  # finish() waits at most this long for the outbox to drain ...
     finish_offline_wait_s: float = 30.0  # ... but only this long while the server does not answer
 
+    def validate(self) -> None:
+        """Value checks for the trainer's config validation; each failure names the key to change."""
+        from data_pipeline.errors import UserError
+
+        if not self.experiment.strip():
+            raise UserError("tracking.experiment must not be empty")
+        if self.registered_model_name is not None and not self.registered_model_name.strip():
+            raise UserError("tracking.registered_model_name must be a name or null (no registration)")
+        if self.tracking_uri is not None and "://" not in self.tracking_uri and not self.tracking_uri.startswith(
+                ("file:", "databricks")):
+            raise UserError(f"tracking.tracking_uri={self.tracking_uri!r}: give a URI such as "
+                            "http://127.0.0.1:5000 or sqlite:////abs/path/mlflow.db (or null for the default)")
+        for name in ("system_metrics_interval_s", "retry_interval_s", "request_timeout_s", "start_timeout_s",
+                     "finish_timeout_s", "finish_offline_wait_s"):
+            if getattr(self, name) <= 0:
+                raise UserError(f"tracking.{name}={getattr(self, name)} must be > 0")
+        for name in ("system_metrics_samples_per_log", "max_buffered_metrics"):
+            if getattr(self, name) < 1:
+                raise UserError(f"tracking.{name}={getattr(self, name)} must be >= 1")
+
 
 class NullTracker:
     """Tracking disabled (or a non-zero rank): every call is a no-op."""

@@ -275,3 +275,16 @@ def test_server_script_rejects_bad_options_in_one_line(args, message):
     assert result.returncode == 2
     assert result.stderr.startswith("error: ") and message in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("changes, key", [({"experiment": " "}, "tracking.experiment"),
+                                          ({"tracking_uri": "localhost:5000"}, "tracking.tracking_uri"),
+                                          ({"retry_interval_s": 0}, "tracking.retry_interval_s"),
+                                          ({"max_buffered_metrics": 0}, "tracking.max_buffered_metrics")])
+def test_config_errors_name_the_key(changes, key):
+    from data_pipeline.errors import UserError
+
+    TrackingConfig().validate()
+    TrackingConfig(tracking_uri="http://127.0.0.1:5000", registered_model_name=None).validate()
+    with pytest.raises(UserError, match=key):
+        TrackingConfig(**changes).validate()
