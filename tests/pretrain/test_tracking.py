@@ -288,3 +288,50 @@ def test_config_errors_name_the_key(changes, key):
     TrackingConfig(tracking_uri="http://127.0.0.1:5000", registered_model_name=None).validate()
     with pytest.raises(UserError, match=key):
         TrackingConfig(**changes).validate()
+
+
+def _two_node_worker(rank: int, uri: str, port: int, run_dir: str, result_file: str) -> None:
+    """One process of a 2-process gloo job that pretends to span 2 nodes (each process is local rank 0)."""
+    import torch
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    cfg = TrackingConfig(tracking_uri=uri, experiment="two-nodes", system_metrics_interval_s=0.3)
+    tracker = create_tracker(cfg, rank=rank, local_rank=0, world_size=2, run_dir=run_dir, num_nodes=2)
+    for step in range(8):  # "training": collectives while both samplers run
+        total = torch.ones(1)
+        dist.all_reduce(total)
+        tracker.log_metrics({"loss": float(total)}, step)
+        time.sleep(0.3)
+    dist.barrier()
+    if rank == 1:
+        tracker.finish()
+    dist.barrier()  # node 1's sampler stopped after posting; rank 0 reads the store at its last tick
+    if rank == 0:
+        tracker.finish("FINISHED")
+        Path(result_file).write_text(tracker.run_id or "")
+    dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_two_process_job_node_metrics_travel_through_the_jobs_tcpstore(server, tmp_path):
+    import multiprocessing
+
+    from mlflow_test_server import free_port
+
+    context = multiprocessing.get_context("spawn")
+    port = free_port()
+    result = tmp_path / "run_id"
+    workers = [context.Process(target=_two_node_worker, args=(rank, server.uri, port, str(tmp_path), str(result)))
+               for rank in range(2)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join(240)
+    assert [w.exitcode for w in workers] == [0, 0]
+    run = mlflow.MlflowClient(server.uri).get_run(result.read_text())
+    assert "system/node_0/cpu_utilization_percentage" in run.data.metrics
+    assert "system/node_1/cpu_utilization_percentage" in run.data.metrics
+    assert "distil.node.node_1.hostname" in run.data.tags
+    assert sorted(m.step for m in mlflow.MlflowClient(server.uri).get_metric_history(run.info.run_id, "loss")) == \
+        list(range(8))
