@@ -132,7 +132,8 @@ def build_ds_config(cfg: TrainConfig, total_steps: int, world_size: int) -> dict
     sp.setdefault("warmup_type", "linear")
     sp.setdefault("warmup_min_lr", 0.0)
     _fill(sp, "warmup_max_lr", cfg.optim.lr, "scheduler.params")
-    _fill(sp, "warmup_num_steps", warmup_steps(cfg, total_steps), "scheduler.params")
+    # DeepSpeed requires at least one warm-up step (its lr is 0 at step 0 either way).
+    _fill(sp, "warmup_num_steps", max(1, warmup_steps(cfg, total_steps)), "scheduler.params")
     _fill(sp, "total_num_steps", total_steps, "scheduler.params")
     precision = cfg.engine.precision
     ds.setdefault("fp16", {})
@@ -441,7 +442,8 @@ class Trainer:
                 if c.step % cfg.run.log_every == 0 or c.step == self.total_steps:
                     self._log(window, sink)
                     window = Window()
-                if cfg.checkpoint.every and c.step % cfg.checkpoint.every == 0 and c.step < self.total_steps:
+                periodic = cfg.checkpoint.every and c.step % cfg.checkpoint.every == 0
+                if periodic and c.step < self.total_steps and c.nonfinite_in_row == 0:  # never mid-NaN-streak
                     self.save_checkpoint()
                 if stop or steps_here == cfg.run.stop_after_steps:
                     raise StopRequested()

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import signal
 import socket
 import subprocess
@@ -165,3 +166,31 @@ def test_resume_gives_bitwise_equal_weights(shards, teacher_run, student_run, tm
         assert torch.equal(a[k], b[k]), k
     # the resumed run's log continues where the first stopped
     assert [json.loads(x)["step"] for x in (out / "metrics.jsonl").read_text().splitlines()] == list(range(2, 17, 2))
+
+
+def test_nonfinite_losses_stop_the_run_and_keep_the_last_good_checkpoint(shards, tmp_path):
+    """lr=1e30 blows the weights up after one update; the following losses are NaN, their updates are
+    skipped, and after run.max_nonfinite_steps of them the run stops with one error line."""
+    out = tmp_path / "nan"
+    p = subprocess.run([sys.executable, "-m", "pretrain.train", "--config", "configs/tiny_mlm_cpu.yaml",
+                        f"data.shards={shards}", f"run.output_dir={out}", "run.max_steps=20", "optim.lr=1e30",
+                        "checkpoint.every=1", "run.max_nonfinite_steps=3"],
+                       cwd=REPO, env=env(), capture_output=True, text=True, timeout=300)
+    assert p.returncode == 1, p.stderr[-3000:]
+    errors = [line for line in p.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "NaN/inf for 3 optimizer step(s) in a row" in errors[0], p.stderr[-3000:]
+    failed_at = int(re.search(r"at step (\d+)", errors[0]).group(1))
+    latest = (out / "checkpoints" / "latest").read_text().strip()
+    assert latest == f"step_{failed_at - 3:08d}", (latest, errors[0])  # the last step before the streak
+    assert max(x.name for x in (out / "checkpoints").glob("step_*")) == latest
+    assert not (out / "export").exists()
+
+
+def test_missing_teacher_is_one_error_before_training(shards, tmp_path):
+    p = subprocess.run([str(BIN / "distil"), "train", "--config", "configs/tiny_cpu.yaml", f"data.shards={shards}",
+                        f"teacher.path={tmp_path / 'no_teacher'}", f"run.output_dir={tmp_path / 'r'}"],
+                       cwd=REPO, env=env(), capture_output=True, text=True, timeout=300)
+    assert p.returncode == 2
+    errors = [line for line in p.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "teacher" in errors[0], p.stderr[-2000:]
+    assert not (tmp_path / "r" / "checkpoints").exists()
