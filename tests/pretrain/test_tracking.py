@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import time
 from pathlib import Path
 
@@ -93,6 +94,7 @@ def test_rank0_logs_params_metrics_system_metrics_artifacts_and_registered_model
         tracker.log_metrics(metrics, step=step)
         with open(run_dir / "metrics.jsonl", "a") as f:  # what the trainer writes beside
             f.write(json.dumps({"step": step, **metrics}) + "\n")
+    tracker.log_metrics({"grad_norm": float("nan"), "loss_scale": float("inf"), "loss/total": 1.0}, step=6)
     tracker.log_artifact(str(config_file), "config")
     assert tracker.flush(60)
     tracker.log_student(str(student_dir))
@@ -106,7 +108,8 @@ def test_rank0_logs_params_metrics_system_metrics_artifacts_and_registered_model
     assert run.data.params["hub_token"] == "***"
     history = client.get_metric_history(tracker.run_id, "loss/total")
     assert [(m.step, m.value) for m in sorted(history, key=lambda m: m.step)] == [
-        (s, 10.0 / s) for s in range(1, 6)]
+        (s, 10.0 / s) for s in range(1, 6)] + [(6, 1.0)]  # a batch holding NaN/inf values was not refused
+    assert math.isnan(run.data.metrics["grad_norm"]) and run.data.metrics["loss_scale"] > 1e300
     system = [k for k in run.data.metrics if k.startswith("system/node_0/")]
     assert "system/node_0/cpu_utilization_percentage" in system
     tags = run.data.tags
