@@ -115,3 +115,16 @@ def test_loss_curves_from_metrics_jsonl(tmp_path):
     assert png == tmp_path / "plots" / "loss_curves.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert write_loss_curves(tmp_path / "empty-run") is None
+
+
+def test_review_of_an_unreachable_server_is_one_error_line(tmp_path):
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    result = CliRunner().invoke(main, ["review", "--experiment", "x", "--tracking-uri", f"http://127.0.0.1:{port}",
+                                       "--output", str(tmp_path / "x.png")])
+    assert result.exit_code == 2, result.output
+    assert result.output.startswith("error: cannot read the tracking store")
+    assert len(result.output.strip().splitlines()) == 1
