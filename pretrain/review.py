@@ -27,6 +27,7 @@ class RunSummary:
     run_id: str
     name: str
     role: str
+    teacher: str  # a student's teacher.path (last two parts), "" for a teacher run
     status: str
     num_parameters: int | None
     final: dict[str, float]  # last value of every training metric, by name
@@ -99,7 +100,8 @@ def summarize(client: Any, run: Any) -> RunSummary:
     final = {k: v for k, v in data.metrics.items() if not k.startswith("system/")}
     steps = max((m.step for m in history), default=None)
     return RunSummary(
-        run_id=info.run_id, name=info.run_name or info.run_id[:8], role=role, status=info.status,
+        run_id=info.run_id, name=info.run_name or info.run_id[:8], role=role, teacher=_short_path(
+            data.params.get("teacher.path", "")) if role == "student" else "", status=info.status,
         num_parameters=int(num_parameters) if num_parameters and num_parameters.isdigit() else None,
         final=final,
         tokens_per_s=statistics.median(m.value for m in throughput) if throughput else None,
@@ -113,6 +115,11 @@ def table_columns(summaries: list[RunSummary]) -> tuple[list[str], list[str]]:
     losses = sorted(k for k in names if is_loss(k) and k != "loss")
     evals = sorted(k for k in names if k.startswith("eval"))
     return losses, evals
+
+
+def _short_path(path: str) -> str:
+    """The last two parts of a path or hub name ("runs/teacher/export" -> "teacher/export")."""
+    return "/".join(Path(path).parts[-2:]) if path else ""
 
 
 def _fmt(value: float | None, spec: str = ".4g") -> str:
@@ -142,14 +149,14 @@ def render_table(summaries: list[RunSummary], title: str) -> None:
 
     losses, evals = table_columns(summaries)
     table = Table(title=title, header_style="bold")
-    for column in ["run", "id", "role", "status", "params", "loss", *losses, *evals, "tokens/s", "steps",
+    for column in ["run", "id", "role", "teacher", "status", "params", "loss", *losses, *evals, "tokens/s", "steps",
                    "wall time"]:
-        table.add_column(column, justify="left" if column in ("run", "id", "role", "status") else "right",
+        table.add_column(column, justify="left" if column in ("run", "id", "role", "teacher", "status") else "right",
                          min_width=len(column), no_wrap=True)
     # teachers first, then students by final loss
     ordered = sorted(summaries, key=lambda s: (s.role != "teacher", s.final.get("loss", float("inf"))))
     for s in ordered:
-        table.add_row(s.name, s.run_id[:8], s.role, s.status, _fmt_params(s.num_parameters),
+        table.add_row(s.name, s.run_id[:8], s.role, s.teacher or "-", s.status, _fmt_params(s.num_parameters),
                       _fmt(s.final.get("loss")), *[_fmt(s.final.get(k)) for k in losses],
                       *[_fmt(s.final.get(k)) for k in evals], _fmt(s.tokens_per_s, ",.0f"),
                       _fmt(s.steps, "d") if s.steps is not None else "-", _fmt_duration(s.wall_time_s))

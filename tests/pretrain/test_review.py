@@ -29,7 +29,9 @@ def _log_run(client, experiment_id: str, name: str, mode: str, params: int, loss
                     Metric("system/node_0/cpu_utilization_percentage", 50.0, now + step, step)]
     if eval_ppl is not None:
         metrics.append(Metric("eval/perplexity", eval_ppl, now, len(losses)))
-    client.log_batch(run_id, metrics=metrics, params=[Param("mode", mode)],
+    params_logged = [Param("mode", mode)] + ([Param("teacher.path", "/data/runs/bert-teacher/export")]
+                                             if mode == "distill" else [])
+    client.log_batch(run_id, metrics=metrics, params=params_logged,
                      tags=[RunTag("distil.num_parameters", str(params))])
     client.set_terminated(run_id, "FINISHED")
     return run_id
@@ -65,6 +67,7 @@ def test_review_compares_teacher_and_students_and_writes_a_plot(store, tmp_path)
     assert "teacher" in rows["teacher-mlm"] and "4.4M" in rows["teacher-mlm"] and "12.5" in rows["teacher-mlm"]
     assert "student" in rows["student-a"] and "2.1M" in rows["student-a"] and "3.25" in rows["student-a"]
     assert "1,800" in rows["student-a"] and "6.5" in rows["student-b"]
+    assert "bert-teacher/export" in rows["student-a"] and "bert-teacher" not in rows["teacher-mlm"]
     assert "loss_mlm" in result.output and "eval/perplexity" in result.output
     assert "cpu_utilization" not in result.output  # system metrics are not training figures
     assert "loss_scale" not in result.output  # not a loss
