@@ -6,9 +6,10 @@ takes one line as one sequence). A WordPiece tokenizer (30522 entries asked) is 
 
 Baseline (binarized_data.py): one `tokenizer.encode("[CLS] line [SEP]")` per line with a fast BERT tokenizer
 from transformers, then `np.uint16`. Ours: `distil prepare` with 2 workers: read, tokenise, chunk, filter,
-write shards, token counts and manifest. Both run in this process, one after the other.
+write shards, token counts and manifest. All run in this process, one after the other, in interleaved
+rounds; the table gives medians, and the ratio to the original of each round.
 
-    python benchmarks/bench_prepare.py [--mb 20] [--workers 2]
+    python benchmarks/bench_prepare.py [--mb 20] [--workers 2] [--rounds 3]
 """
 
 from __future__ import annotations
@@ -146,6 +147,8 @@ def main() -> None:
     parser.add_argument("--mb", type=float, default=20.0, help="corpus size in MB")
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--vocab", type=int, default=30522)
+    parser.add_argument("--rounds", type=int, default=3, help="rounds of all approaches, interleaved")
+    parser.add_argument("--no-ablation", action="store_true", help="skip the library-batch-encode-only row")
     args = parser.parse_args()
     if hasattr(os, "sched_setaffinity") and len(os.sched_getaffinity(0)) > 2:
         os.sched_setaffinity(0, sorted(os.sched_getaffinity(0))[:2])  # "on 2 cores", children inherit it
@@ -153,33 +156,44 @@ def main() -> None:
     import tokenizers
     import transformers
 
-    load_before = f"{os.getloadavg()[0]:.2f}"
     with tempfile.TemporaryDirectory() as tmp:
         tmp_path = Path(tmp)
-        corpus = tmp_path / "corpus.txt"
+        corpus, tokenizer_dir, out = tmp_path / "corpus.txt", tmp_path / "tokenizer", tmp_path / "out"
         t0 = time.perf_counter()
         lines = generate_corpus(corpus, args.mb)
-        vocab = train_tokenizer(corpus, tmp_path / "tokenizer", args.vocab)
+        vocab = train_tokenizer(corpus, tokenizer_dir, args.vocab)
         print(f"corpus: {corpus.stat().st_size / 1e6:.1f} MB, {lines} lines; WordPiece vocab {vocab} "
-              f"(asked {args.vocab}); setup {time.perf_counter() - t0:.0f} s")
-        rows = [("original: encode one line at a time (1 process)", *baseline(corpus, tmp_path / "tokenizer"))]
-        rows.append(("distil prepare --workers 1, library batch encode only",
-                     *ours(corpus, tmp_path / "tokenizer", tmp_path / "out", 1, word_cache=False)))
-        rows.append(("distil prepare --workers 1", *ours(corpus, tmp_path / "tokenizer", tmp_path / "out", 1)))
-        rows.append((f"distil prepare --workers {args.workers}",
-                     *ours(corpus, tmp_path / "tokenizer", tmp_path / "out", args.workers)))
+              f"(asked {args.vocab}); setup {time.perf_counter() - t0:.0f} s", flush=True)
+        approaches = {"original: encode one line at a time (1 process)": lambda: baseline(corpus, tokenizer_dir)}
+        if not args.no_ablation:
+            approaches["distil prepare --workers 1, library batch encode only"] = lambda: ours(
+                corpus, tokenizer_dir, out, 1, word_cache=False)
+        approaches["distil prepare --workers 1"] = lambda: ours(corpus, tokenizer_dir, out, 1)
+        approaches[f"distil prepare --workers {args.workers}"] = lambda: ours(corpus, tokenizer_dir, out, args.workers)
+        # Rounds interleave the approaches, so that a change in the load of a shared machine hits all of them;
+        # each round's ratios are taken within the round.
+        results: dict[str, list[tuple[int, float, float, float]]] = {name: [] for name in approaches}
+        for round_ in range(args.rounds):
+            base_rate = None
+            for name, run in approaches.items():
+                load = os.getloadavg()[0]
+                tokens, seconds, cpu = run()
+                base_rate = base_rate or tokens / seconds
+                results[name].append((tokens, seconds, cpu, tokens / seconds / base_rate))
+                print(f"round {round_ + 1}: {name}: {seconds:.2f} s wall, {cpu:.1f} s CPU, load {load:.1f}", flush=True)
 
-    base_rate = rows[0][1] / rows[0][2]
     print(f"\nCPUs used: {len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count()}; "
-          f"load average before/after: {load_before} / {os.getloadavg()[0]:.2f}; python {platform.python_version()}, "
-          f"tokenizers {tokenizers.__version__}, transformers {transformers.__version__}")
+          f"python {platform.python_version()}, tokenizers {tokenizers.__version__}, "
+          f"transformers {transformers.__version__}; medians over {args.rounds} round(s)")
     print(f"| {'approach':<56} | {'tokens':>9} | {'wall s':>7} | {'CPU s':>6} | {'M tokens/s':>10} "
-          f"| {'vs original':>11} |")
-    print(f"|{'-' * 58}|{'-' * 10}:|{'-' * 8}:|{'-' * 7}:|{'-' * 11}:|{'-' * 12}:|")
-    for name, tokens, seconds, cpu in rows:
-        rate = tokens / seconds
-        print(f"| {name:<56} | {tokens:>9} | {seconds:>7.2f} | {cpu:>6.1f} | {rate / 1e6:>10.3f} "
-              f"| {rate / base_rate:>10.2f}x |")
+          f"| {'vs original':>11} | {'per round':>20} |")
+    print(f"|{'-' * 58}|{'-' * 10}:|{'-' * 8}:|{'-' * 7}:|{'-' * 11}:|{'-' * 12}:|{'-' * 22}|")
+    for name, runs in results.items():
+        tokens = runs[0][0]
+        seconds, cpu, ratio = (float(np.median([r[i] for r in runs])) for i in (1, 2, 3))
+        per_round = " ".join(f"{r[3]:.2f}x" for r in runs)
+        print(f"| {name:<56} | {tokens:>9} | {seconds:>7.2f} | {cpu:>6.1f} | {tokens / seconds / 1e6:>10.3f} "
+              f"| {ratio:>10.2f}x | {per_round:>20} |")
 
 
 if __name__ == "__main__":
