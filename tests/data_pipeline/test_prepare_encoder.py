@@ -130,3 +130,13 @@ def test_automatic_worker_count_spares_small_corpora(monkeypatch):
     large = [Source("b.txt", Path("b.txt"), "text", None, 1 << 30)]
     assert auto_workers(small, 1 << 20) == 1
     assert auto_workers(large, 1 << 20) == 4
+
+
+def test_trained_wordpiece_is_the_same_every_time():
+    """The tokenizers trainer alone gives a different vocabulary on most runs here (huggingface/tokenizers#1794)."""
+    rng = np.random.default_rng(0)
+    syllables = ["ka", "ren", "to", "mi", "sal", "vor", "ed", "li", "qua", "ster", "on", "bri", "dex", "um"]
+    texts = [line for doc in make_documents(100, seed=2) for line in doc]
+    texts += [" ".join("".join(rng.choice(syllables, size=rng.integers(1, 4))) for _ in range(20)) for _ in range(300)]
+    trained = {train_wordpiece(lambda: [texts], 400).backend_tokenizer.to_str() for _ in range(4)}
+    assert len(trained) == 1
