@@ -170,14 +170,23 @@ class Encoder:
         self.spec = _word_cache_spec(json.loads(tokenizer_json_str))
         self.ascii_cache: dict[str, list[int]] = {}  # printable-ASCII chunk (lowercased if uncased) -> ids
         self.other_cache: dict[str, list[int]] = {}  # any other chunk -> ids
+        self.word_cache: dict[str, list[int]] = {}  # word of a printable-ASCII chunk -> ids
 
     def _ascii_chunk_ids(self, chunk: str) -> list[int]:
-        """A printable-ASCII chunk: split like the pre-tokenizer, each word through the WordPiece model."""
+        """A printable-ASCII chunk: split like the pre-tokenizer, each word through the WordPiece model
+        (cached per word too: "word," and "word." share the work for "word")."""
         assert self.spec is not None
         if len(self.ascii_cache) >= _WORD_CACHE_LIMIT:
             self.ascii_cache.clear()
-        model = self.tokenizer.model
-        ids = [t.id for word in self.spec.word.findall(chunk) for t in model.tokenize(word)]
+        if len(self.word_cache) >= _WORD_CACHE_LIMIT:
+            self.word_cache.clear()
+        words, model = self.word_cache, self.tokenizer.model
+        ids: list[int] = []
+        for word in self.spec.word.findall(chunk):
+            piece = words.get(word)
+            if piece is None:
+                piece = words[word] = [t.id for t in model.tokenize(word)]
+            ids += piece
         self.ascii_cache[chunk] = ids
         return ids
 
