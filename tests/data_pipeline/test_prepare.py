@@ -369,3 +369,16 @@ def test_output_inside_an_input_folder_is_not_read_back(tmp_path, tokenizer_dir,
         _prepare_ok([str(data)], data / "shards", tokenizer_dir, "--overwrite")
     assert [s["path"] for s in manifest_of(data / "shards").sources] == [f"{data}/a.txt"]
     assert _ids(data / "shards") == expected_sequences(tokenizer_dir, _lines(documents), MAX_LEN)
+
+
+def test_short_and_mostly_unknown_lines_are_dropped_end_to_end(tmp_path, tokenizer_dir):
+    lines = [
+        "the quick brown fox jumps over the lazy dog under an amber moon",  # kept
+        "the quick brown fox",  # 4 + 2 tokens: dropped as short
+        "\u4e2d\u6587\u5b57 \u00fe\u00f0 \u4e2d\u6587\u5b57 \u4e2d\u6587\u5b57 \u4e2d\u6587\u5b57 the fox",  # >= 50 % [UNK]
+    ]
+    (tmp_path / "c.txt").write_text("\n".join(lines) + "\n")
+    _prepare_ok([str(tmp_path / "c.txt")], tmp_path / "out", tokenizer_dir)
+    stats = manifest_of(tmp_path / "out").stats
+    assert (stats["train_sequences"], stats["dropped_short"], stats["dropped_unk"]) == (1, 1, 1)
+    assert _ids(tmp_path / "out") == expected_sequences(tokenizer_dir, lines, MAX_LEN)
