@@ -90,7 +90,14 @@ def test_tracked_distillation_preempted_resumed_and_outage(shards, teacher, serv
             job.kill()
     assert job.returncode == 0, output[-5000:]
     assert output.count("is unreachable") == 1, output[-5000:]
+    try:
+        check_tracked_runs(client, run_id, out, server, tmp_path)
+    except Exception as error:  # the server's side of the story, for a failure that involves it
+        log = server.log_path.read_text()[-4000:] if server.log_path.exists() else ""
+        raise AssertionError(f"{error}\n--- mlflow server log (tail) ---\n{log}") from error
 
+
+def check_tracked_runs(client, run_id: str, out: Path, server: MlflowServer, tmp_path: Path) -> None:
     steps = [line["step"] for line in metric_lines(out)]
     assert steps == list(range(2, 17, 2))
     data = client.get_run(run_id)
@@ -108,6 +115,7 @@ def test_tracked_distillation_preempted_resumed_and_outage(shards, teacher, serv
     assert len(versions) == 1
 
     # the teacher's run, then both compared
+    experiment = client.get_experiment_by_name(EXPERIMENT)
     teacher_run = client.search_runs([experiment.experiment_id], "attributes.run_name = 'teacher'")[0]
     assert teacher_run.info.status == "FINISHED"
     assert client.search_model_versions(f"name='e2e-teacher' and run_id='{teacher_run.info.run_id}'")
