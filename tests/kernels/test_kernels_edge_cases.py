@@ -173,6 +173,15 @@ def test_bad_inputs_raise_clear_errors():
             torch.randn(3, 4), torch.randn(10, 4), None, s, labels, kl_mask, 2.0, 1.0, 1.0,
             teacher_hidden=torch.randn(3, 4), teacher_weight=torch.randn(10, 4),
         )  # fmt: skip
+    with pytest.raises(ValueError, match="alpha_kl"):
+        fused_linear_distillation_kl_ce(
+            torch.randn(3, 4), torch.randn(10, 4), None, None, labels, kl_mask, 2.0, 1.0, 1.0
+        )
+    with pytest.raises(ValueError, match="needs teacher_weight"):
+        fused_linear_distillation_kl_ce(
+            torch.randn(3, 4), torch.randn(10, 4), None, None, labels, kl_mask, 2.0, 1.0, 1.0,
+            teacher_hidden=torch.randn(3, 4),
+        )  # fmt: skip
     with pytest.raises(ValueError, match="both be"):
         cosine_embedding_loss(torch.randn(3, 4), torch.randn(3, 5))
 
