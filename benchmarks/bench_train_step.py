@@ -192,6 +192,19 @@ def main() -> None:
         print(f"| {name} | {med:.3f} | {tokens / med:.0f} | {base / med:.2f}x | {c:.2f} | {cpu_base / c:.2f}x "
               f"| {losses[name]:.3f} |")
     print(f"load average during the run: {os.getloadavg()[0]:.1f} (1 min)")
+    # The FLOPs each variant must do (pretrain.trainer.FlopModel): the vocabulary projection dominates.
+    from pretrain.trainer import FlopModel
+
+    fm = FlopModel((args.hidden, 4 * args.hidden, args.student_layers), args.vocab,
+                   (args.hidden, 4 * args.hidden, args.teacher_layers))
+    timed = batches[1:]
+    width = statistics.mean(b["input_ids"].shape[1] for b in timed)
+    cells = statistics.mean(b["input_ids"].numel() for b in timed)
+    masked = statistics.mean(int((b["labels"] != -100).sum()) for b in timed)
+    for name, rows in (("eager (every position)", cells), ("ours, KL on non-pad rows", tokens),
+                       ("ours, restrict_ce_to_mask", masked)):
+        print(f"model FLOPs per step, {name}: {fm.micro_step(int(cells), int(width), int(rows)) / 1e9:.0f} G "
+              f"({rows:.0f} projected rows)")
 
 
 if __name__ == "__main__":
