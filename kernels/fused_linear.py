@@ -109,10 +109,10 @@ def fused_linear_forward(
         grad_logits = logits  # overwritten in place by rows_fn
         if want_h:
             grad_h[rows] = grad_logits @ w
-        if want_w:
-            chunk_grad_w = grad_logits.t() @ h
-            grad_w += chunk_grad_w
-            del chunk_grad_w
+        if want_w and grad_w.dtype == grad_logits.dtype:
+            grad_w.addmm_(grad_logits.t(), h)
+        elif want_w:  # low-precision chunks, fp32 accumulator: one [V, H] temporary per chunk
+            grad_w += grad_logits.t() @ h
         if want_b:
             grad_b += grad_logits.sum(dim=0, dtype=acc_dtype)
         del logits, grad_logits
