@@ -88,5 +88,6 @@ def test_warmup_is_five_percent(tmp_path):
 
 @pytest.mark.parametrize("name", sorted(p.name for p in (REPO / "configs").glob("*.yaml")))
 def test_shipped_configs_load(name):
-    cfg = load_config(REPO / "configs" / name)
-    assert cfg.data.shards
+    """Every config in configs/ has valid keys and values (paths some leave to the caller are filled in)."""
+    cfg = load_config(REPO / "configs" / name, ["data.shards=some/shards", "teacher.path=some/teacher"])
+    assert cfg.mode in ("distill", "mlm")
