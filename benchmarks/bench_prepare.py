@@ -6,10 +6,11 @@ takes one line as one sequence). A WordPiece tokenizer (30522 entries asked) is 
 
 Baseline (binarized_data.py): one `tokenizer.encode("[CLS] line [SEP]")` per line with a fast BERT tokenizer
 from transformers, then `np.uint16`. Ours: `distil prepare` with 2 workers: read, tokenise, chunk, filter,
-write shards, token counts and manifest. All run in this process, one after the other, in interleaved
+write shards (globally shuffled, the default), token counts and manifest; `--no-shuffle-rows` adds the same
+runs in corpus order. All run in this process, one after the other, in interleaved
 rounds; the table gives medians, and the ratio to the original of each round.
 
-    python benchmarks/bench_prepare.py [--mb 20] [--workers 2] [--rounds 3]
+    python benchmarks/bench_prepare.py [--mb 20] [--workers 2] [--rounds 3] [--no-ablation] [--no-shuffle-rows]
 """
 
 from __future__ import annotations
@@ -121,7 +122,7 @@ def baseline(corpus: Path, tokenizer_dir: Path) -> tuple[int, float, float]:
 
 
 def ours(
-    corpus: Path, tokenizer_dir: Path, out: Path, workers: int, word_cache: bool = True
+    corpus: Path, tokenizer_dir: Path, out: Path, workers: int, word_cache: bool = True, shuffle: bool = True
 ) -> tuple[int, float, float]:
     from data_pipeline import prepare as stage
     from data_pipeline import tokenize as tk
@@ -132,7 +133,7 @@ def ours(
     try:
         config = stage.PrepareConfig(
             inputs=[str(corpus)], output=out, tokenizer=str(tokenizer_dir), workers=workers, progress=False,
-            overwrite=True,
+            overwrite=True, shuffle=shuffle,
         )
         start, cpu = time.perf_counter(), _cpu_seconds()
         manifest = stage.prepare(config)
@@ -149,6 +150,8 @@ def main() -> None:
     parser.add_argument("--vocab", type=int, default=30522)
     parser.add_argument("--rounds", type=int, default=3, help="rounds of all approaches, interleaved")
     parser.add_argument("--no-ablation", action="store_true", help="skip the library-batch-encode-only row")
+    parser.add_argument("--no-shuffle-rows", action="store_true",
+                        help="add rows of prepare --no-shuffle (corpus order), to see what the shuffle costs")
     args = parser.parse_args()
     if hasattr(os, "sched_setaffinity") and len(os.sched_getaffinity(0)) > 2:
         os.sched_setaffinity(0, sorted(os.sched_getaffinity(0))[:2])  # "on 2 cores", children inherit it
@@ -170,6 +173,11 @@ def main() -> None:
                 corpus, tokenizer_dir, out, 1, word_cache=False)
         approaches["distil prepare --workers 1"] = lambda: ours(corpus, tokenizer_dir, out, 1)
         approaches[f"distil prepare --workers {args.workers}"] = lambda: ours(corpus, tokenizer_dir, out, args.workers)
+        if args.no_shuffle_rows:  # what the global shuffle costs: the same runs in corpus order
+            approaches["distil prepare --workers 1 --no-shuffle"] = lambda: ours(
+                corpus, tokenizer_dir, out, 1, shuffle=False)
+            approaches[f"distil prepare --workers {args.workers} --no-shuffle"] = lambda: ours(
+                corpus, tokenizer_dir, out, args.workers, shuffle=False)
         # Rounds interleave the approaches, so that a change in the load of a shared machine hits all of them;
         # each round's ratios are taken within the round.
         results: dict[str, list[tuple[int, float, float, float]]] = {name: [] for name in approaches}

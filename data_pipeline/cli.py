@@ -43,13 +43,18 @@ def _command_line(params: dict) -> list[str]:
 @click.option("--doc-separator", type=click.Choice(DOC_SEPARATORS), default="line", show_default=True,
               help="Plain text: one document per line, or documents separated by blank lines.")
 @click.option("--overwrite", is_flag=True, help="Replace a shard set already in --output.")
-@click.option("--seed", default=0, show_default=True, type=int, help="Seed of the held-out document choice.")
+@click.option("--seed", default=0, show_default=True, type=int,
+              help="Seed of the held-out document choice and of the shuffle.")
+@click.option("--no-shuffle", is_flag=True,
+              help="Write sequences in corpus order. By default each split is shuffled as a whole (seeded by --seed, "
+                   "through temporary bucket files beside the output: about the output's size of extra disk), so "
+                   "neighbouring sequences of one document do not land in the same batches.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 def prepare(**params) -> None:
     """Raw text -> tokenised webdataset shards, manifest.json, token_counts.npy and the tokenizer.
 
-    The same inputs and flags give byte-identical output; the shard set appears in --output only once
-    complete.
+    Sequences are written in a random order seeded by --seed (--no-shuffle: corpus order). The same
+    inputs and flags give byte-identical output; the shard set appears in --output only once complete.
     """
     params["inputs"] = tuple(params["inputs"]) + tuple(params["input_args"])
     quiet = params.pop("quiet")
@@ -67,6 +72,7 @@ def prepare(**params) -> None:
         doc_separator=params["doc_separator"],
         overwrite=params["overwrite"],
         seed=params["seed"],
+        shuffle=not params["no_shuffle"],
         command=_command_line(params),
         progress=not quiet,
     )

@@ -53,6 +53,8 @@ class Manifest:
     tokenizer_sha256: str
     tokenizer_dir: str | None = None  # relative folder holding a saved tokenizer, if any
     packed: bool = False
+    shuffled: bool = False  # each split written in a random order (seeded by `seed`) rather than corpus order
+    seed: int | None = None  # prepare's --seed (held-out choice and shuffle); None in manifests older than it
     sources: list[dict[str, Any]] = field(default_factory=list)
     command: list[str] = field(default_factory=list)
     stats: dict[str, Any] = field(default_factory=dict)

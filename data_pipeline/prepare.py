@@ -2,8 +2,10 @@
 
 The main process reads documents in a fixed order and cuts them into batches of about `batch_bytes` of
 text; worker processes tokenise a batch at a time and return its samples as finished tar members; the main
-process appends them to the shards in batch order. So the output depends only on the inputs and the flags,
-never on `--workers` or on scheduling. Held-out documents are chosen by a hash of (seed, document index).
+process appends them to the shards in batch order, or (by default) to the buckets of a seeded external
+shuffle (data_pipeline/shuffle.py) that then writes each split to its shards in a random order. So the
+output depends only on the inputs and the flags, never on `--workers` or on scheduling. Held-out documents
+are chosen by a hash of (seed, document index).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from data_pipeline import corpus, shards
+from data_pipeline import shuffle as shuffling
 from data_pipeline import tokenize as tk
 from data_pipeline.errors import UserError
 from data_pipeline.manifest import TOKENIZER_DIR_NAME, Manifest, SpecialTokens
@@ -43,9 +46,11 @@ class PrepareConfig:
     doc_separator: corpus.DocSeparator = "line"
     overwrite: bool = False
     seed: int = 0
+    shuffle: bool = True  # write each split's sequences in a random order seeded by `seed`, not corpus order
     command: list[str] = field(default_factory=list)  # recorded in the manifest
     progress: bool = True
     batch_bytes: int = DEFAULT_BATCH_BYTES
+    shuffle_bucket_bytes: int = shuffling.BUCKET_BYTES
 
     def validate(self) -> None:
         if (self.tokenizer is None) == (self.train_tokenizer is None):
@@ -206,6 +211,45 @@ def _progress(enabled: bool):
     return tqdm(desc="prepare", unit="tok", unit_scale=True, disable=None if enabled else True, file=sys.stderr)
 
 
+# Shard bytes per input byte, a generous guess for choosing the shuffle's bucket count: a short line of text
+# becomes a 512-byte tar header plus a 512-byte block of .npy. Too high only makes buckets smaller; too low
+# makes the shuffle split its oversized buckets once more before loading them.
+_SHARD_BYTES_PER_TEXT_BYTE = 8
+_COMPRESSION_RATIO = 4  # .gz / .zst / Parquet
+
+
+def expected_shard_bytes(sources: list[corpus.Source]) -> int:
+    """A rough upper estimate of the shard bytes the corpus becomes (for the shuffle's bucket count)."""
+    total = 0
+    for source in sources:
+        compressed = source.compression is not None or source.format == "parquet"
+        total += source.bytes * (_COMPRESSION_RATIO if compressed else 1)
+    return total * _SHARD_BYTES_PER_TEXT_BYTE
+
+
+class _SplitOutput:
+    """One split's way to its shards: straight to the writer, or through a seeded external shuffle."""
+
+    def __init__(self, temp: Path, name: str, config: PrepareConfig, split: int, expected_bytes: int) -> None:
+        self.writer = shards.ShardSetWriter(temp, name, int(config.shard_size_mb * (1 << 20)))
+        self.shuffle = None
+        if config.shuffle:
+            self.shuffle = shuffling.ExternalShuffle(
+                temp / ".shuffle", name, config.seed, split, expected_bytes, config.shuffle_bucket_bytes
+            )
+
+    def write(self, members: shards.Members) -> None:
+        if self.shuffle is None:
+            self.writer.write(members)
+        else:
+            self.shuffle.add(members)
+
+    def close(self) -> list:
+        if self.shuffle is not None:
+            self.shuffle.drain(self.writer)
+        return self.writer.close()
+
+
 def _write_shards(
     sources: list[corpus.Source], settings: _WorkerSettings, config: PrepareConfig, temp: Path
 ) -> tuple[list, list, np.ndarray, dict[str, int]]:
@@ -213,22 +257,26 @@ def _write_shards(
     documents = corpus.iter_documents(
         sources, separator=config.doc_separator, text_field=config.text_field, stats=read_stats
     )
-    target = int(config.shard_size_mb * (1 << 20))
-    train_writer = shards.ShardSetWriter(temp, "train", target)
-    holdout_writer = shards.ShardSetWriter(temp, "holdout", target)
+    expected = expected_shard_bytes(sources)
+    train = _SplitOutput(temp, "train", config, 0, int(expected * (1 - config.holdout_fraction)))
+    holdout = _SplitOutput(temp, "holdout", config, 1, int(expected * config.holdout_fraction))
     counts = np.zeros(settings.vocab_size, dtype=np.int64)
     totals: dict[str, int] = {}
     with _progress(config.progress) as bar:
         workers = config.workers or auto_workers(sources, config.batch_bytes)
         for result in _results(_batches(documents, config.batch_bytes), settings, workers):
-            train_writer.write(result.train)
-            holdout_writer.write(result.holdout)
+            train.write(result.train)
+            holdout.write(result.holdout)
             counts += result.token_counts
             for name, value in result.stats.items():
                 totals[name] = totals.get(name, 0) + value
             bar.update(sum(result.train.tokens) + sum(result.holdout.tokens))
+    if config.shuffle and config.progress:
+        print("prepare: writing the shuffled shards...", file=sys.stderr)
+    train_shards, holdout_shards = train.close(), holdout.close()
+    shutil.rmtree(temp / ".shuffle", ignore_errors=True)
     totals.update(documents=read_stats.documents, segments=read_stats.segments, replaced_utf8=read_stats.replaced_utf8)
-    return train_writer.close(), holdout_writer.close(), counts, totals
+    return train_shards, holdout_shards, counts, totals
 
 
 def prepare(config: PrepareConfig) -> Manifest:
@@ -279,6 +327,8 @@ def prepare(config: PrepareConfig) -> Manifest:
             tokenizer_sha256=tk.tokenizer_sha256(tokenizer),
             tokenizer_dir=TOKENIZER_DIR_NAME,
             packed=config.pack,
+            shuffled=config.shuffle,
+            seed=config.seed,
             sources=[s.describe() for s in sources],
             command=list(config.command),
             stats=dict(sorted(stats.items())),

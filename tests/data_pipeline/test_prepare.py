@@ -67,9 +67,11 @@ def _write_parquet(path: Path, documents: list[list[str]], column: str = "text")
 
 
 def _prepare_ok(inputs: list[str], out: Path, tokenizer_dir: Path, *extra: str) -> None:
+    """Corpus order (--no-shuffle), so the shards can be compared with the expected sequences in order;
+    the shuffle has its own tests (test_prepare_shuffle.py)."""
     result = run_prepare(
         ["--input", *inputs, "--output", str(out), "--tokenizer", str(tokenizer_dir),
-         "--max-seq-len", str(MAX_LEN), "--workers", "1", *extra]
+         "--max-seq-len", str(MAX_LEN), "--workers", "1", "--no-shuffle", *extra]
     )
     assert result.exit_code == 0, result.output + result.stderr
 
@@ -276,7 +278,8 @@ def test_shard_size_is_respected(tmp_path, tokenizer_dir):
 def test_trained_tokenizer_is_saved_beside_the_shards(tmp_path, documents):
     _write_text(tmp_path / "c.txt", documents)
     result = run_prepare(["--input", str(tmp_path / "c.txt"), "--output", str(tmp_path / "out"),
-                          "--train-tokenizer", "150", "--max-seq-len", str(MAX_LEN), "--workers", "1"])
+                          "--train-tokenizer", "150", "--max-seq-len", str(MAX_LEN), "--workers", "1",
+                          "--no-shuffle"])
     assert result.exit_code == 0, result.output + result.stderr
     out = tmp_path / "out"
     from transformers import AutoTokenizer

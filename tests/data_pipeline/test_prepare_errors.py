@@ -212,6 +212,7 @@ def test_interrupted_run_leaves_no_shard_set(tmp_path, tokenizer_dir, monkeypatc
         progress=False,
         batch_bytes=2000,
         shard_size_mb=0.01,
+        shuffle=False,  # every batch goes straight to the shard writer (the shuffled run: test_prepare_shuffle.py)
     )
     with pytest.raises(KeyboardInterrupt):
         stage.prepare(config)
