@@ -45,6 +45,14 @@ class Dist:
     device: torch.device
 
 
+def launcher_rank_and_world() -> tuple[int, int]:
+    """RANK / WORLD_SIZE as every supported launcher (deepspeed, torchrun) sets them; 0 / 1 when run alone."""
+    try:
+        return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+    except ValueError:
+        raise UserError("RANK and WORLD_SIZE must be integers (set by the launcher)") from None
+
+
 def init_distributed() -> Dist:
     """One process group for every launcher (deepspeed, torchrun, SLURM srun, single process)."""
     import deepspeed
@@ -290,26 +298,27 @@ class Trainer:
 
     # ---------------------------------------------------------------------------------------------- setup
     def setup(self) -> None:
-        import deepspeed
-
         from data_pipeline.stream import PretrainStream
         from pretrain import models
         from pretrain.export import check_tokenizer_source, tokenizer_source
         from pretrain.tracking import create_tracker
 
         cfg = self.cfg
-        self.dist = d = init_distributed()
+        # Checks that need no process group come first, so bad input fails before DeepSpeed even loads.
+        rank, world_size = launcher_rank_and_world()
         self.run_dir = Path(cfg.run.output_dir)
         self.ckpt_dir = Path(cfg.checkpoint.dir) if cfg.checkpoint.dir else self.run_dir / "checkpoints"
-        global_batch = check_batch_arithmetic(cfg, d.world_size)
+        global_batch = check_batch_arithmetic(cfg, world_size)
         resume_path = ckpt.resolve_resume(self.resume, self.ckpt_dir)
-
         self.stream = PretrainStream(
-            cfg.data.shards, split="train", rank=d.rank, world_size=d.world_size, seed=cfg.run.seed,
+            cfg.data.shards, split="train", rank=rank, world_size=world_size, seed=cfg.run.seed,
             batch_size=cfg.data.batch_size, max_tokens=cfg.data.max_tokens, group_by_size=cfg.data.group_by_size,
             num_workers=cfg.data.num_workers, shuffle_buffer=cfg.data.shuffle_buffer, masking=cfg.data.masking,
             pad_multiple=cfg.data.pad_multiple,
         )
+        self.dist = d = init_distributed()
+        if (d.rank, d.world_size) != (rank, world_size):
+            raise RuntimeError(f"process group rank/world {d.rank}/{d.world_size} != launcher's {rank}/{world_size}")
         manifest = self.manifest = self.stream.manifest
         from data_pipeline.manifest import base_of, manifest_location
 
@@ -343,6 +352,8 @@ class Trainer:
         self.updates_per_epoch = max(1, self.stream.batches_per_epoch() // cfg.engine.gradient_accumulation_steps)
         self.total_steps = cfg.run.max_steps or cfg.run.epochs * self.updates_per_epoch
         self.ds_config = build_ds_config(cfg, self.total_steps, d.world_size)
+        import deepspeed
+
         self.engine, _, _, _ = deepspeed.initialize(
             model=objective, model_parameters=param_groups(objective, cfg.optim.weight_decay), config=self.ds_config,
         )
