@@ -57,7 +57,7 @@ def open_client(tracking_uri: str):
     _configure_http_client(timeout_s=20)
     import mlflow
 
-    return mlflow.MlflowClient(tracking_uri=tracking_uri)
+    return mlflow.MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
 
 
 def select_runs(client: Any, experiment: str, run_ids: tuple[str, ...], filter_string: str | None,

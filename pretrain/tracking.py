@@ -519,9 +519,6 @@ class MlflowTracker(NullTracker):
         self._node_seq: dict[int, int] = {}
         self._known_nodes: set[int] = set()
 
-        # log_model() inside MLflow resolves the tracking URI globally; rank 0 owns this process's MLflow.
-        mlflow.set_tracking_uri(uri)
-        mlflow.set_registry_uri(uri)
         self._client = mlflow.MlflowClient(tracking_uri=uri, registry_uri=uri)
 
         self._outbox.put_op(("start", environment_tags(world_size, num_nodes)))
@@ -801,7 +798,7 @@ class MlflowTracker(NullTracker):
             logger.warning("artifact %s disappeared before it could be sent to MLflow", path)
 
     def _do_student(self, export_dir: str) -> None:
-        log_student_model(self._client, self._run_id, export_dir, self.cfg.registered_model_name)
+        log_student_model(self._client, self.uri, self._run_id, export_dir, self.cfg.registered_model_name)
 
     def _do_loss_curves(self) -> None:
         """The run folder's metrics.jsonl as a PNG under the run's plots/ artifacts."""
@@ -860,7 +857,8 @@ class MlflowTracker(NullTracker):
             self._wake.set()
 
 
-def log_student_model(client: Any, run_id: str, export_dir: str, registered_model_name: str | None) -> None:
+def log_student_model(client: Any, uri: str, run_id: str, export_dir: str,
+                      registered_model_name: str | None) -> None:
     """Logs the exported HF student as an MLflow transformers model (fill-mask pipeline) linked to `run_id`,
     and registers it under `registered_model_name`: one version per run (a resumed run that logged its
     student before is not registered twice)."""
@@ -875,6 +873,8 @@ def log_student_model(client: Any, run_id: str, export_dir: str, registered_mode
     quiet = logging.getLogger("mlflow.transformers")
     level = quiet.level
     quiet.setLevel(logging.ERROR)  # offline: "model card could not be retrieved from the hub", license notes
+    previous_uri = mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(uri)  # log_model() resolves the store from the process-wide URI; restored below
     try:
         info = mlflow.transformers.log_model(
             fill_mask, name=STUDENT_MODEL_NAME, task="fill-mask", run_id=run_id,
@@ -882,6 +882,7 @@ def log_student_model(client: Any, run_id: str, export_dir: str, registered_mode
                               f"transformers=={version('transformers')}"],
             await_registration_for=0)
     finally:
+        mlflow.set_tracking_uri(previous_uri)
         quiet.setLevel(level)
     client.set_tag(run_id, "distil.student_model_uri", info.model_uri)
     if not registered_model_name:

@@ -34,6 +34,12 @@ class MlflowServer:
     def uri(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
+    def client(self):
+        """A client bound to this server for runs and registry alike (never the process-wide URIs)."""
+        import mlflow
+
+        return mlflow.MlflowClient(tracking_uri=self.uri, registry_uri=self.uri)
+
     def start(self, timeout_s: float = 120.0) -> None:
         self.directory.mkdir(parents=True, exist_ok=True)
         log = open(self.log_path, "a")  # noqa: SIM115 - the server keeps writing to it

@@ -87,7 +87,6 @@ def test_objective_matches_reference_values_and_gradients(cfg):
             assert g is None or torch.count_nonzero(g) == 0
             continue
         torch.testing.assert_close(g, rg, rtol=1e-4, atol=1e-6)
-    assert out.masked_tokens == int((labels != -100).sum())
 
 
 def test_projection_rows_never_include_padding():

@@ -41,7 +41,7 @@ def _log_run(client, experiment_id: str, name: str, mode: str, params: int, loss
 def store(tmp_path_factory) -> tuple[str, dict[str, str]]:
     root = tmp_path_factory.mktemp("store")
     uri = f"sqlite:///{root / 'mlflow.db'}"
-    client = mlflow.MlflowClient(uri)
+    client = mlflow.MlflowClient(uri, uri)
     experiment_id = client.create_experiment("review-test", artifact_location=(root / "art").as_uri())
     ids = {
         "teacher": _log_run(client, experiment_id, "teacher-mlm", "mlm", 4_400_000, [9.0, 6.0, 4.0], 900.0, 12.5),

@@ -84,6 +84,7 @@ def test_rank0_logs_params_metrics_system_metrics_artifacts_and_registered_model
                          registered_model_name="tiny-student", **FAST)
     run_dir = tmp_path / "run"
     run_dir.mkdir()
+    process_wide_uri = mlflow.get_tracking_uri()
     tracker = create_tracker(cfg, rank=0, local_rank=0, world_size=2, run_dir=str(run_dir))
     assert isinstance(tracker, MlflowTracker) and tracker.run_id
     config_file = tmp_path / "config.yaml"
@@ -99,8 +100,9 @@ def test_rank0_logs_params_metrics_system_metrics_artifacts_and_registered_model
     assert tracker.flush(60)
     tracker.log_student(str(student_dir))
     tracker.finish("FINISHED")
+    assert mlflow.get_tracking_uri() == process_wide_uri  # the tracker leaves no process-wide setting behind
 
-    client = mlflow.MlflowClient(server.uri)
+    client = server.client()
     run = client.get_run(tracker.run_id)
     assert run.info.status == "FINISHED"
     assert run.info.run_name == "students-1"
@@ -123,7 +125,11 @@ def test_rank0_logs_params_metrics_system_metrics_artifacts_and_registered_model
     assert tags["distil.num_parameters"] == str(sum(p.numel() for p in loaded_student(student_dir).parameters()))
     versions = client.search_model_versions(f"name='tiny-student' and run_id='{tracker.run_id}'")
     assert len(versions) == 1
-    loaded = mlflow.transformers.load_model(versions[0].source)
+    mlflow.set_tracking_uri(server.uri)  # how a user loads it: models:/ URIs resolve against this
+    try:
+        loaded = mlflow.transformers.load_model("models:/tiny-student/1")
+    finally:
+        mlflow.set_tracking_uri(process_wide_uri)
     assert loaded("w1 [MASK] w2")  # a working fill-mask pipeline came back from the registry
 
 
@@ -134,7 +140,7 @@ def test_resumed_tracker_appends_to_the_same_run(server, tmp_path):
     for step in range(3):
         first.log_metrics({"loss": float(10 - step)}, step)
     first.finish("KILLED")
-    client = mlflow.MlflowClient(server.uri)
+    client = server.client()
     assert client.get_run(first.run_id).info.status == "KILLED"
 
     second = create_tracker(cfg, rank=0, local_rank=0, world_size=1, run_dir=str(tmp_path),
@@ -156,7 +162,7 @@ def test_resumed_tracker_appends_to_the_same_run(server, tmp_path):
 def test_nonzero_ranks_never_reach_the_server(server, tmp_path):
     import torch.distributed as dist
 
-    client = mlflow.MlflowClient(server.uri)
+    client = server.client()
     experiment = client.get_experiment_by_name("logs-everything")
     runs_before = len(client.search_runs([experiment.experiment_id])) if experiment else 0
     requests_before = len(server.api_requests())
@@ -195,7 +201,7 @@ def test_other_nodes_system_metrics_reach_rank0_through_the_store(server, tmp_pa
     time.sleep(0.5)  # a few more sampling rounds on both sides
     reporter.finish()
     tracker.finish("FINISHED")
-    run = mlflow.MlflowClient(server.uri).get_run(tracker.run_id)
+    run = server.client().get_run(tracker.run_id)
     assert "system/node_0/cpu_utilization_percentage" in run.data.metrics
     assert "system/node_1/cpu_utilization_percentage" in run.data.metrics
     assert run.data.tags["distil.num_nodes"] == "2"
@@ -217,7 +223,7 @@ def test_server_down_at_start_then_killed_mid_run_training_goes_on_and_metrics_a
         server.start()
         assert late.flush(120) and late.run_id
         late.finish("FAILED")
-        client = mlflow.MlflowClient(server.uri)
+        client = server.client()
         run = client.get_run(late.run_id)
         assert run.info.status == "FAILED" and run.data.params["seed"] == "7" and run.data.metrics["loss"] == 3.0
         caplog.clear()
@@ -332,9 +338,9 @@ def test_two_process_job_node_metrics_travel_through_the_jobs_tcpstore(server, t
     for worker in workers:
         worker.join(240)
     assert [w.exitcode for w in workers] == [0, 0]
-    run = mlflow.MlflowClient(server.uri).get_run(result.read_text())
+    run = server.client().get_run(result.read_text())
     assert "system/node_0/cpu_utilization_percentage" in run.data.metrics
     assert "system/node_1/cpu_utilization_percentage" in run.data.metrics
     assert "distil.node.node_1.hostname" in run.data.tags
-    assert sorted(m.step for m in mlflow.MlflowClient(server.uri).get_metric_history(run.info.run_id, "loss")) == \
+    assert sorted(m.step for m in server.client().get_metric_history(run.info.run_id, "loss")) == \
         list(range(8))

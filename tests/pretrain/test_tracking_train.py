@@ -61,7 +61,7 @@ def distill_command(shards: Path, teacher: Path, out: Path, server: MlflowServer
 
 def test_tracked_distillation_preempted_resumed_and_outage(shards, teacher, server, tmp_path):  # noqa: F811
     out = tmp_path / "student"
-    client = mlflow.MlflowClient(server.uri)
+    client = server.client()
 
     # 1. preempted after 6 steps: the run ends KILLED and its id is in the checkpoint
     run(distill_command(shards, teacher, out, server, "run.stop_after_steps=6"))
