@@ -37,9 +37,7 @@ class TeacherOutput:
 @dataclass
 class LossOutput:
     loss: torch.Tensor  # differentiable total
-    parts: dict[str, torch.Tensor]  # detached components (unweighted), for logging
-    masked_tokens: int
-    projected_rows: int
+    parts: dict[str, torch.Tensor]  # detached components (unweighted), for logging; never synced here
 
 
 def uses_kl(cfg: LossConfig) -> bool:
@@ -129,7 +127,7 @@ class DistillationObjective(nn.Module):
             total = total + cfg.alpha_cos * cos
             parts["loss_cos"] = cos.detach()
         parts["loss"] = total.detach()
-        return LossOutput(total, parts, int((labels != IGNORE).sum()), int(rows.sum()))
+        return LossOutput(total, parts)
 
 
 class MaskedLMObjective(nn.Module):
@@ -151,5 +149,4 @@ class MaskedLMObjective(nn.Module):
         dl = kernels.fused_linear_distillation_kl_ce(head_in, head.decoder.weight, head.bias, None, row_labels,
                                                      kl_mask, 1.0, 0.0, 1.0, chunk_size=self.cfg.chunk_size)
         parts = {"loss_mlm": dl.ce, "loss": dl.loss.detach()}
-        n = int(rows.sum())
-        return LossOutput(dl.loss, parts, n, n)
+        return LossOutput(dl.loss, parts)

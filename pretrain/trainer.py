@@ -26,7 +26,13 @@ import torch.distributed as dist
 from data_pipeline.errors import UserError
 from pretrain import checkpoint as ckpt
 from pretrain.config import TrainConfig, check_batch_arithmetic, flatten, to_container, to_yaml, warmup_steps
-from pretrain.losses import DistillationObjective, MaskedLMObjective, teacher_outputs, uses_kl
+from pretrain.losses import (
+    DistillationObjective,
+    MaskedLMObjective,
+    projection_rows,
+    teacher_outputs,
+    uses_kl,
+)
 
 log = logging.getLogger("distil.train")
 REPO = Path(__file__).resolve().parents[1]
@@ -224,9 +230,10 @@ def peak_tflops(cfg: TrainConfig, device: torch.device) -> float | None:
 # --------------------------------------------------------------------------------------------------- logging
 @dataclass
 class Window:
-    """Sums over the micro-steps since the last log line (this rank)."""
+    """Sums over the micro-steps since the last log line (this rank). Loss parts stay tensors on the
+    device, so logging costs no synchronisation until the log step."""
 
-    parts: dict[str, float] = field(default_factory=dict)
+    parts: dict[str, torch.Tensor] = field(default_factory=dict)
     micro_steps: int = 0
     sequences: int = 0
     tokens: int = 0
@@ -236,7 +243,8 @@ class Window:
 
     def add(self, parts: dict[str, torch.Tensor], sequences: int, tokens: int, masked: int, flops: float) -> None:
         for k, v in parts.items():
-            self.parts[k] = self.parts.get(k, 0.0) + float(v)
+            v = v.detach().double()
+            self.parts[k] = self.parts[k] + v if k in self.parts else v
         self.micro_steps += 1
         self.sequences += sequences
         self.tokens += tokens
@@ -429,13 +437,13 @@ class Trainer:
         cfg, c, engine = self.cfg, self.counters, self.engine
         accum = cfg.engine.gradient_accumulation_steps
         window = Window()
-        window_nonfinite = False
+        window_nonfinite = torch.zeros((), dtype=torch.bool, device=self.dist.device)
         steps_here = 0
         while c.step < self.total_steps:
             for batch in self.stream:
                 loss_out = self._micro_step(batch)
-                window_nonfinite |= not bool(torch.isfinite(loss_out.loss.detach()))
-                window.add(loss_out.parts, *self._batch_counts(batch, loss_out))
+                window_nonfinite |= ~torch.isfinite(loss_out.loss.detach())
+                window.add(loss_out.parts, *self._batch_counts(batch))
                 c.micro_steps += 1
                 boundary = c.micro_steps % accum == 0
                 if boundary:
@@ -447,7 +455,7 @@ class Trainer:
                     continue
                 c.step += 1
                 steps_here += 1
-                window_nonfinite = False
+                window_nonfinite = torch.zeros((), dtype=torch.bool, device=self.dist.device)
                 self._after_update(nonfinite)
                 sink.advance()
                 if c.step % cfg.run.log_every == 0 or c.step == self.total_steps:
@@ -475,18 +483,23 @@ class Trainer:
         self.engine.backward(out.loss)
         return out
 
-    def _batch_counts(self, batch: dict[str, torch.Tensor], out: Any) -> tuple[int, int, int, float]:
-        mask = batch["attention_mask"]
+    def _batch_counts(self, batch: dict[str, torch.Tensor]) -> tuple[int, int, int, float]:
+        """Sequences, real tokens, masked tokens and FLOPs, from the CPU copy of the batch (no device sync)."""
+        mask, labels = batch["attention_mask"], batch["labels"]
         tokens = int(mask.sum())
-        flops = self.flop_model.micro_step(mask.numel(), mask.shape[1], out.projected_rows)
-        return mask.shape[0], tokens, out.masked_tokens, flops
+        masked = int((labels != -100).sum())
+        rows = int(projection_rows(mask, labels, self.cfg.loss, self.cfg.mode).sum())
+        flops = self.flop_model.micro_step(mask.numel(), mask.shape[1], rows)
+        return mask.shape[0], tokens, masked, flops
 
-    def _agree(self, nonfinite: bool, stop: bool) -> tuple[bool, bool]:
-        """One all-reduce (max) per update: every rank skips and stops together, so no collective hangs."""
-        flags = torch.tensor([float(nonfinite), float(stop)], device=self.dist.device)
+    def _agree(self, nonfinite: torch.Tensor, stop: bool) -> tuple[bool, bool]:
+        """One all-reduce (max) per update: every rank skips and stops together, so no collective hangs.
+        It is also the loop's only host-device synchronisation outside log steps."""
+        flags = torch.stack([nonfinite.float(), torch.tensor(float(stop), device=self.dist.device)])
         if dist.is_initialized() and self.dist.world_size > 1:
             dist.all_reduce(flags, op=dist.ReduceOp.MAX)
-        return bool(flags[0] > 0), bool(flags[1] > 0)
+        nf, st = flags.tolist()
+        return nf > 0, st > 0
 
     def _after_update(self, nonfinite: bool) -> None:
         c = self.counters
@@ -509,8 +522,9 @@ class Trainer:
     def _log(self, w: Window, sink: MetricsSink) -> None:
         """Averages the window over ranks (one all-reduce) and writes one metrics line on rank 0."""
         keys = sorted(w.parts)
-        vec = torch.tensor([w.parts[k] for k in keys] + [w.micro_steps, w.sequences, w.tokens, w.masked, w.flops],
-                           dtype=torch.float64, device=self.dist.device)
+        counts = torch.tensor([w.micro_steps, w.sequences, w.tokens, w.masked, w.flops], dtype=torch.float64,
+                              device=self.dist.device)
+        vec = torch.cat([torch.stack([w.parts[k] for k in keys]).to(self.dist.device), counts])
         if dist.is_initialized() and self.dist.world_size > 1:
             dist.all_reduce(vec, op=dist.ReduceOp.SUM)
         vals = vec.tolist()
