@@ -32,7 +32,10 @@ def _is_rank0() -> bool:
               help="Set by the deepspeed launcher; LOCAL_RANK is used instead.")
 @click.argument("overrides", nargs=-1)
 def train(config_path: str, resume: str | None, local_rank: int | None, overrides: tuple[str, ...]) -> None:
-    """Train with a YAML config plus key=value overrides (e.g. run.max_steps=100 loss.alpha_cos=0)."""
+    """Train with a YAML config plus key=value overrides (e.g. run.max_steps=100 loss.alpha_cos=0).
+
+    Config keys, launchers (deepspeed, torchrun, SLURM) and outputs: docs/training.md.
+    """
     if local_rank is not None:
         os.environ.setdefault("LOCAL_RANK", str(local_rank))
     logging.basicConfig(level=logging.INFO if _is_rank0() else logging.WARNING,
