@@ -228,6 +228,7 @@ def validate(cfg: TrainConfig) -> None:
     st = cfg.student
     _require(st.num_layers is None or st.num_layers >= 1, "student.num_layers must be >= 1 or null")
     _require(0 <= st.dropout < 1 and 0 <= st.attention_dropout < 1, "student dropouts must be in [0, 1)")
+    cfg.tracking.validate()
     b = cfg.bert
     _require(b.hidden_size % b.num_attention_heads == 0,
              f"bert.hidden_size={b.hidden_size} must be divisible by bert.num_attention_heads={b.num_attention_heads}")

@@ -50,6 +50,7 @@ def test_overrides_apply_and_are_typed(tmp_path):
     (BASE, ["data.max_tokens=4096"], "data.batch_size"),
     (BASE, ["data.masking.mask_fraction=0.95"], "mask_fraction"),
     (BASE, ["run.max_steps"], "key=value"),
+    (BASE, ["tracking.experiment= "], "tracking.experiment"),
     ("data:\n  shards: s\n", [], "teacher.path"),
     ("teacher:\n  path: t\n", [], "data.shards"),
     ("- a\n- b\n", [], "mapping"),
