@@ -143,6 +143,45 @@ def ours(
     return manifest.total_tokens + sum(s.tokens for s in manifest.holdout_shards), elapsed, cpu
 
 
+def _members_of(shard_folder: Path, per_batch: int = 3000) -> list:
+    """The tar members of a corpus-order shard set, regrouped as the worker batches that `prepare` hands on."""
+    from data_pipeline.shards import TAR_BLOCK, Members
+
+    members = []
+    for path in sorted(shard_folder.glob("train-*.tar")):
+        raw, pos = path.read_bytes(), 0
+        while pos + TAR_BLOCK <= len(raw) and raw[pos] != 0:
+            size = int(raw[pos + 124 : pos + 135], 8)
+            total = TAR_BLOCK + size + (-size % TAR_BLOCK)
+            members.append(raw[pos : pos + total])
+            pos += total
+    groups = [members[i : i + per_batch] for i in range(0, len(members), per_batch)]
+    return [Members(b"".join(g), [len(m) for m in g], [0] * len(g)) for g in groups]
+
+
+def shuffle_cost(shard_folder: Path, work: Path) -> None:
+    """CPU time of the external shuffle alone (both passes) over the members of a prepared corpus."""
+    from data_pipeline.shards import ShardSetWriter
+    from data_pipeline.shuffle import BUCKET_BYTES, ExternalShuffle
+
+    batches = _members_of(shard_folder)
+    total = sum(len(b.data) for b in batches)
+    for bucket_bytes in (BUCKET_BYTES, 4 << 20):
+        folder = work / f"shuffle-{bucket_bytes}"
+        folder.mkdir()
+        writer = ShardSetWriter(folder, "train", 256 << 20)
+        start, cpu = time.perf_counter(), _cpu_seconds()
+        shuffle = ExternalShuffle(folder / ".shuffle", "train", 0, 0, total, bucket_bytes)
+        for batch in batches:
+            shuffle.add(batch)
+        first = _cpu_seconds()
+        shuffle.drain(writer)
+        writer.close()
+        print(f"shuffle alone, {bucket_bytes >> 20} MB buckets: {sum(len(b.sizes) for b in batches)} samples, "
+              f"{total / 1e6:.0f} MB: pass 1 {first - cpu:.2f} CPU s, pass 2 {_cpu_seconds() - first:.2f} CPU s, "
+              f"{time.perf_counter() - start:.2f} s wall", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--mb", type=float, default=20.0, help="corpus size in MB")
@@ -189,6 +228,9 @@ def main() -> None:
                 base_rate = base_rate or tokens / seconds
                 results[name].append((tokens, seconds, cpu, tokens / seconds / base_rate))
                 print(f"round {round_ + 1}: {name}: {seconds:.2f} s wall, {cpu:.1f} s CPU, load {load:.1f}", flush=True)
+        if args.no_shuffle_rows:
+            ours(corpus, tokenizer_dir, out, 1, shuffle=False)
+            shuffle_cost(out, tmp_path)
 
     print(f"\nCPUs used: {len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count()}; "
           f"python {platform.python_version()}, tokenizers {tokenizers.__version__}, "

@@ -118,7 +118,8 @@ def holdout_mask(seed: int, first_document: int, count: int, fraction: float) ->
 def process_batch(task: tuple[int, int, list[list[str]]]) -> BatchResult:
     """Tokenises one batch of documents into finished tar members (runs in a worker process).
 
-    Sample keys are `{batch:010d}-{index in batch:07d}`: unique, and in write order when sorted.
+    Sample keys are `{batch:010d}-{index in batch:07d}`: unique, and in corpus order when sorted (also after
+    the shuffle, which moves whole members).
     """
     assert _settings is not None and _encoder is not None, "worker not initialised"
     s = _settings

@@ -33,6 +33,8 @@ BUCKET_BYTES = 256 << 20  # a bucket is loaded whole (and copied once in its new
 MAX_BUCKETS = 4096
 BUFFER_BYTES = 64 << 20  # all bucket buffers of one shuffle together, before they are appended to files
 _MIN_FLUSH_BYTES = 64 << 10
+_INDEX_ROW_BYTES = 16  # int64 member size + int64 tokens
+_MAX_SPLIT_DEPTH = 8
 _WRITE_SAMPLES = 8192  # a loaded bucket goes to the shard writer in pieces of this many samples
 _GOLDEN = 0x9E3779B97F4A7C15
 _SPLIT_SALT = 0x5EED5EED  # set apart from the held-out choice's hash
@@ -160,7 +162,8 @@ class ExternalShuffle:
         if not data_path.exists():
             return  # no sample chose this bucket
         size = data_path.stat().st_size
-        if size > 2 * self.bucket_bytes:
+        several = index_path.stat().st_size > _INDEX_ROW_BYTES  # a lone (huge) sample cannot be split further
+        if size > 2 * self.bucket_bytes and several and len(where) < _MAX_SPLIT_DEPTH:
             self._split_bucket(path, where, math.ceil(size / self.bucket_bytes), writer)
             return
         index = np.fromfile(index_path, dtype=np.int64).reshape(-1, 2)
