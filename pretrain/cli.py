@@ -18,6 +18,7 @@ from data_pipeline.errors import UserError
 COMMANDS: dict[str, tuple[str, str, str]] = {
     "prepare": ("data_pipeline.cli", "prepare", "Raw text -> tokenised webdataset shards + manifest."),
     "train": ("pretrain.train", "train", "Distil a BERT teacher into a DistilBERT student (or pretrain in MLM mode)."),
+    "evaluate": ("pretrain.evaluate", "evaluate", "Held-out masked-LM metrics of teacher and students, as an MLflow run."),
     "review": ("pretrain.review", "review", "Compare the MLflow runs of an experiment."),
     "quickstart": ("pretrain.quickstart", "quickstart", "The whole pipeline offline on a sample corpus."),
 }
