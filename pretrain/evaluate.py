@@ -309,7 +309,7 @@ def tracking_config(tracking_uri: str | None, experiment: str, run_name: str | N
     from pretrain.tracking import TrackingConfig
 
     cfg = TrackingConfig(tracking_uri=tracking_uri, experiment=experiment, run_name=run_name,
-                         registered_model_name=None, system_metrics=False, finish_timeout_s=120.0,
+                         registered_model_name=None, system_metrics=False, start_timeout_s=10.0, finish_timeout_s=120.0,
                          finish_offline_wait_s=10.0)
     try:
         cfg.validate()
@@ -361,8 +361,8 @@ def track(report: dict[str, Any], report_path: Path, results: list[ModelResult],
 def evaluate_models(model_paths: tuple[str, ...], shards: str, teacher: str | None, max_batches: int | None,
                     batch_size: int, seed: int, device_name: str) -> tuple[dict[str, Any], list[ModelResult]]:
     """Loads and checks every model, evaluates them on the same held-out batches; returns (report, results)."""
-    if not model_paths:
-        raise UserError("give at least one --model folder")
+    if not model_paths and not teacher:
+        raise UserError("give at least one --model (or --teacher) folder")
     if max_batches is not None and max_batches < 1:
         raise UserError(f"--max-batches {max_batches} must be >= 1")
     from transformers.utils import logging as hf_logging

@@ -164,10 +164,10 @@ def test_metrics_report_and_mlflow_runs(shards, models, tmp_path):
     assert runs["eval-student"].data.metrics["eval_kl_from_teacher"] == pytest.approx(
         by_name["student"]["kl_from_teacher"])
 
-    review = CliRunner().invoke(main, ["review", "--experiment", "evals", "--tracking-uri", store,
-                                       "--output", str(tmp_path / "cmp.png")], terminal_width=250)
+    review = CliRunner().invoke(main, ["review", "--experiment", "evals", "--tracking-uri", store, "--filter",
+                                       "params.mode = 'eval'", "--output", str(tmp_path / "cmp.png")])
     assert review.exit_code == 0, review.output
-    assert "eval_mlm_loss" in review.output.replace("\n", "")
+    assert "2 run(s)" in review.output and "eval_mlm_loss" in review.output.replace("\n", "")
 
 
 def test_no_tracking_same_batches_for_every_model(shards, models, tmp_path, monkeypatch):
