@@ -310,7 +310,7 @@ def tracking_config(tracking_uri: str | None, experiment: str, run_name: str | N
 
     cfg = TrackingConfig(tracking_uri=tracking_uri, experiment=experiment, run_name=run_name,
                          registered_model_name=None, system_metrics=False, start_timeout_s=10.0, finish_timeout_s=120.0,
-                         finish_offline_wait_s=10.0)
+                         finish_offline_wait_s=3.0)
     try:
         cfg.validate()
     except UserError as error:
@@ -334,13 +334,19 @@ def track(report: dict[str, Any], report_path: Path, results: list[ModelResult],
     report["mlflow"] = {"experiment": experiment, "run_id": parent.run_id,
                         "child_run_ids": {}, "tracking_uri": getattr(parent, "_safe_uri", lambda: None)()}
     children = []
+    if parent.run_id is None:  # tracking off, or the store did not answer: the report alone holds the results
+        write_json_atomic(report_path, report)
+        parent.finish("FINISHED")
+        if type(parent).__name__ != "NullTracker":
+            click.echo("MLflow did not answer: this evaluation is not tracked (the report has every result)",
+                       err=True)
+        return
     with tempfile.TemporaryDirectory(prefix="distil-eval-") as tmp:
         for r in results:
             child = tracker_for(f"eval-{r.name}")
             report["mlflow"]["child_run_ids"][r.name] = child.run_id
-            tags = {"distil.num_parameters": str(r.num_parameters), "distil.eval.model_path": r.path}
-            if parent.run_id:
-                tags["mlflow.parentRunId"] = parent.run_id
+            tags = {"distil.num_parameters": str(r.num_parameters), "distil.eval.model_path": r.path,
+                    "mlflow.parentRunId": parent.run_id}
             child.set_tags(tags)
             child.log_params({"mode": "eval", "eval.role": r.role, "eval.model_path": r.path,
                               "eval.model_type": r.model_type, "eval.teacher": report["teacher"] or "",

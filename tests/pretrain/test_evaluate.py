@@ -216,3 +216,17 @@ def test_errors(shards, models, tmp_path):
     result = CliRunner().invoke(main, ["evaluate", *base, "--model", models["student"], "--tracking-uri", "nowhere"])
     assert result.exit_code == 2 and "--tracking-uri" in result.stderr
     assert not (tmp_path / "r.json").exists()
+
+
+def test_unreachable_tracking_server_does_not_fail_the_evaluation(shards, models, tmp_path):
+    import socket
+
+    with socket.socket() as s:  # a port nobody listens on: connections are refused
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    result = invoke(["--model", models["student"], "--shards", str(shards), "--max-batches", "1", "--device", "cpu",
+                     "--tracking-uri", f"http://127.0.0.1:{port}", "--output", str(tmp_path / "r.json")])
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["mlflow"]["run_id"] is None and report["models"][0]["masked_tokens"] > 0
+    assert "not tracked" in result.stderr
