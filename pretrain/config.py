@@ -17,7 +17,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from data_pipeline.errors import UserError
 from data_pipeline.masking import MaskingConfig
-from pretrain.tracking import TrackingConfig
+from pretrain.tracking import TrackingConfig, flatten  # noqa: F401 - flatten: the one definition, re-exported
 
 MODES = ("distill", "mlm")
 PRECISIONS = ("fp32", "fp16", "bf16")
@@ -264,17 +264,3 @@ def to_container(cfg: TrainConfig) -> dict[str, Any]:
 
 def to_yaml(cfg: TrainConfig) -> str:
     return OmegaConf.to_yaml(OmegaConf.structured(cfg))
-
-
-def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    """{"a": {"b": 1}} -> {"a.b": 1}; lists become strings (MLflow params are scalars)."""
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, dict):
-            out.update(flatten(v, key + "."))
-        elif isinstance(v, list | tuple):
-            out[key] = str(list(v))
-        else:
-            out[key] = v
-    return out

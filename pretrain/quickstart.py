@@ -1,8 +1,8 @@
 """`distil quickstart`: the whole pipeline, offline, on a sample corpus, as a user would run it.
 
 sample corpus (stdlib docstrings) -> `distil prepare` (trains a WordPiece tokenizer) -> `distil train` in MLM
-mode (a small BERT teacher) -> `distil train` in distillation mode (its DistilBERT student) -> `distil review`
-of the two MLflow runs. Each stage is the real CLI in a subprocess, so what works here works by hand.
+mode (a small BERT teacher) -> `distil train` in distillation mode (its DistilBERT student) -> `distil evaluate`
+of both on the held-out split -> `distil review` of the MLflow runs. Each stage is the real CLI in a subprocess, so what works here works by hand.
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ def _run(stage: str, args: list[str]) -> None:
 @click.option("--overwrite", is_flag=True, help="Start over in an --output folder that holds a previous quickstart.")
 def quickstart(output: str, vocab_size: int, teacher_steps: int, student_steps: int, corpus_mb: float,
                overwrite: bool) -> None:
-    """Sample corpus -> shards -> MLM teacher -> distilled student -> run comparison, offline on CPU."""
+    """Sample corpus -> shards -> MLM teacher -> distilled student -> evaluation -> review, offline on CPU."""
     from data_pipeline.sample_corpus import write_sample_corpus
 
     out = Path(output).resolve()
@@ -67,6 +67,9 @@ def quickstart(output: str, vocab_size: int, teacher_steps: int, student_steps: 
                                     f"data.shards={shards}", f"teacher.path={teacher_dir / 'export'}",
                                     f"run.output_dir={student_dir}", f"run.max_steps={student_steps}",
                                     *tracking])
+    _run("evaluate", ["evaluate", "--model", str(student_dir / "export"), "--teacher", str(teacher_dir / "export"),
+                      "--shards", str(shards), "--max-batches", "20", "--output", str(out / "eval_report.json"),
+                      "--experiment", "quickstart", "--tracking-uri", f"sqlite:///{out / 'mlflow.db'}"])
     _run("review", ["review", "--experiment", "quickstart", "--tracking-uri", f"sqlite:///{out / 'mlflow.db'}",
                     "--output", str(out / "comparison.png")])
     click.secho(f"\nquickstart complete: student in {student_dir / 'export'}, runs in {out / 'mlflow.db'}",

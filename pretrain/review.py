@@ -109,6 +109,37 @@ def summarize(client: Any, run: Any) -> RunSummary:
         loss_curve=([m.step for m in history], [m.value for m in history]))
 
 
+def _resolved(path: str) -> str:
+    return str(Path(path).expanduser().resolve()) if path else ""
+
+
+def merge_evaluations(runs: list[Any], summaries: list[RunSummary]) -> list[RunSummary]:
+    """Puts `distil evaluate` results on the row of the training run whose export they evaluated.
+
+    An evaluation run (param mode=eval) is matched to a training run by path: its `eval.model_path` against
+    the training run's `<run.output_dir>/export`. Its eval* metrics join that row (the latest evaluation
+    wins). Evaluations of models trained elsewhere keep their own row; the parent `evaluate` run, which holds
+    only the report, is dropped.
+    """
+    exports = {}
+    for run, summary in zip(runs, summaries, strict=True):
+        output_dir = run.data.params.get("run.output_dir")
+        if run.data.params.get("mode") in ("mlm", "distill") and output_dir:
+            exports[_resolved(str(Path(output_dir) / "export"))] = summary
+    kept = []
+    for run, summary in zip(runs, summaries, strict=True):
+        mode = run.data.params.get("mode")
+        if mode == "evaluate":
+            continue
+        if mode == "eval":
+            target = exports.get(_resolved(run.data.params.get("eval.model_path", "")))
+            if target is not None:
+                target.final.update({k: v for k, v in summary.final.items() if k.startswith("eval")})
+                continue
+        kept.append(summary)
+    return kept
+
+
 def table_columns(summaries: list[RunSummary]) -> tuple[list[str], list[str]]:
     """The loss components and evaluation metrics any of the runs has, in a stable order."""
     names = {k for s in summaries for k in s.final}
@@ -195,7 +226,7 @@ def review(experiment: str, tracking_uri: str | None, run_ids: tuple[str, ...], 
     uri = tracking_uri or default_review_uri()
     client = open_client(uri)
     runs = select_runs(client, experiment, run_ids, filter_string, max_runs)
-    summaries = [summarize(client, run) for run in runs]
+    summaries = merge_evaluations(runs, [summarize(client, run) for run in runs])
     render_table(summaries, title=f"experiment {experiment}: {len(summaries)} run(s)")
     path = write_comparison_plot(summaries, output, title=f"experiment {experiment}")
     click.echo(f"comparison plot: {path}")

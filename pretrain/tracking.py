@@ -873,17 +873,27 @@ def log_student_model(client: Any, uri: str, run_id: str, export_dir: str,
     quiet = logging.getLogger("mlflow.transformers")
     level = quiet.level
     quiet.setLevel(logging.ERROR)  # offline: "model card could not be retrieved from the hub", license notes
-    previous_uri = mlflow.get_tracking_uri()
-    mlflow.set_tracking_uri(uri)  # log_model() resolves the store from the process-wide URI; restored below
+    previous_uri, previous_registry = mlflow.get_tracking_uri(), mlflow.get_registry_uri()
+    # log_model() and, with a local store, the registry's resolution of `models:/<id>` use the process-wide
+    # URIs: both point at this run's store until the model is registered, then are restored.
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
     try:
         info = mlflow.transformers.log_model(
             fill_mask, name=STUDENT_MODEL_NAME, task="fill-mask", run_id=run_id,
             pip_requirements=[f"torch=={version('torch').split('+')[0]}",
                               f"transformers=={version('transformers')}"],
             await_registration_for=0)
+        _register_student(client, run_id, info, registered_model_name)
     finally:
         mlflow.set_tracking_uri(previous_uri)
+        mlflow.set_registry_uri(previous_registry)
         quiet.setLevel(level)
+
+
+def _register_student(client: Any, run_id: str, info: Any, registered_model_name: str | None) -> None:
+    import mlflow
+
     client.set_tag(run_id, "distil.student_model_uri", info.model_uri)
     if not registered_model_name:
         return

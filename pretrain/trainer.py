@@ -369,6 +369,10 @@ class Trainer:
         # updates whose gradients are not finite. Stage 0 in fp32/bf16 would apply them, so there the first
         # non-finite loss stops the run before the update.
         self.engine_skips_nonfinite = cfg.engine.zero_stage > 0 or cfg.engine.precision == "fp16"
+        # Without ZeRO, DeepSpeed clips fp32/bf16 gradients without keeping the norm
+        # (get_global_grad_norm() is None): measure it ourselves on the steps that are logged.
+        self.own_grad_norm = cfg.engine.zero_stage == 0
+        self.last_grad_norm: float | None = None
         self.student_dtype = next(self.engine.module.parameters()).dtype
 
         self.counters = ckpt.Counters()
@@ -433,6 +437,16 @@ class Trainer:
             sink.close()
             self.tracker.finish(status)
 
+    def _logs_at(self, step: int) -> bool:
+        return step % self.cfg.run.log_every == 0 or step == self.total_steps
+
+    def _grad_norm(self) -> float:
+        """2-norm of the (already all-reduced) gradients before the optimizer step, without ZeRO."""
+        grads = [p.grad.detach() for p in self.engine.module.parameters() if p.grad is not None]
+        if not grads:
+            return float("nan")
+        return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads])))
+
     def _loop(self, sink: MetricsSink) -> None:
         cfg, c, engine = self.cfg, self.counters, self.engine
         accum = cfg.engine.gradient_accumulation_steps
@@ -450,6 +464,8 @@ class Trainer:
                     nonfinite, stop = self._agree(window_nonfinite, self.stop_signal is not None)
                     if nonfinite and not self.engine_skips_nonfinite:
                         raise NonFiniteLossError(self._nonfinite_message(1))
+                    if self.own_grad_norm and self._logs_at(c.step + 1):
+                        self.last_grad_norm = self._grad_norm()
                 engine.step()
                 if not boundary:
                     continue
@@ -458,7 +474,7 @@ class Trainer:
                 window_nonfinite = torch.zeros((), dtype=torch.bool, device=self.dist.device)
                 self._after_update(nonfinite)
                 sink.advance()
-                if c.step % cfg.run.log_every == 0 or c.step == self.total_steps:
+                if self._logs_at(c.step):
                     self._log(window, sink)
                     window = Window()
                 periodic = cfg.checkpoint.every and c.step % cfg.checkpoint.every == 0
@@ -537,6 +553,8 @@ class Trainer:
         dt = max(time.perf_counter() - w.started, 1e-9)
         metrics: dict[str, float] = {k: vals[i] / max(micro, 1) for i, k in enumerate(keys)}
         grad_norm = self.engine.get_global_grad_norm()
+        if grad_norm is None:
+            grad_norm = self.last_grad_norm
         metrics.update({
             "lr": float(self.engine.get_lr()[0]),
             "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),

@@ -36,7 +36,7 @@ def test_overrides_apply_and_are_typed(tmp_path):
     assert cfg.run.max_steps == 7 and cfg.loss.restrict_ce_to_mask is True
     assert cfg.student.layers == [0, 3] and cfg.data.masking.mlm_probability == 0.2
     flat = flatten(to_container(cfg))
-    assert flat["run.max_steps"] == 7 and flat["student.layers"] == "[0, 3]"
+    assert flat["run.max_steps"] == 7 and flat["student.layers"] == [0, 3]
 
 
 @pytest.mark.parametrize("text, overrides, needle", [

@@ -344,3 +344,24 @@ def test_two_process_job_node_metrics_travel_through_the_jobs_tcpstore(server, t
     assert "distil.node.node_1.hostname" in run.data.tags
     assert sorted(m.step for m in server.client().get_metric_history(run.info.run_id, "loss")) == \
         list(range(8))
+
+
+def test_local_sqlite_store_logs_and_registers_the_student(student_dir, tmp_path, caplog):
+    """The default store (no server): registering resolves `models:/<id>` against this run's SQLite file."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    cfg = TrackingConfig(tracking_uri=uri, experiment="local-store", registered_model_name="local-student",
+                         system_metrics=False, **FAST)
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    process_wide = (mlflow.get_tracking_uri(), mlflow.get_registry_uri())
+    tracker = create_tracker(cfg, rank=0, local_rank=0, world_size=1, run_dir=str(run_dir))
+    tracker.log_metrics({"loss": 1.0}, step=1)
+    tracker.log_student(str(student_dir))
+    tracker.finish("FINISHED")
+    assert (mlflow.get_tracking_uri(), mlflow.get_registry_uri()) == process_wide
+    assert tracker_warnings(caplog) == []
+    client = mlflow.MlflowClient(tracking_uri=uri, registry_uri=uri)
+    assert client.get_run(tracker.run_id).info.status == "FINISHED"
+    versions = client.search_model_versions(f"name='local-student' and run_id='{tracker.run_id}'")
+    assert len(versions) == 1
+    assert client.get_run(tracker.run_id).data.tags["distil.registered_model"] == "local-student/1"
