@@ -58,10 +58,12 @@ def _kl_ce_kernel(
     # Sweep 1: online log-sum-exp over the columns of s, s/T and t/T.
     m_s = float("-inf")
     d_s = 0.0
+    # The KL's normalisers are summed in fp64: KL is a small difference of O(1) terms when the two
+    # distributions are close (high T), and fp32 sums leave ~1e-5 relative error there.
     m_sT = float("-inf")
-    d_sT = 0.0
+    d_sT = tl.full((), 0.0, tl.float64)
     m_tT = float("-inf")
-    d_tT = 0.0
+    d_tT = tl.full((), 0.0, tl.float64)
     for start in range(0, n_cols, BLOCK):
         cols = start + offs
         mask = cols < n_cols
@@ -72,25 +74,28 @@ def _kl_ce_kernel(
         if HAS_TEACHER:
             sT = s * inv_temp
             m_new = tl.maximum(m_sT, tl.max(sT, 0))
-            d_sT = d_sT * tl.exp(m_sT - m_new) + tl.sum(tl.exp(sT - m_new), 0)
+            d_sT = d_sT * tl.exp((m_sT - m_new).to(tl.float64)) + tl.sum(tl.exp(sT - m_new).to(tl.float64), 0)
             m_sT = m_new
             tT = tl.load(t_row + cols, mask=mask, other=float("-inf")).to(tl.float32) * inv_temp
             m_new = tl.maximum(m_tT, tl.max(tT, 0))
-            d_tT = d_tT * tl.exp(m_tT - m_new) + tl.sum(tl.exp(tT - m_new), 0)
+            d_tT = d_tT * tl.exp((m_tT - m_new).to(tl.float64)) + tl.sum(tl.exp(tT - m_new).to(tl.float64), 0)
             m_tT = m_new
     # Log-softmax as (x - m) - log(d), like torch: keeping the max apart from log(d) keeps the
     # subtraction exact for large logits (|x| ~ 1e4 at T = 0.5).
     log_d_s = tl.log(d_s)
     if HAS_TEACHER:
-        log_d_sT = tl.log(d_sT)
-        log_d_tT = tl.log(d_tT)
+        log_d_sT = tl.log(d_sT).to(tl.float32)
+        log_d_tT = tl.log(d_tT).to(tl.float32)
+        # log p - log q = (t - s) / T - shift: the KL sum then never subtracts two log-probabilities of
+        # size log V, where fp32 would lose ~1e-5 of a small KL.
+        shift = ((m_tT - m_sT).to(tl.float64) + tl.log(d_tT / d_sT)).to(tl.float32)
 
     scale_ce = tl.where(has_ce, tl.load(scale_ce_ptr), 0.0)
     has_kl = tl.load(kl_mask_ptr + row) != 0
     scale_kl = tl.where(has_kl, tl.load(scale_kl_ptr), 0.0)
 
     # Sweep 2: the KL sum and the gradient, written where s was read.
-    kl_acc = 0.0
+    kl_acc = tl.full((), 0.0, tl.float64)
     for start in range(0, n_cols, BLOCK):
         cols = start + offs
         mask = cols < n_cols
@@ -107,13 +112,13 @@ def _kl_ce_kernel(
             log_q = tl.where(mask, log_q, 0.0)
             log_p = tl.where(mask, log_p, 0.0)
             p = tl.where(mask, tl.exp(log_p), 0.0)
-            kl_acc += tl.sum(p * (log_p - log_q), 0)
+            kl_acc += tl.sum((p * ((t - s) * inv_temp - shift)).to(tl.float64), 0)
             if WRITE_GRAD:
                 g += (tl.where(mask, tl.exp(log_q), 0.0) - p) * scale_kl
         if WRITE_GRAD:
             tl.store(g_row + cols, g.to(g_ptr.dtype.element_ty), mask=mask)
 
-    tl.store(kl_rows_ptr + row, tl.where(has_kl, kl_acc, 0.0))
+    tl.store(kl_rows_ptr + row, tl.where(has_kl, kl_acc, 0.0).to(tl.float32))
     tl.store(ce_rows_ptr + row, tl.where(has_ce, (m_s - s_label) + log_d_s, 0.0))
 
 
