@@ -873,11 +873,11 @@ def log_student_model(client: Any, uri: str, run_id: str, export_dir: str,
     quiet = logging.getLogger("mlflow.transformers")
     level = quiet.level
     quiet.setLevel(logging.ERROR)  # offline: "model card could not be retrieved from the hub", license notes
-    previous_uri, previous_registry = mlflow.get_tracking_uri(), mlflow.get_registry_uri()
+    previous_uri = mlflow.get_tracking_uri()
     # log_model() and, with a local store, the registry's resolution of `models:/<id>` use the process-wide
-    # URIs: both point at this run's store until the model is registered, then are restored.
+    # tracking URI (the registry URI follows it unless a user set one): it points at this run's store until
+    # the model is registered, then is restored.
     mlflow.set_tracking_uri(uri)
-    mlflow.set_registry_uri(uri)
     try:
         info = mlflow.transformers.log_model(
             fill_mask, name=STUDENT_MODEL_NAME, task="fill-mask", run_id=run_id,
@@ -887,7 +887,6 @@ def log_student_model(client: Any, uri: str, run_id: str, export_dir: str,
         _register_student(client, run_id, info, registered_model_name)
     finally:
         mlflow.set_tracking_uri(previous_uri)
-        mlflow.set_registry_uri(previous_registry)
         quiet.setLevel(level)
 
 

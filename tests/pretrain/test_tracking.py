@@ -353,12 +353,12 @@ def test_local_sqlite_store_logs_and_registers_the_student(student_dir, tmp_path
                          system_metrics=False, **FAST)
     run_dir = tmp_path / "run"
     run_dir.mkdir()
-    process_wide = (mlflow.get_tracking_uri(), mlflow.get_registry_uri())
+    process_wide = mlflow.get_tracking_uri()
     tracker = create_tracker(cfg, rank=0, local_rank=0, world_size=1, run_dir=str(run_dir))
     tracker.log_metrics({"loss": 1.0}, step=1)
     tracker.log_student(str(student_dir))
     tracker.finish("FINISHED")
-    assert (mlflow.get_tracking_uri(), mlflow.get_registry_uri()) == process_wide
+    assert mlflow.get_tracking_uri() == process_wide
     assert tracker_warnings(caplog) == []
     client = mlflow.MlflowClient(tracking_uri=uri, registry_uri=uri)
     assert client.get_run(tracker.run_id).info.status == "FINISHED"
