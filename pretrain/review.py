@@ -175,23 +175,35 @@ def _fmt_duration(seconds: float | None) -> str:
 
 
 def render_table(summaries: list[RunSummary], title: str) -> None:
+    """One column per field and a row per run; with more fields than fit across, one column per run."""
     from rich.console import Console
     from rich.table import Table
 
     losses, evals = table_columns(summaries)
-    table = Table(title=title, header_style="bold")
-    for column in ["run", "id", "role", "teacher", "status", "params", "loss", *losses, *evals, "tokens/s", "steps",
-                   "wall time"]:
-        table.add_column(column, justify="left" if column in ("run", "id", "role", "teacher", "status") else "right",
-                         min_width=len(column), no_wrap=True)
+    fields = ["run", "id", "role", "teacher", "status", "params", "loss", *losses, *evals, "tokens/s", "steps",
+              "wall time"]
     # teachers first, then students by final loss
     ordered = sorted(summaries, key=lambda s: (s.role != "teacher", s.final.get("loss", float("inf"))))
-    for s in ordered:
-        table.add_row(s.name, s.run_id[:8], s.role, s.teacher or "-", s.status, _fmt_params(s.num_parameters),
-                      _fmt(s.final.get("loss")), *[_fmt(s.final.get(k)) for k in losses],
-                      *[_fmt(s.final.get(k)) for k in evals], _fmt(s.tokens_per_s, ",.0f"),
-                      _fmt(s.steps, "d") if s.steps is not None else "-", _fmt_duration(s.wall_time_s))
-    Console(width=max(160, Console().width)).print(table)
+    rows = [[s.name, s.run_id[:8], s.role, s.teacher or "-", s.status, _fmt_params(s.num_parameters),
+             _fmt(s.final.get("loss")), *[_fmt(s.final.get(k)) for k in losses],
+             *[_fmt(s.final.get(k)) for k in evals], _fmt(s.tokens_per_s, ",.0f"),
+             _fmt(s.steps, "d") if s.steps is not None else "-", _fmt_duration(s.wall_time_s)] for s in ordered]
+    console = Console(width=max(160, Console().width))
+    table = Table(title=title, header_style="bold")
+    left = ("run", "id", "role", "teacher", "status")
+    width_needed = sum(max(len(f), *(len(r[i]) for r in rows)) + 3 for i, f in enumerate(fields))
+    if width_needed <= console.width:
+        for column in fields:
+            table.add_column(column, justify="left" if column in left else "right", no_wrap=True)
+        for row in rows:
+            table.add_row(*row)
+    else:
+        table.add_column("", justify="left", no_wrap=True)
+        for row in rows:
+            table.add_column(row[0], justify="right", no_wrap=True)
+        for i, field_name in enumerate(fields[1:], start=1):
+            table.add_row(field_name, *[row[i] for row in rows])
+    console.print(table)
 
 
 def write_comparison_plot(summaries: list[RunSummary], output: Path, title: str) -> Path:
