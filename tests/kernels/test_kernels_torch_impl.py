@@ -6,7 +6,7 @@ import random
 
 import pytest
 import torch
-from kernels_test_utils import FP32_TOL, assert_close, random_case, random_rows
+from kernels_test_utils import BF16_TOL, FP32_TOL, assert_close, random_case, random_rows
 
 from kernels import cosine_embedding_loss, distillation_kl_ce, fused_linear_distillation_kl_ce
 from kernels.reference import recipe_cosine, recipe_kl_ce
@@ -30,6 +30,63 @@ def test_kl_ce_matches_kldivloss_and_crossentropy(seed, dtype, tol, draw):
     for name, a, b in zip(("loss", "kl", "ce"), ours, ref, strict=True):
         assert_close(a, b.to(a.dtype), tol, name, seed)
     assert_close(g_ours, g_ref, tol, "grad student_logits", seed)
+
+
+@pytest.mark.parametrize("temperature", [2.0, 3.7])  # 2.0 takes the exp(zq)^2 path for the CE softmax
+@pytest.mark.parametrize("form", ["logits", "fused-linear", "bf16", "no-teacher"])
+def test_sub_blocks_of_rows_match_the_recipe(seed, monkeypatch, temperature, form):
+    """Rows in many small sub-blocks, some without any labelled row (their CE work is skipped): the
+    losses and gradients still match the eager recipe computed in float64."""
+    import kernels.torch_impl as torch_impl
+
+    n_rows, vocab, hidden = 23, 97, 16
+    monkeypatch.setattr(torch_impl, "BLOCK_ELEMENTS", 3 * vocab)  # 3 rows per sub-block
+    labels = torch.full((n_rows,), -100)
+    labelled = [0, 4, 5, 13, 22]  # sub-blocks 2, 3, 5 and 6 have none
+    labels[labelled] = torch.randint(0, vocab, (len(labelled),))
+    kl_mask = torch.rand(n_rows) < 0.8
+    kl_mask[0] = True
+    h = torch.randn(n_rows, hidden)
+    w = torch.randn(vocab, hidden) * 3 / hidden**0.5
+    t_logits = torch.randn(n_rows, vocab) * 3
+    teacher = None if form == "no-teacher" else t_logits
+    alpha_kl = 0.0 if teacher is None else 5.0
+    dtype, tol = (torch.bfloat16, BF16_TOL) if form == "bf16" else (torch.float32, FP32_TOL)
+
+    if form == "fused-linear":
+
+        def ours_fn(h_, w_):
+            return fused_linear_distillation_kl_ce(
+                h_,
+                w_,
+                None,
+                t_logits,
+                labels,
+                kl_mask,
+                temperature,
+                alpha_kl,
+                2.0,
+                chunk_size=11,
+                backend="torch",
+            )
+    else:
+
+        def ours_fn(h_, w_):
+            return distillation_kl_ce(
+                (h_ @ w_.t()).to(dtype), teacher, labels, kl_mask, temperature, alpha_kl, 2.0, backend="torch"
+            )
+
+    def ref_fn(h_, w_):
+        logits = (h_ @ w_.t()).to(dtype).double()
+        t64 = teacher.double() if teacher is not None else None
+        return recipe_kl_ce(logits, t64, labels, kl_mask, temperature, alpha_kl, 2.0)
+
+    ours, g_ours = _grad_of(ours_fn, h, w)
+    ref, g_ref = _grad_of(ref_fn, h.double(), w.double())
+    for name, a, r in zip(("loss", "kl", "ce"), ours, ref, strict=True):
+        assert_close(a.double(), r, tol, f"{name} ({form}, T={temperature})", seed)
+    for name, a, r in zip(("hidden", "weight"), g_ours, g_ref, strict=True):
+        assert_close(a.double(), r, tol, f"grad {name} ({form}, T={temperature})", seed)
 
 
 @pytest.mark.parametrize("teacher_form", ["logits", "hidden", "none"])
