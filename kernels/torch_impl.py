@@ -87,7 +87,7 @@ def kl_ce_rows_torch(
             # zt - zq - shift = log p - log q: the fp32 sum then never cancels two large values.
             shift = torch.log(d_p / d_q)
             kl = zt.sub_(zq).sub_(shift.to(cdt)).mul_(ep).sum(dim=1, keepdim=True) / d_p
-            kl_rows[rows] = torch.where(kl_mask[rows], kl.squeeze(1).to(cdt), 0.0)
+            kl_rows[rows] = kl.squeeze(1)
             e = zq  # free now: the T = 1 exponentials go here
         else:
             e = buf[0]
@@ -98,7 +98,7 @@ def kl_ce_rows_torch(
                 torch.sub(s, m, out=e).exp_()
             d = e.sum(dim=1, keepdim=True)
             z_label = s.gather(1, safe_labels[rows]) - m
-            ce_rows[rows] = torch.where(valid[rows], (d.log() - z_label).squeeze(1), 0.0)
+            ce_rows[rows] = (d.log() - z_label).squeeze(1)
         if grad_out is None:
             continue
         g = grad_out[rows] if write_direct else (zt if teacher is not None else e)
@@ -114,7 +114,7 @@ def kl_ce_rows_torch(
         g.scatter_add_(1, safe_labels[rows], -ce_scale[rows])
         if not write_direct:
             grad_out[rows].copy_(g)
-    return kl_rows, ce_rows
+    return torch.where(kl_mask, kl_rows, 0.0), torch.where(valid, ce_rows, 0.0)
 
 
 COSINE_EPS = 1e-12  # torch's cosine_embedding_loss adds this to each squared norm
