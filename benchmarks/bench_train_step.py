@@ -341,7 +341,8 @@ def main(argv: list[str] | None = None) -> None:
     where = (f"{torch.cuda.get_device_name(device)}, torch {torch.__version__}, deepspeed {deepspeed.__version__}"
              if on_cuda else f"{args.threads} threads")
     print(f"batch {args.batch} x seq <= {args.seq}, {tokens:.0f} real tokens/batch on average; teacher "
-          f"{args.teacher_layers}x{args.hidden}, student {len(layer_map)} layers, vocab {args.vocab}, "
+          f"{args.teacher_layers}x{args.hidden}, student {len(layer_map)} layers"
+          + (f" (teacher layers {layer_map})" if on_cuda else "") + f", vocab {args.vocab}, "
           f"{where}, ZeRO stage {args.zero_stage}, {args.steps} timed steps (median)"
           + (f", {args.dtype}" if args.dtype != "fp32" or on_cuda else ""))
     # The FLOPs each variant must do (pretrain.trainer.FlopModel): the vocabulary projection dominates.
