@@ -8,6 +8,8 @@ Per model: masked-LM loss (mean cross-entropy over the masked positions), perple
 top-5 accuracy on the masked positions, parameter count and measured inference throughput (non-padding
 tokens per second of forward time, the first batch left out as warm-up when there are more); with a teacher:
 KL(teacher || student) at temperature 1 averaged over the masked positions, and top-1 agreement with it.
+Which tokens are masked follows --mask-smoothing: the recipe's count^-0.7 weighting by default (mostly rare
+tokens, hard to predict: losses read higher), 0 for BERT's uniform choice.
 
 MLflow (unless --no-tracking): one parent run for the evaluation (its settings as params, the JSON report as
 artifact `eval/report.json`) and one child run per model (tag `mlflow.parentRunId`, param `mode=eval`,
@@ -160,14 +162,16 @@ def tokenizer_special_ids(path: str) -> dict[str, int]:
     return {k: v for k, v in ids.items() if v is not None}
 
 
-def holdout_stream(shards: str, batch_size: int, seed: int):
+def holdout_stream(shards: str, batch_size: int, seed: int, mask_smoothing: float = 0.7):
     from data_pipeline.masking import MaskingConfig
     from data_pipeline.stream import PretrainStream
 
     if batch_size < 1:
         raise UserError(f"--batch-size {batch_size} must be >= 1")
-    return PretrainStream(shards, split="holdout", batch_size=batch_size, masking=MaskingConfig(), seed=seed,
-                          num_workers=0)
+    if mask_smoothing < 0:
+        raise UserError(f"--mask-smoothing {mask_smoothing} must be >= 0 (0: uniform, as BERT; 0.7: the recipe's)")
+    return PretrainStream(shards, split="holdout", batch_size=batch_size,
+                          masking=MaskingConfig(smoothing=mask_smoothing), seed=seed, num_workers=0)
 
 
 def pick_device(name: str) -> torch.device:
@@ -329,7 +333,8 @@ def track(report: dict[str, Any], report_path: Path, results: list[ModelResult],
         cfg = tracking_config(tracking_uri, experiment, run_name)
         return create_tracker(cfg, rank=0, local_rank=0, world_size=1, run_dir=str(DEFAULT_STORE_RUN_DIR))
 
-    settings = {k: report[k] for k in ("shards", "split", "batch_size", "seed", "max_batches", "device")}
+    settings = {k: report[k] for k in ("shards", "split", "batch_size", "seed", "mask_smoothing", "max_batches",
+                                       "device")}
     parent = tracker_for("evaluate")
     report["mlflow"] = {"experiment": experiment, "run_id": parent.run_id,
                         "child_run_ids": {}, "tracking_uri": getattr(parent, "_safe_uri", lambda: None)()}
@@ -365,7 +370,8 @@ def track(report: dict[str, Any], report_path: Path, results: list[ModelResult],
 
 
 def evaluate_models(model_paths: tuple[str, ...], shards: str, teacher: str | None, max_batches: int | None,
-                    batch_size: int, seed: int, device_name: str) -> tuple[dict[str, Any], list[ModelResult]]:
+                    batch_size: int, seed: int, device_name: str,
+                    mask_smoothing: float = 0.7) -> tuple[dict[str, Any], list[ModelResult]]:
     """Loads and checks every model, evaluates them on the same held-out batches; returns (report, results)."""
     if not model_paths and not teacher:
         raise UserError("give at least one --model (or --teacher) folder")
@@ -375,7 +381,7 @@ def evaluate_models(model_paths: tuple[str, ...], shards: str, teacher: str | No
 
     hf_logging.disable_progress_bar()  # one "Loading weights" bar per model otherwise
     device = pick_device(device_name)
-    stream = holdout_stream(shards, batch_size, seed)
+    stream = holdout_stream(shards, batch_size, seed, mask_smoothing)
     taken: set[str] = set()
     entries = []
     teacher_name = None
@@ -392,7 +398,8 @@ def evaluate_models(model_paths: tuple[str, ...], shards: str, teacher: str | No
                                          progress=lambda: bar.update(1))
     report = {
         "created": datetime.now(UTC).isoformat(timespec="seconds"), "shards": str(shards), "split": "holdout",
-        "batch_size": batch_size, "seed": seed, "max_batches": max_batches, "device": str(device),
+        "batch_size": batch_size, "seed": seed, "mask_smoothing": mask_smoothing, "max_batches": max_batches,
+        "device": str(device),
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "torch_threads": torch.get_num_threads(), "teacher": teacher_name, **counts,
         "models": [asdict(r) for r in results],
@@ -409,6 +416,9 @@ def evaluate_models(model_paths: tuple[str, ...], shards: str, teacher: str | No
 @click.option("--max-batches", type=int, help="Evaluate at most this many held-out batches (default: all).")
 @click.option("--batch-size", type=int, default=32, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the masks (same seed, same batches).")
+@click.option("--mask-smoothing", type=float, default=0.7, show_default=True,
+              help="Which tokens are masked: probability ~ count^-S (0.7: the recipe's, favouring rare tokens; "
+                   "0: uniform, as BERT's own evaluation).")
 @click.option("--device", "device_name", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
 @click.option("--output", type=click.Path(dir_okay=False), default="eval_report.json", show_default=True,
               help="JSON report (written atomically).")
@@ -416,13 +426,14 @@ def evaluate_models(model_paths: tuple[str, ...], shards: str, teacher: str | No
 @click.option("--experiment", default="distil", show_default=True, help="MLflow experiment.")
 @click.option("--no-tracking", is_flag=True, help="Do not log to MLflow.")
 def evaluate(models: tuple[str, ...], shards: str, teacher: str | None, max_batches: int | None, batch_size: int,
-             seed: int, device_name: str, output: str, tracking_uri: str | None, experiment: str,
-             no_tracking: bool) -> None:
+             seed: int, mask_smoothing: float, device_name: str, output: str, tracking_uri: str | None,
+             experiment: str, no_tracking: bool) -> None:
     """Held-out masked-LM loss, perplexity, top-1/5 accuracy, size and throughput of each model (with
     --teacher: KL(teacher||student) and top-1 agreement), as a table, a JSON report and MLflow runs."""
     if not no_tracking:
         tracking_config(tracking_uri, experiment)  # a bad URI fails before the models are run
-    report, results = evaluate_models(models, shards, teacher, max_batches, batch_size, seed, device_name)
+    report, results = evaluate_models(models, shards, teacher, max_batches, batch_size, seed, device_name,
+                                      mask_smoothing)
     report_path = Path(output)
     if no_tracking:
         report["mlflow"] = None

@@ -68,7 +68,8 @@ def quickstart(output: str, vocab_size: int, teacher_steps: int, student_steps: 
                                     f"run.output_dir={student_dir}", f"run.max_steps={student_steps}",
                                     *tracking])
     _run("evaluate", ["evaluate", "--model", str(student_dir / "export"), "--teacher", str(teacher_dir / "export"),
-                      "--shards", str(shards), "--max-batches", "20", "--output", str(out / "eval_report.json"),
+                      "--shards", str(shards), "--max-batches", "20", "--mask-smoothing", "0",
+                      "--output", str(out / "eval_report.json"),
                       "--experiment", "quickstart", "--tracking-uri", f"sqlite:///{out / 'mlflow.db'}"])
     _run("review", ["review", "--experiment", "quickstart", "--tracking-uri", f"sqlite:///{out / 'mlflow.db'}",
                     "--output", str(out / "comparison.png")])

@@ -86,9 +86,10 @@ def models(shards, tmp_path_factory) -> dict[str, str]:
             "student": save(student, root / "student" / "export", shards)}
 
 
-def independent_metrics(shards: Path, teacher_dir: str, student_dir: str) -> dict[str, dict[str, float]]:
+def independent_metrics(shards: Path, teacher_dir: str, student_dir: str,
+                        masking: MaskingConfig | None = None) -> dict[str, dict[str, float]]:
     """The same batches, computed the plain way: full-vocabulary logits, CE with ignore_index, KLDivLoss."""
-    stream = PretrainStream(str(shards), split="holdout", batch_size=BATCH_SIZE, masking=MaskingConfig(),
+    stream = PretrainStream(str(shards), split="holdout", batch_size=BATCH_SIZE, masking=masking or MaskingConfig(),
                             seed=SEED, num_workers=0)
     batches = [b for _, b in zip(range(BATCHES), stream, strict=False)]
     out: dict[str, dict[str, float]] = {}
@@ -186,6 +187,21 @@ def test_no_tracking_same_batches_for_every_model(shards, models, tmp_path, monk
     assert not list(tmp_path.glob(".eval_report.json.*"))  # no temp file left
 
 
+def test_mask_smoothing_selects_the_masked_tokens(shards, models, tmp_path):
+    """--mask-smoothing 0 masks uniformly (BERT's way): the metrics match batches masked that way, and differ
+    from the default (the recipe's count^-0.7, which favours rare tokens)."""
+    args = ["--teacher", models["teacher"], "--model", models["student"], "--shards", str(shards), "--max-batches",
+            str(BATCHES), "--batch-size", str(BATCH_SIZE), "--seed", str(SEED), "--device", "cpu", "--no-tracking"]
+    assert invoke([*args, "--mask-smoothing", "0", "--output", str(tmp_path / "u.json")]).exit_code == 0
+    assert invoke([*args, "--output", str(tmp_path / "d.json")]).exit_code == 0
+    uniform, default = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("u", "d"))
+    assert (uniform["mask_smoothing"], default["mask_smoothing"]) == (0.0, 0.7)
+    expected = independent_metrics(shards, models["teacher"], models["student"], MaskingConfig(smoothing=0.0))
+    for got in uniform["models"]:
+        assert got["mlm_loss"] == pytest.approx(expected[got["name"]]["mlm_loss"], rel=1e-4)
+    assert uniform["models"][0]["mlm_loss"] != pytest.approx(default["models"][0]["mlm_loss"], rel=1e-3)
+
+
 def expect_error(args: list[str], *needles: str) -> None:
     result = CliRunner().invoke(main, ["evaluate", "--no-tracking", *args])
     assert result.exit_code == 2, result.output
@@ -213,6 +229,7 @@ def test_errors(shards, models, tmp_path):
     no_holdout = prepare(tmp_path, "train_only", holdout=0.0)
     expect_error(["--shards", str(no_holdout), "--model", models["student"]], "--holdout-fraction")
     expect_error([*base, "--model", models["student"], "--max-batches", "0"], "--max-batches")
+    expect_error([*base, "--model", models["student"], "--mask-smoothing", "-1"], "--mask-smoothing")
     result = CliRunner().invoke(main, ["evaluate", *base, "--model", models["student"], "--tracking-uri", "nowhere"])
     assert result.exit_code == 2 and "--tracking-uri" in result.stderr
     assert not (tmp_path / "r.json").exists()
