@@ -13,7 +13,6 @@ import pytest
 import zstandard
 from conftest_prepare import (
     all_file_bytes,
-    build_tokenizer,
     expected_sequences,
     make_documents,
     manifest_of,
@@ -26,11 +25,6 @@ from data_pipeline.shards import ids_dtype, npy_bytes
 from data_pipeline.tokenize import chunk_sequence, document_sequences, drop_reason
 
 MAX_LEN = 48
-
-
-@pytest.fixture(scope="module")
-def tokenizer_dir(tmp_path_factory) -> Path:
-    return build_tokenizer(tmp_path_factory.mktemp("tok"))
 
 
 @pytest.fixture(scope="module")

@@ -8,16 +8,11 @@ import os
 from pathlib import Path
 
 import pytest
-from conftest_prepare import build_tokenizer, make_documents, manifest_of, read_split, run_prepare
+from conftest_prepare import make_documents, manifest_of, read_split, run_prepare
 
 from data_pipeline import prepare as stage
 from data_pipeline import shards
 from data_pipeline.errors import UserError
-
-
-@pytest.fixture(scope="module")
-def tokenizer_dir(tmp_path_factory) -> Path:
-    return build_tokenizer(tmp_path_factory.mktemp("tok"))
 
 
 @pytest.fixture()

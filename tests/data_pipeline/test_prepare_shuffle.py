@@ -10,7 +10,6 @@ import pytest
 import webdataset as wds
 from conftest_prepare import (
     all_file_bytes,
-    build_tokenizer,
     make_documents,
     manifest_of,
     read_split,
@@ -24,11 +23,6 @@ from data_pipeline.shards import Members, ShardSetWriter, npy_bytes
 from data_pipeline.shuffle import ExternalShuffle, bucket_count
 
 MAX_LEN = 48
-
-
-@pytest.fixture(scope="module")
-def tokenizer_dir(tmp_path_factory) -> Path:
-    return build_tokenizer(tmp_path_factory.mktemp("tok"))
 
 
 @pytest.fixture(scope="module")
