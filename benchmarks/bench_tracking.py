@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "pretrain
 
 from mlflow_test_server import MlflowServer, free_port  # noqa: E402
 
-from pretrain.tracking import TrackingConfig, create_tracker  # noqa: E402
+from distil.pretrain.tracking import TrackingConfig, create_tracker  # noqa: E402
 
 METRICS = [f"metric_{i}" for i in range(16)]
 

@@ -143,7 +143,7 @@ class EagerRecipeStep:
 
 def ours_config(batch: int, zero_stage: int, restrict: bool, dtype: str):
     """The training config the trainer would run: tiny_cpu.yaml (fp32) or distilbert_bf16.yaml (bf16)."""
-    from pretrain.config import load_config
+    from distil.pretrain.config import load_config
 
     base = "configs/distilbert_bf16.yaml" if dtype == "bf16" else "configs/tiny_cpu.yaml"
     return load_config(str(REPO / base), [
@@ -163,9 +163,9 @@ class OurStep:
                  dtype: str, device: torch.device):
         import deepspeed
 
-        from pretrain.losses import DistillationObjective, uses_kl
-        from pretrain.models import load_teacher
-        from pretrain.trainer import build_ds_config, param_groups
+        from distil.pretrain.losses import DistillationObjective, uses_kl
+        from distil.pretrain.models import load_teacher
+        from distil.pretrain.trainer import build_ds_config, param_groups
 
         self.cfg = cfg = ours_config(batch, zero_stage, restrict, dtype)
         cfg.teacher.path = teacher_dir
@@ -178,7 +178,7 @@ class OurStep:
                        f"teacher {next(self.teacher.parameters()).dtype}")
 
     def __call__(self, b: Batch) -> float:
-        from pretrain.losses import teacher_outputs
+        from distil.pretrain.losses import teacher_outputs
 
         t_out = teacher_outputs(self.teacher, b["input_ids"], b["attention_mask"], b["labels"], self.cfg.loss)
         out = self.engine(b["input_ids"], b["attention_mask"], b["labels"], t_out)
@@ -302,9 +302,9 @@ def main(argv: list[str] | None = None) -> None:
         torch.set_num_threads(args.threads)
     import deepspeed  # noqa: F401 - import cost outside the timings
 
-    from pretrain.config import StudentConfig
-    from pretrain.models import build_student
-    from pretrain.trainer import FlopModel, init_distributed
+    from distil.pretrain.config import StudentConfig
+    from distil.pretrain.models import build_student
+    from distil.pretrain.trainer import FlopModel, init_distributed
 
     torch.manual_seed(0)
     teacher = build_teacher(args)

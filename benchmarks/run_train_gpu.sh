@@ -145,15 +145,15 @@ bench "base bf16" 150 "${bench_base[@]}" --dtype bf16
 # End to end through the CLI.
 corpus="$work/corpus.txt" shards="$work/shards" teacher="$work/teacher" student="$work/student"
 run_step "sample corpus" 60 "$out/e2e_prepare.log" "$py" -c \
-  "import sys; from data_pipeline.sample_corpus import write_sample_corpus as w; print(w(sys.argv[1], max_bytes=int(sys.argv[2])), 'paragraphs')" \
+  "import sys; from distil.data_pipeline.sample_corpus import write_sample_corpus as w; print(w(sys.argv[1], max_bytes=int(sys.argv[2])), 'paragraphs')" \
   "$corpus" "$corpus_bytes"
-run_step "prepare" 120 "$out/e2e_prepare.log" "$py" -m pretrain.cli prepare --input "$corpus" --output "$shards" \
+run_step "prepare" 120 "$out/e2e_prepare.log" "$py" -m distil.pretrain.cli prepare --input "$corpus" --output "$shards" \
   --train-tokenizer "$vocab" --max-seq-len 128 --holdout-fraction 0.02 --pack -q
 common=(run.max_steps="$steps" run.log_every="$log_every" checkpoint.every=0 engine.gradient_accumulation_steps=1
         "${tracking[@]}")
-run_step "teacher MLM bf16" 150 "$out/e2e_teacher.log" "$py" -m pretrain.train --config configs/bert_base_mlm.yaml \
+run_step "teacher MLM bf16" 150 "$out/e2e_teacher.log" "$py" -m distil.pretrain.train --config configs/bert_base_mlm.yaml \
   data.shards="$shards" run.output_dir="$teacher" "${common[@]}" "${teacher_arch[@]}"
-run_step "student distillation bf16" 150 "$out/e2e_student.log" "$py" -m pretrain.train \
+run_step "student distillation bf16" 150 "$out/e2e_student.log" "$py" -m distil.pretrain.train \
   --config configs/distilbert_bf16.yaml data.shards="$shards" teacher.path="$teacher/export" \
   run.output_dir="$student" engine.global_batch_size=null "${common[@]}" "${student_extra[@]}"
 {

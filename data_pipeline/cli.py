@@ -6,8 +6,8 @@ from pathlib import Path
 
 import click
 
-from data_pipeline import prepare as stage
-from data_pipeline.corpus import DOC_SEPARATORS
+from distil.data_pipeline import prepare as stage
+from distil.data_pipeline.corpus import DOC_SEPARATORS
 
 
 def _command_line(params: dict) -> list[str]:

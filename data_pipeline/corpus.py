@@ -25,7 +25,7 @@ from typing import BinaryIO, Literal
 
 import zstandard
 
-from data_pipeline.errors import UserError
+from distil.common.errors import UserError
 
 DocSeparator = Literal["line", "blank-line"]
 DOC_SEPARATORS: tuple[str, ...] = ("line", "blank-line")

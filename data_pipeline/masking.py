@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from data_pipeline.errors import UserError
+from distil.common.errors import UserError
 
 IGNORE_INDEX = -100
 

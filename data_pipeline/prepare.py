@@ -21,11 +21,12 @@ from pathlib import Path
 
 import numpy as np
 
-from data_pipeline import corpus, shards
-from data_pipeline import shuffle as shuffling
-from data_pipeline import tokenize as tk
-from data_pipeline.errors import UserError
-from data_pipeline.manifest import TOKENIZER_DIR_NAME, Manifest, SpecialTokens
+from distil.common.errors import UserError
+from distil.common.hashing import unit_floats
+from distil.data_pipeline import corpus, shards
+from distil.data_pipeline import shuffle as shuffling
+from distil.data_pipeline import tokenize as tk
+from distil.data_pipeline.manifest import TOKENIZER_DIR_NAME, Manifest, SpecialTokens
 
 DEFAULT_BATCH_BYTES = 1 << 20
 TRAINED_TOKENIZER_NAME = "wordpiece-uncased-{vocab_size}-trained"
@@ -106,13 +107,8 @@ def holdout_mask(seed: int, first_document: int, count: int, fraction: float) ->
     """Whether each document goes to the held-out split: splitmix64 of (seed, document index) < fraction."""
     if fraction <= 0.0:
         return np.zeros(count, dtype=bool)
-    with np.errstate(over="ignore"):
-        x = np.arange(first_document, first_document + count, dtype=np.uint64)
-        x = x + np.uint64(seed & 0xFFFFFFFF) * np.uint64(0x9E3779B97F4A7C15) + np.uint64(0x9E3779B97F4A7C15)
-        x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-        x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-        x = x ^ (x >> np.uint64(31))
-    return (x >> np.uint64(11)).astype(np.float64) / float(1 << 53) < fraction
+    documents = np.arange(first_document, first_document + count, dtype=np.uint64)
+    return unit_floats(seed & 0xFFFFFFFF, documents) < fraction
 
 
 def process_batch(task: tuple[int, int, list[list[str]]]) -> BatchResult:

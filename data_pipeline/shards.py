@@ -23,8 +23,8 @@ from pathlib import Path
 
 import numpy as np
 
-from data_pipeline.errors import UserError
-from data_pipeline.manifest import MANIFEST_NAME, SAMPLE_KEY, TOKEN_COUNTS_NAME, Manifest, ShardInfo
+from distil.common.errors import UserError
+from distil.data_pipeline.manifest import MANIFEST_NAME, SAMPLE_KEY, TOKEN_COUNTS_NAME, Manifest, ShardInfo
 
 TAR_BLOCK = 512
 TAR_RECORD = 20 * TAR_BLOCK  # tarfile pads a finished archive to a multiple of this

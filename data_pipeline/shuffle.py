@@ -27,7 +27,8 @@ from pathlib import Path
 
 import numpy as np
 
-from data_pipeline.shards import Members, ShardSetWriter
+from distil.common.hashing import splitmix64
+from distil.data_pipeline.shards import Members, ShardSetWriter
 
 BUCKET_BYTES = 256 << 20  # a bucket is loaded whole (and copied once in its new order)
 MAX_BUCKETS = 4096
@@ -36,18 +37,8 @@ _MIN_FLUSH_BYTES = 64 << 10
 _INDEX_ROW_BYTES = 16  # int64 member size + int64 tokens
 _MAX_SPLIT_DEPTH = 8
 _WRITE_SAMPLES = 8192  # a loaded bucket goes to the shard writer in pieces of this many samples
-_GOLDEN = 0x9E3779B97F4A7C15
 _SPLIT_SALT = 0x5EED5EED  # set apart from the held-out choice's hash
 _PERMUTE, _SPLIT = 0, 1  # what a bucket's generator is for
-
-
-def splitmix64(key: int, indices: np.ndarray) -> np.ndarray:
-    """splitmix64 of `indices + key` (uint64), one well-mixed 64-bit value per index."""
-    with np.errstate(over="ignore"):
-        x = indices.astype(np.uint64) + np.uint64(key % (1 << 64)) * np.uint64(_GOLDEN) + np.uint64(_GOLDEN)
-        x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-        x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-        return x ^ (x >> np.uint64(31))
 
 
 def bucket_count(expected_bytes: int, bucket_bytes: int = BUCKET_BYTES) -> int:

@@ -66,9 +66,15 @@ import torch
 import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from data_pipeline.batching import fixed_size_batches, pad_sequences, padded_length, token_budget_batches
-from data_pipeline.errors import UserError
-from data_pipeline.manifest import (
+from distil.common.errors import UserError
+from distil.common.hashing import mix_seed
+from distil.data_pipeline.batching import (
+    fixed_size_batches,
+    pad_sequences,
+    padded_length,
+    token_budget_batches,
+)
+from distil.data_pipeline.manifest import (
     MANIFEST_NAME,
     SAMPLE_KEY,
     TOKEN_COUNTS_NAME,
@@ -77,7 +83,7 @@ from data_pipeline.manifest import (
     load_manifest,
     shard_url,
 )
-from data_pipeline.masking import Masker, MaskingConfig, unmasked_labels
+from distil.data_pipeline.masking import Masker, MaskingConfig, unmasked_labels
 
 log = logging.getLogger(__name__)
 
@@ -415,17 +421,6 @@ def decode_sample(sample: dict[str, Any] | None, vocab_size: int, max_len: int) 
     if int(ids.max()) >= vocab_size or int(ids.min()) < 0:
         return None
     return ids
-
-
-def mix_seed(values: list[int]) -> int:
-    """A 64-bit seed from a tuple of ints (splitmix64 steps): cheap enough to run per batch."""
-    mask = (1 << 64) - 1
-    h = 0x9E3779B97F4A7C15
-    for v in values:
-        h = (h ^ (v & mask)) * 0xBF58476D1CE4E5B9 & mask
-        h = (h ^ (h >> 27)) * 0x94D049BB133111EB & mask
-        h ^= h >> 31
-    return h
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -24,8 +24,8 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from data_pipeline.errors import UserError
-from data_pipeline.manifest import SpecialTokens
+from distil.common.errors import UserError
+from distil.data_pipeline.manifest import SpecialTokens
 
 MIN_SEQUENCE_TOKENS = 12  # the original drops sequences of <= 11 tokens
 MAX_UNK_FRACTION = 0.5  # ... and those that are >= 50 % [UNK]

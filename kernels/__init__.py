@@ -9,8 +9,8 @@ All take an optional keyword `backend="auto"|"triton"|"torch"` (default from $DI
 else "auto": Triton for CUDA tensors, torch otherwise).
 """
 
-from kernels.cosine import cosine_embedding_loss
-from kernels.fused_linear import fused_linear_distillation_kl_ce
-from kernels.kl_ce import DistillLoss, distillation_kl_ce
+from distil.kernels.cosine import cosine_embedding_loss
+from distil.kernels.fused_linear import fused_linear_distillation_kl_ce
+from distil.kernels.kl_ce import DistillLoss, distillation_kl_ce
 
 __all__ = ["DistillLoss", "cosine_embedding_loss", "distillation_kl_ce", "fused_linear_distillation_kl_ce"]

@@ -14,7 +14,7 @@ from collections.abc import Callable
 
 import torch
 
-from kernels.torch_impl import cosine_rows_torch, kl_ce_rows_torch
+from distil.kernels.torch_impl import cosine_rows_torch, kl_ce_rows_torch
 
 BACKENDS = ("auto", "triton", "torch")
 BACKEND_ENV = "DISTIL_KERNELS_BACKEND"
@@ -63,7 +63,7 @@ def check_interpreted(kernel: object, device: torch.device) -> None:
 def kl_ce_rows_fn(backend: str) -> Callable[..., tuple[torch.Tensor, torch.Tensor]]:
     """The per-row KL/CE primitive for a resolved backend (see torch_impl.kl_ce_rows_torch)."""
     if backend == "triton":
-        from kernels.triton_impl import kl_ce_rows_triton
+        from distil.kernels.triton_impl import kl_ce_rows_triton
 
         return kl_ce_rows_triton
     return kl_ce_rows_torch
@@ -72,7 +72,7 @@ def kl_ce_rows_fn(backend: str) -> Callable[..., tuple[torch.Tensor, torch.Tenso
 def cosine_rows_fn(backend: str) -> Callable[..., torch.Tensor]:
     """The per-row cosine primitive for a resolved backend (see torch_impl.cosine_rows_torch)."""
     if backend == "triton":
-        from kernels.triton_impl import cosine_rows_triton
+        from distil.kernels.triton_impl import cosine_rows_triton
 
         return cosine_rows_triton
     return cosine_rows_torch

@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 from torch.autograd.function import once_differentiable
 
-from kernels._dispatch import cosine_rows_fn, resolve_backend
-from kernels.torch_impl import compute_dtype
+from distil.kernels._dispatch import cosine_rows_fn, resolve_backend
+from distil.kernels.torch_impl import compute_dtype
 
 
 def cosine_forward(

@@ -13,9 +13,15 @@ import math
 import torch
 from torch.autograd.function import once_differentiable
 
-from kernels._dispatch import kl_ce_rows_fn, resolve_backend
-from kernels.kl_ce import DistillLoss, assemble_loss, check_label_range, loss_scales, validate_loss_inputs
-from kernels.torch_impl import compute_dtype
+from distil.kernels._dispatch import kl_ce_rows_fn, resolve_backend
+from distil.kernels.kl_ce import (
+    DistillLoss,
+    assemble_loss,
+    check_label_range,
+    loss_scales,
+    validate_loss_inputs,
+)
+from distil.kernels.torch_impl import compute_dtype
 
 # Per chunk the fp32 weight-gradient accumulator is read and written once ([V, H] fp32, ~94 MB for BERT),
 # which costs more than the chunk's weight-gradient matmul itself when chunks are small on a GPU; CPU

@@ -7,8 +7,8 @@ from typing import NamedTuple
 import torch
 from torch.autograd.function import once_differentiable
 
-from kernels._dispatch import kl_ce_rows_fn, resolve_backend
-from kernels.torch_impl import compute_dtype
+from distil.kernels._dispatch import kl_ce_rows_fn, resolve_backend
+from distil.kernels.torch_impl import compute_dtype
 
 IGNORE_INDEX = -100
 # Rows per step of the torch implementation: bounds its fp32 [rows, V] temporaries.

@@ -15,8 +15,8 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels._dispatch import check_interpreted
-from kernels.torch_impl import COSINE_EPS
+from distil.kernels._dispatch import check_interpreted
+from distil.kernels.torch_impl import COSINE_EPS
 
 MAX_BLOCK_CUDA = 4096
 # Under the interpreter a smaller block keeps the column loop exercised at test-sized vocabularies.

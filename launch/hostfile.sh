@@ -9,4 +9,4 @@ hostfile="${1:?usage: launch/hostfile.sh HOSTFILE CONFIG.yaml [key=value ...]}";
 config="${1:?usage: launch/hostfile.sh HOSTFILE CONFIG.yaml [key=value ...]}"; shift
 master="${MASTER_ADDR:-$(awk 'NF && $1 !~ /^#/ {print $1; exit}' "$hostfile")}"
 exec deepspeed --hostfile "$hostfile" --master_addr "$master" --master_port "${MASTER_PORT:-29500}" \
-  --module pretrain.train --config "$config" --resume auto "$@"
+  --module distil.pretrain.train --config "$config" --resume auto "$@"

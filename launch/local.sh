@@ -9,4 +9,4 @@ if [[ -z "${NUM_GPUS:-}" ]]; then
   NUM_GPUS=$(python -c "import torch; print(max(torch.cuda.device_count(), 1))")
 fi
 exec deepspeed --num_gpus "$NUM_GPUS" --master_port "${MASTER_PORT:-29500}" \
-  --module pretrain.train --config "$config" --resume auto "$@"
+  --module distil.pretrain.train --config "$config" --resume auto "$@"

@@ -8,8 +8,8 @@ cd "$(dirname "$0")/.."
 config="${1:?usage: launch/torchrun.sh CONFIG.yaml [key=value ...]}"; shift
 nproc="${NPROC_PER_NODE:-$(python -c "import torch; print(max(torch.cuda.device_count(), 1))")}"
 if [[ "${NNODES:-1}" == 1 ]]; then
-  exec torchrun --standalone --nproc_per_node "$nproc" -m pretrain.train --config "$config" --resume auto "$@"
+  exec torchrun --standalone --nproc_per_node "$nproc" -m distil.pretrain.train --config "$config" --resume auto "$@"
 fi
 exec torchrun --nnodes "$NNODES" --nproc_per_node "$nproc" --rdzv_backend c10d \
   --rdzv_endpoint "${RDZV_ENDPOINT:?set RDZV_ENDPOINT=host:port of one node}" --rdzv_id "${RDZV_ID:-distil}" \
-  -m pretrain.train --config "$config" --resume auto "$@"
+  -m distil.pretrain.train --config "$config" --resume auto "$@"

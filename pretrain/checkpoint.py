@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import base64
 import json
-import os
 import random
 import shutil
 from dataclasses import asdict, dataclass
@@ -29,7 +28,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from data_pipeline.errors import UserError
+from distil.common.errors import UserError
+from distil.common.files import atomic_write_text
 
 LATEST = "latest"
 COMPLETE = "COMPLETE"
@@ -51,12 +51,6 @@ class Counters:
 
 def tag_for(step: int) -> str:
     return f"{PREFIX}{step:08d}"
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
 
 
 def rng_state() -> dict[str, Any]:
@@ -151,14 +145,14 @@ def save(engine: Any, ckpt_dir: Path, counters: Counters, *, stream_state: dict[
     _barrier()
     engine.save_checkpoint(str(ckpt_dir), tag=tag, save_latest=False)
     rank_state = {"stream": stream_state, "rng": rng_state()}
-    _atomic_write(path / f"rank_{rank:05d}.json", json.dumps(rank_state))
+    atomic_write_text(path / f"rank_{rank:05d}.json", json.dumps(rank_state))
     if rank == 0:
         trainer_state = {"counters": asdict(counters), "run_id": run_id, "world_size": world_size}
-        _atomic_write(path / TRAINER_STATE, json.dumps(trainer_state, indent=2))
+        atomic_write_text(path / TRAINER_STATE, json.dumps(trainer_state, indent=2))
     _barrier()
     if rank == 0:
-        _atomic_write(path / COMPLETE, tag + "\n")
-        _atomic_write(ckpt_dir / LATEST, tag + "\n")
+        atomic_write_text(path / COMPLETE, tag + "\n")
+        atomic_write_text(ckpt_dir / LATEST, tag + "\n")
         rotate(ckpt_dir, keep)
     _barrier()
     return path

@@ -12,15 +12,16 @@ import sys
 
 import click
 
-from data_pipeline.errors import UserError
+from distil.common.errors import UserError
 
 # name -> (module, attribute, one-line help shown in `distil --help`)
 COMMANDS: dict[str, tuple[str, str, str]] = {
-    "prepare": ("data_pipeline.cli", "prepare", "Raw text -> tokenised webdataset shards + manifest."),
-    "train": ("pretrain.train", "train", "Distil a BERT teacher into a DistilBERT student (or pretrain in MLM mode)."),
-    "evaluate": ("pretrain.evaluate", "evaluate", "Held-out masked-LM metrics of teacher and students, as an MLflow run."),
-    "review": ("pretrain.review", "review", "Compare the MLflow runs of an experiment."),
-    "quickstart": ("pretrain.quickstart", "quickstart", "The whole pipeline offline on a sample corpus."),
+    "prepare": ("distil.data_pipeline.cli", "prepare", "Raw text -> tokenised webdataset shards + manifest."),
+    "train": ("distil.pretrain.train", "train", "Distil a BERT teacher into a DistilBERT student (or pretrain in MLM mode)."),
+    "evaluate": ("distil.pretrain.evaluate", "evaluate", "Held-out masked-LM metrics of teacher and students, as an MLflow run."),
+    "review": ("distil.pretrain.review", "review", "Compare the MLflow runs of an experiment."),
+    "quickstart": ("distil.pretrain.quickstart", "quickstart", "The whole pipeline offline on a sample corpus."),
+    "init": ("distil.pretrain.init_files", "init", "Copy the shipped configs, DeepSpeed JSONs and launch scripts out to edit."),
 }
 
 

@@ -15,9 +15,10 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from data_pipeline.errors import UserError
-from data_pipeline.masking import MaskingConfig
-from pretrain.tracking import TrackingConfig, flatten  # noqa: F401 - flatten: the one definition, re-exported
+from distil.common import assets
+from distil.common.errors import UserError
+from distil.data_pipeline.masking import MaskingConfig
+from distil.pretrain.tracking import TrackingConfig, flatten  # noqa: F401 - flatten: the one definition, re-exported
 
 MODES = ("distill", "mlm")
 PRECISIONS = ("fp32", "fp16", "bf16")
@@ -94,7 +95,7 @@ class ScheduleConfig:
 
 @dataclass
 class EngineConfig:
-    ds_config: str = "ds_configs/cpu_zero2.json"  # relative paths: to the working directory, then the repo
+    ds_config: str = "cpu_zero2"  # a path (to the working directory, then the shipped root) or a shipped name
     zero_stage: int = 2
     precision: str = "fp16"  # fp32 | fp16 (dynamic loss scale) | bf16
     gradient_accumulation_steps: int = 1
@@ -148,9 +149,7 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
     """YAML file (optional) + dotlist overrides -> a validated TrainConfig."""
     merged: DictConfig = OmegaConf.structured(TrainConfig)
     if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise UserError(f"config file {p} does not exist: pass --config with a YAML file (see configs/)")
+        p = assets.config_path(path)
         try:
             from_file = OmegaConf.load(p)
         except Exception as e:  # yaml errors come in several types

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import tempfile
 import time
 from dataclasses import asdict, dataclass
@@ -33,8 +32,9 @@ import click
 import torch
 import torch.nn.functional as F
 
-from data_pipeline.errors import UserError
-from data_pipeline.manifest import Manifest
+from distil.common.errors import UserError
+from distil.common.files import atomic_write_json
+from distil.data_pipeline.manifest import Manifest
 
 DEFAULT_STORE_RUN_DIR = Path("runs") / "evaluate"  # default store: runs/mlflow.db, as `distil train` and review
 METRIC_NAMES = ("mlm_loss", "perplexity", "top1_accuracy", "top5_accuracy", "tokens_per_s", "kl_from_teacher",
@@ -163,8 +163,8 @@ def tokenizer_special_ids(path: str) -> dict[str, int]:
 
 
 def holdout_stream(shards: str, batch_size: int, seed: int, mask_smoothing: float = 0.7):
-    from data_pipeline.masking import MaskingConfig
-    from data_pipeline.stream import PretrainStream
+    from distil.data_pipeline.masking import MaskingConfig
+    from distil.data_pipeline.stream import PretrainStream
 
     if batch_size < 1:
         raise UserError(f"--batch-size {batch_size} must be >= 1")
@@ -272,24 +272,11 @@ def result(name: str, path: str, model: torch.nn.Module, t: _Tally, teacher_name
 # output: table, report, MLflow
 
 
-def write_json_atomic(path: Path, payload: dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as handle:
-            json.dump(payload, handle, indent=2, allow_nan=True)
-            handle.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def print_table(results: list[ModelResult], counts: dict[str, int], device: torch.device) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    from pretrain.review import _fmt, _fmt_params
+    from distil.pretrain.review import _fmt, _fmt_params
 
     table = Table(title=f"held-out masked LM: {counts['batches']} batches, {counts['masked_tokens']:,} masked "
                         f"tokens, {device.type}")
@@ -310,7 +297,7 @@ def eval_metrics(r: ModelResult) -> dict[str, float]:
 
 def tracking_config(tracking_uri: str | None, experiment: str, run_name: str | None = None):
     """The tracker settings of an evaluation run (no system metrics, no model registration), validated."""
-    from pretrain.tracking import TrackingConfig
+    from distil.pretrain.tracking import TrackingConfig
 
     cfg = TrackingConfig(tracking_uri=tracking_uri, experiment=experiment, run_name=run_name,
                          registered_model_name=None, system_metrics=False, start_timeout_s=10.0, finish_timeout_s=120.0,
@@ -327,7 +314,7 @@ def track(report: dict[str, Any], report_path: Path, results: list[ModelResult],
           experiment: str) -> None:
     """Parent run (settings, report artifact) + one child run per model. Never raises for tracking trouble:
     the tracker logs a warning and evaluation results stay in the report."""
-    from pretrain.tracking import create_tracker
+    from distil.pretrain.tracking import create_tracker
 
     def tracker_for(run_name: str):
         cfg = tracking_config(tracking_uri, experiment, run_name)
@@ -340,7 +327,7 @@ def track(report: dict[str, Any], report_path: Path, results: list[ModelResult],
                         "child_run_ids": {}, "tracking_uri": getattr(parent, "_safe_uri", lambda: None)()}
     children = []
     if parent.run_id is None:  # tracking off, or the store did not answer: the report alone holds the results
-        write_json_atomic(report_path, report)
+        atomic_write_json(report_path, report)
         parent.finish("FINISHED")
         if type(parent).__name__ != "NullTracker":
             click.echo("MLflow did not answer: this evaluation is not tracked (the report has every result)",
@@ -358,7 +345,7 @@ def track(report: dict[str, Any], report_path: Path, results: list[ModelResult],
                               **{f"eval.{k}": v for k, v in settings.items()}})
             child.log_metrics(eval_metrics(r), step=0)
             children.append(child)
-        write_json_atomic(report_path, report)  # now with the run ids
+        atomic_write_json(report_path, report)  # now with the run ids
         artifact = Path(tmp) / "report.json"
         artifact.write_text(report_path.read_text())
         parent.log_params({"mode": "evaluate", "eval.models": ",".join(r.name for r in results),
@@ -437,7 +424,7 @@ def evaluate(models: tuple[str, ...], shards: str, teacher: str | None, max_batc
     report_path = Path(output)
     if no_tracking:
         report["mlflow"] = None
-        write_json_atomic(report_path, report)
+        atomic_write_json(report_path, report)
     else:
         track(report, report_path, results, tracking_uri, experiment)
     click.echo(f"report: {report_path}")

@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import copy
-import shutil
 from pathlib import Path
 
 import torch
 from transformers import AutoTokenizer, PreTrainedModel
 
-from data_pipeline.errors import UserError
-from data_pipeline.manifest import Manifest, is_remote
+from distil.common.errors import UserError
+from distil.common.files import atomic_write_folder
+from distil.data_pipeline.manifest import Manifest, is_remote
 
 
 def tokenizer_source(manifest: Manifest, shards_base: str, teacher_path: str | None) -> str | None:
@@ -41,17 +41,13 @@ def check_tokenizer_source(source: str | None) -> None:
 
 def export_model(model: PreTrainedModel, out_dir: Path, tokenizer_from: str) -> Path:
     """Writes an fp32 copy of `model` + tokenizer to out_dir (via a temporary folder, renamed at the end)."""
-    out_dir = Path(out_dir)
-    tmp = out_dir.with_name(f".{out_dir.name}.tmp")
-    if tmp.exists():
-        shutil.rmtree(tmp)
     # A fresh model loaded from the weights: the engine's module carries hooks and may be half precision.
     clone = type(model)(copy.deepcopy(model.config))
     clone.load_state_dict({k: v.detach().to("cpu", torch.float32) for k, v in model.state_dict().items()})
     clone.eval()
-    clone.save_pretrained(tmp, safe_serialization=True)
-    AutoTokenizer.from_pretrained(tokenizer_from).save_pretrained(tmp)
-    if out_dir.exists():
-        shutil.rmtree(out_dir)
-    tmp.rename(out_dir)
-    return out_dir
+
+    def fill(folder: Path) -> None:
+        clone.save_pretrained(folder, safe_serialization=True)
+        AutoTokenizer.from_pretrained(tokenizer_from).save_pretrained(folder)
+
+    return atomic_write_folder(out_dir, fill)

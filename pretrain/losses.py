@@ -20,8 +20,8 @@ import torch
 from torch import nn
 from transformers import BertForMaskedLM, DistilBertForMaskedLM
 
-import kernels
-from pretrain.config import LossConfig
+from distil import kernels
+from distil.pretrain.config import LossConfig
 
 IGNORE = -100
 

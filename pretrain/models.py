@@ -20,9 +20,9 @@ from transformers import (
     DistilBertForMaskedLM,
 )
 
-from data_pipeline.errors import UserError
-from data_pipeline.manifest import Manifest
-from pretrain.config import BertArchConfig, StudentConfig, TeacherConfig
+from distil.common.errors import UserError
+from distil.data_pipeline.manifest import Manifest
+from distil.pretrain.config import BertArchConfig, StudentConfig, TeacherConfig
 
 log = logging.getLogger(__name__)
 

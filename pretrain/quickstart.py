@@ -15,15 +15,13 @@ from pathlib import Path
 
 import click
 
-from data_pipeline.errors import UserError
-
-REPO_ROOT = Path(__file__).resolve().parents[1]
+from distil.common.errors import UserError
 
 
 def _run(stage: str, args: list[str]) -> None:
     click.secho(f"\n== {stage}: distil {' '.join(args)}", bold=True)
     started = time.perf_counter()
-    result = subprocess.run([sys.executable, "-m", "pretrain.cli", *args], cwd=REPO_ROOT)
+    result = subprocess.run([sys.executable, "-m", "distil.pretrain.cli", *args])
     if result.returncode != 0:
         raise UserError(f"quickstart stage '{stage}' failed (exit {result.returncode}); see the output above")
     click.echo(f"== {stage} done in {time.perf_counter() - started:.0f} s")
@@ -40,7 +38,7 @@ def _run(stage: str, args: list[str]) -> None:
 def quickstart(output: str, vocab_size: int, teacher_steps: int, student_steps: int, corpus_mb: float,
                overwrite: bool) -> None:
     """Sample corpus -> shards -> MLM teacher -> distilled student -> evaluation -> review, offline on CPU."""
-    from data_pipeline.sample_corpus import write_sample_corpus
+    from distil.data_pipeline.sample_corpus import write_sample_corpus
 
     out = Path(output).resolve()
     if out.exists() and any(out.iterdir()):
@@ -59,11 +57,11 @@ def quickstart(output: str, vocab_size: int, teacher_steps: int, student_steps: 
     _run("prepare", ["prepare", "--input", str(corpus), "--output", str(shards), "--train-tokenizer",
                      str(vocab_size), "--max-seq-len", "128", "--holdout-fraction", "0.02", "--pack"])
     teacher_dir = out / "teacher"
-    _run("teacher (MLM)", ["train", "--config", str(REPO_ROOT / "configs/quickstart_teacher.yaml"),
+    _run("teacher (MLM)", ["train", "--config", "quickstart_teacher",
                            f"data.shards={shards}", f"run.output_dir={teacher_dir}",
                            f"run.max_steps={teacher_steps}", *tracking])
     student_dir = out / "student"
-    _run("student (distillation)", ["train", "--config", str(REPO_ROOT / "configs/quickstart_student.yaml"),
+    _run("student (distillation)", ["train", "--config", "quickstart_student",
                                     f"data.shards={shards}", f"teacher.path={teacher_dir / 'export'}",
                                     f"run.output_dir={student_dir}", f"run.max_steps={student_steps}",
                                     *tracking])

@@ -16,8 +16,8 @@ from typing import Any
 
 import click
 
-from data_pipeline.errors import UserError
-from pretrain.plots import is_loss
+from distil.common.errors import UserError
+from distil.pretrain.plots import is_loss
 
 DEFAULT_LOCAL_STORE = Path("runs") / "mlflow.db"  # where `distil train` keeps it with the default output_dir
 
@@ -47,7 +47,7 @@ def default_review_uri() -> str:
 
 def open_client(tracking_uri: str):
     """An MlflowClient that fails fast with a one-line UserError when the store is missing or unreachable."""
-    from pretrain.tracking import _configure_http_client
+    from distil.pretrain.tracking import _configure_http_client
 
     if tracking_uri.startswith("sqlite:///"):
         db = Path(tracking_uri[len("sqlite:///"):])
@@ -207,7 +207,7 @@ def render_table(summaries: list[RunSummary], title: str) -> None:
 
 
 def write_comparison_plot(summaries: list[RunSummary], output: Path, title: str) -> Path:
-    from pretrain.plots import plot_run_comparison
+    from distil.pretrain.plots import plot_run_comparison
 
     curves = {s.label: s.loss_curve for s in summaries if s.loss_curve[0]}
     bars: dict[str, dict[str, float]] = {}

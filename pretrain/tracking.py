@@ -82,7 +82,7 @@ class TrackingConfig:
 
     def validate(self) -> None:
         """Value checks for the trainer's config validation; each failure names the key to change."""
-        from data_pipeline.errors import UserError
+        from distil.common.errors import UserError
 
         if not self.experiment.strip():
             raise UserError("tracking.experiment must not be empty")
@@ -803,7 +803,7 @@ class MlflowTracker(NullTracker):
     def _do_loss_curves(self) -> None:
         """The run folder's metrics.jsonl as a PNG under the run's plots/ artifacts."""
         try:
-            from pretrain.plots import write_loss_curves
+            from distil.pretrain.plots import write_loss_curves
 
             png = write_loss_curves(self.run_dir)
         except Exception as error:  # noqa: BLE001 - a plot is never worth a failed run

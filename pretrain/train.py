@@ -1,8 +1,8 @@
 """`distil train`: distil a BERT teacher into a DistilBERT student (or pretrain a BERT in MLM mode).
 
     distil train --config configs/tiny_cpu.yaml run.max_steps=100 data.batch_size=8 [--resume auto]
-    deepspeed --num_gpus 8 -m pretrain.train --config configs/distilbert_base_uncased.yaml
-    torchrun --nproc_per_node 8 -m pretrain.train --config ...
+    deepspeed --num_gpus 8 -m distil.pretrain.train --config configs/distilbert_base_uncased.yaml
+    torchrun --nproc_per_node 8 -m distil.pretrain.train --config ...
 
 The DeepSpeed launcher adds `--local_rank=N`; it is accepted and ignored (LOCAL_RANK in the environment is
 what counts). Every rank parses the same config, so a config error stops all of them before any work.
@@ -16,7 +16,7 @@ import sys
 
 import click
 
-from data_pipeline.errors import UserError
+from distil.common.errors import UserError
 
 
 def _is_rank0() -> bool:
@@ -41,10 +41,10 @@ def train(config_path: str, resume: str | None, local_rank: int | None, override
     logging.basicConfig(level=logging.INFO if _is_rank0() else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        from pretrain.config import load_config
+        from distil.pretrain.config import load_config
 
         cfg = load_config(config_path, list(overrides))
-        from pretrain.trainer import NonFiniteLossError, run_training
+        from distil.pretrain.trainer import NonFiniteLossError, run_training
 
         try:
             result = run_training(cfg, resume)

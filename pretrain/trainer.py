@@ -23,10 +23,18 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from data_pipeline.errors import UserError
-from pretrain import checkpoint as ckpt
-from pretrain.config import TrainConfig, check_batch_arithmetic, flatten, to_container, to_yaml, warmup_steps
-from pretrain.losses import (
+from distil.common import assets
+from distil.common.errors import UserError
+from distil.pretrain import checkpoint as ckpt
+from distil.pretrain.config import (
+    TrainConfig,
+    check_batch_arithmetic,
+    flatten,
+    to_container,
+    to_yaml,
+    warmup_steps,
+)
+from distil.pretrain.losses import (
     DistillationObjective,
     MaskedLMObjective,
     projection_rows,
@@ -35,7 +43,6 @@ from pretrain.losses import (
 )
 
 log = logging.getLogger("distil.train")
-REPO = Path(__file__).resolve().parents[1]
 
 
 class NonFiniteLossError(RuntimeError):
@@ -97,11 +104,7 @@ def seed_everything(seed: int) -> None:
 
 # ----------------------------------------------------------------------------------------- DeepSpeed config
 def resolve_ds_config_path(path: str) -> Path:
-    p = Path(path)
-    for candidate in (p, REPO / p):
-        if candidate.is_file():
-            return candidate
-    raise UserError(f"engine.ds_config {path} does not exist: point it at a JSON in ds_configs/")
+    return assets.ds_config_path(path)
 
 
 def _fill(section: dict[str, Any], key: str, value: Any, where: str) -> None:
@@ -306,10 +309,10 @@ class Trainer:
 
     # ---------------------------------------------------------------------------------------------- setup
     def setup(self) -> None:
-        from data_pipeline.stream import PretrainStream
-        from pretrain import models
-        from pretrain.export import check_tokenizer_source, tokenizer_source
-        from pretrain.tracking import create_tracker
+        from distil.data_pipeline.stream import PretrainStream
+        from distil.pretrain import models
+        from distil.pretrain.export import check_tokenizer_source, tokenizer_source
+        from distil.pretrain.tracking import create_tracker
 
         cfg = self.cfg
         # Checks that need no process group come first, so bad input fails before DeepSpeed even loads.
@@ -328,7 +331,7 @@ class Trainer:
         if (d.rank, d.world_size) != (rank, world_size):
             raise RuntimeError(f"process group rank/world {d.rank}/{d.world_size} != launcher's {rank}/{world_size}")
         manifest = self.manifest = self.stream.manifest
-        from data_pipeline.manifest import base_of, manifest_location
+        from distil.data_pipeline.manifest import base_of, manifest_location
 
         shards_base = base_of(manifest_location(cfg.data.shards))
 
@@ -586,7 +589,7 @@ class Trainer:
                          run_id=self.tracker.run_id, world_size=self.dist.world_size, keep=self.cfg.checkpoint.keep)
 
     def export(self) -> Path | None:
-        from pretrain.export import export_model
+        from distil.pretrain.export import export_model
 
         out = None
         if self.dist.rank == 0:

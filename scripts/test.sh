@@ -5,5 +5,5 @@ cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 . .venv/bin/activate
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 DS_ACCELERATOR="${DS_ACCELERATOR:-cpu}" TOKENIZERS_PARALLELISM=false
-ruff check pretrain kernels data_pipeline tests benchmarks
+ruff check common pretrain kernels data_pipeline tests benchmarks
 python -m pytest -q "$@"

@@ -8,9 +8,9 @@ import numpy as np
 import webdataset as wds
 from click.testing import CliRunner, Result
 
-from data_pipeline.manifest import SAMPLE_KEY, Manifest, load_manifest
-from data_pipeline.tokenize import train_wordpiece
-from pretrain.cli import main
+from distil.data_pipeline.manifest import SAMPLE_KEY, Manifest, load_manifest
+from distil.data_pipeline.tokenize import train_wordpiece
+from distil.pretrain.cli import main
 
 WORDS = (
     "the quick brown fox jumps over a lazy dog while seven wizards quietly brew potent elixirs "

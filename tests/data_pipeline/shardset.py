@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import webdataset as wds
 
-from data_pipeline.manifest import (
+from distil.data_pipeline.manifest import (
     MANIFEST_NAME,
     SAMPLE_KEY,
     TOKEN_COUNTS_NAME,

@@ -2,7 +2,12 @@
 
 import numpy as np
 
-from data_pipeline.batching import fixed_size_batches, pad_sequences, padded_length, token_budget_batches
+from distil.data_pipeline.batching import (
+    fixed_size_batches,
+    pad_sequences,
+    padded_length,
+    token_budget_batches,
+)
 
 
 def padding_waste(lengths: np.ndarray, batches: list[np.ndarray]) -> int:

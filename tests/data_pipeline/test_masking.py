@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from data_pipeline.errors import UserError
-from data_pipeline.masking import IGNORE_INDEX, Masker, MaskingConfig
+from distil.common.errors import UserError
+from distil.data_pipeline.masking import IGNORE_INDEX, Masker, MaskingConfig
 
 VOCAB = 200
 PAD, UNK, CLS, SEP, MASK = 0, 1, 2, 3, 4

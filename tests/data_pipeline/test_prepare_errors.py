@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 from conftest_prepare import make_documents, manifest_of, read_split, run_prepare
 
-from data_pipeline import prepare as stage
-from data_pipeline import shards
-from data_pipeline.errors import UserError
+from distil.common.errors import UserError
+from distil.data_pipeline import prepare as stage
+from distil.data_pipeline import shards
 
 
 @pytest.fixture()

@@ -14,11 +14,11 @@ import pytest
 import torch
 from shardset import make_shard_set, npy_bytes, serial_of, write_shard
 
-from data_pipeline import stream as stream_module
-from data_pipeline.errors import UserError
-from data_pipeline.manifest import MANIFEST_NAME
-from data_pipeline.masking import IGNORE_INDEX, MaskingConfig
-from data_pipeline.stream import PretrainStream
+from distil.common.errors import UserError
+from distil.data_pipeline import stream as stream_module
+from distil.data_pipeline.manifest import MANIFEST_NAME
+from distil.data_pipeline.masking import IGNORE_INDEX, MaskingConfig
+from distil.data_pipeline.stream import PretrainStream
 
 VOCAB = 1000
 

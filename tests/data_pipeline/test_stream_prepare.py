@@ -4,8 +4,8 @@ import pytest
 import torch
 from conftest_prepare import build_tokenizer, make_documents, read_split, run_prepare
 
-from data_pipeline.masking import IGNORE_INDEX, MaskingConfig
-from data_pipeline.stream import PretrainStream
+from distil.data_pipeline.masking import IGNORE_INDEX, MaskingConfig
+from distil.data_pipeline.stream import PretrainStream
 
 
 @pytest.fixture(scope="module")

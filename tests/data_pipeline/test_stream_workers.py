@@ -6,8 +6,8 @@ import pytest
 import torch
 from shardset import make_shard_set, serial_of
 
-from data_pipeline.masking import MaskingConfig
-from data_pipeline.stream import PretrainStream
+from distil.data_pipeline.masking import MaskingConfig
+from distil.data_pipeline.stream import PretrainStream
 
 VOCAB = 1000
 pytestmark = pytest.mark.slow

@@ -8,8 +8,8 @@ import pytest
 import torch
 from kernels_test_utils import BF16_TOL, FP32_TOL, assert_close, random_case, random_rows
 
-from kernels import cosine_embedding_loss, distillation_kl_ce, fused_linear_distillation_kl_ce
-from kernels.reference import recipe_cosine, recipe_kl_ce
+from distil.kernels import cosine_embedding_loss, distillation_kl_ce, fused_linear_distillation_kl_ce
+from distil.kernels.reference import recipe_cosine, recipe_kl_ce
 
 
 def _grad_of(fn, *inputs):

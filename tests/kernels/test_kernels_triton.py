@@ -8,7 +8,7 @@ import pytest
 import torch
 from kernels_test_utils import BF16_TOL, FP32_TOL, assert_close, needs_interpreter, random_case, random_rows
 
-from kernels import cosine_embedding_loss, distillation_kl_ce, fused_linear_distillation_kl_ce
+from distil.kernels import cosine_embedding_loss, distillation_kl_ce, fused_linear_distillation_kl_ce
 
 pytestmark = needs_interpreter
 

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from data_pipeline.errors import UserError
-from pretrain import checkpoint as ckpt
+from distil.common.errors import UserError
+from distil.pretrain import checkpoint as ckpt
 
 TOUCHED = Path("/tmp/distil_test_unpickle_ran")
 

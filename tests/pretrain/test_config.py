@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from data_pipeline.errors import UserError
-from pretrain.config import check_batch_arithmetic, flatten, load_config, to_container, warmup_steps
+from distil.common.errors import UserError
+from distil.pretrain.config import check_batch_arithmetic, flatten, load_config, to_container, warmup_steps
 
 REPO = Path(__file__).resolve().parents[2]
 

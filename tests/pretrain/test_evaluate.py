@@ -24,10 +24,10 @@ from transformers import (
     GPT2Config,
 )
 
-from data_pipeline.manifest import TOKEN_COUNTS_NAME, Manifest, load_manifest
-from data_pipeline.masking import MaskingConfig
-from data_pipeline.stream import PretrainStream
-from pretrain.cli import main
+from distil.data_pipeline.manifest import TOKEN_COUNTS_NAME, Manifest, load_manifest
+from distil.data_pipeline.masking import MaskingConfig
+from distil.data_pipeline.stream import PretrainStream
+from distil.pretrain.cli import main
 
 WORDS = ("the quick brown fox jumps over a lazy dog while seven wizards quietly brew potent elixirs under an "
          "amber moon and distant rivers carry stories of ancient kingdoms toward the sea").split()

@@ -7,9 +7,9 @@ from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processor
 from trainer_helpers import tiny_bert
 from transformers import AutoModelForMaskedLM, AutoTokenizer, BertTokenizerFast, pipeline
 
-from pretrain.config import StudentConfig
-from pretrain.export import export_model
-from pretrain.models import build_student
+from distil.pretrain.config import StudentConfig
+from distil.pretrain.export import export_model
+from distil.pretrain.models import build_student
 
 SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 

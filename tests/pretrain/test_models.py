@@ -6,9 +6,9 @@ import pytest
 import torch
 from trainer_helpers import tiny_bert, tiny_manifest
 
-from data_pipeline.errors import UserError
-from pretrain.config import StudentConfig, TeacherConfig
-from pretrain.models import (
+from distil.common.errors import UserError
+from distil.pretrain.config import StudentConfig, TeacherConfig
+from distil.pretrain.models import (
     build_student,
     check_compatible,
     even_layer_map,

@@ -8,9 +8,9 @@ import torch
 from torch import nn
 from trainer_helpers import tiny_bert
 
-from pretrain.config import LossConfig, StudentConfig
-from pretrain.losses import DistillationObjective, MaskedLMObjective, projection_rows, teacher_outputs
-from pretrain.models import build_student
+from distil.pretrain.config import LossConfig, StudentConfig
+from distil.pretrain.losses import DistillationObjective, MaskedLMObjective, projection_rows, teacher_outputs
+from distil.pretrain.models import build_student
 
 
 def make_batch(seed: int = 0):

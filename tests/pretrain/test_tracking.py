@@ -17,7 +17,7 @@ mlflow = pytest.importorskip("mlflow")
 
 from mlflow_test_server import MlflowServer, free_port, running_server  # noqa: E402
 
-from pretrain.tracking import (  # noqa: E402
+from distil.pretrain.tracking import (  # noqa: E402
     MlflowTracker,
     NodeReporter,
     NullTracker,
@@ -291,7 +291,7 @@ def test_server_script_rejects_bad_options_in_one_line(args, message):
                                           ({"retry_interval_s": 0}, "tracking.retry_interval_s"),
                                           ({"max_buffered_metrics": 0}, "tracking.max_buffered_metrics")])
 def test_config_errors_name_the_key(changes, key):
-    from data_pipeline.errors import UserError
+    from distil.common.errors import UserError
 
     TrackingConfig().validate()
     TrackingConfig(tracking_uri="http://127.0.0.1:5000", registered_model_name=None).validate()

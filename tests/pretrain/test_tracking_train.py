@@ -45,7 +45,7 @@ def server(tmp_path_factory):
 @pytest.fixture(scope="module")
 def teacher(shards, server, tmp_path_factory) -> Path:  # noqa: F811
     out = tmp_path_factory.mktemp("tracked-teacher")
-    run([sys.executable, "-m", "pretrain.train", "--config", "configs/tiny_mlm_cpu.yaml", f"data.shards={shards}",
+    run([sys.executable, "-m", "distil.pretrain.train", "--config", "configs/tiny_mlm_cpu.yaml", f"data.shards={shards}",
          f"run.output_dir={out}", "run.max_steps=20", "run.log_every=5", "checkpoint.every=20",
          *tracking_overrides(server, "teacher", "e2e-teacher")])
     return out
@@ -53,7 +53,7 @@ def teacher(shards, server, tmp_path_factory) -> Path:  # noqa: F811
 
 def distill_command(shards: Path, teacher: Path, out: Path, server: MlflowServer, *extra: str) -> list[str]:  # noqa: F811
     return [str(BIN / "deepspeed"), "--num_gpus", "2", "--master_port", str(free_port()), "--module",
-            "pretrain.train", "--config", "configs/tiny_cpu.yaml", f"data.shards={shards}",
+            "distil.pretrain.train", "--config", "configs/tiny_cpu.yaml", f"data.shards={shards}",
             f"teacher.path={teacher / 'export'}", f"run.output_dir={out}", "run.max_steps=16", "run.log_every=2",
             "checkpoint.every=2", "checkpoint.keep=2", *tracking_overrides(server, "student", "e2e-student"),
             *extra]

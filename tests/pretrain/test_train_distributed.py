@@ -74,7 +74,7 @@ def teacher_run(shards, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("teacher")
     args = ["--config", "configs/tiny_mlm_cpu.yaml", f"data.shards={shards}", f"run.output_dir={out}",
             "run.max_steps=40", "run.log_every=5", "checkpoint.every=100", "engine.zero_stage=0"]
-    proc = subprocess.Popen([sys.executable, "-m", "pretrain.train", *args], cwd=REPO, env=env(),
+    proc = subprocess.Popen([sys.executable, "-m", "distil.pretrain.train", *args], cwd=REPO, env=env(),
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     metrics = out / "metrics.jsonl"
     deadline = time.monotonic() + 300
@@ -175,7 +175,7 @@ def test_nonfinite_losses_stop_the_run_and_keep_the_last_good_checkpoint(shards,
     """lr=1e30 blows the weights up after one update; the following losses are NaN, their updates are
     skipped, and after run.max_nonfinite_steps of them the run stops with one error line."""
     out = tmp_path / "nan"
-    p = subprocess.run([sys.executable, "-m", "pretrain.train", "--config", "configs/tiny_mlm_cpu.yaml",
+    p = subprocess.run([sys.executable, "-m", "distil.pretrain.train", "--config", "configs/tiny_mlm_cpu.yaml",
                         f"data.shards={shards}", f"run.output_dir={out}", "run.max_steps=20", "optim.lr=1e30",
                         "checkpoint.every=1", "run.max_nonfinite_steps=3"],
                        cwd=REPO, env=env(), capture_output=True, text=True, timeout=300)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from transformers import BertConfig, BertForMaskedLM
 
-from data_pipeline.manifest import Manifest, ShardInfo, SpecialTokens
+from distil.data_pipeline.manifest import Manifest, ShardInfo, SpecialTokens
 
 VOCAB = 120
 
