@@ -28,7 +28,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "data_pip
 from shardset import make_shard_set  # noqa: E402 - the test suite's shard set builder
 
 from distil.data_pipeline.masking import MaskingConfig  # noqa: E402
-from distil.data_pipeline.stream import PretrainStream, decode_sample  # noqa: E402
+from distil.data_pipeline.read import decode_sample  # noqa: E402
+from distil.data_pipeline.stream import PretrainStream  # noqa: E402
 
 VOCAB = 30522
 MAX_LEN = 512

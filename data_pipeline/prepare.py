@@ -34,17 +34,19 @@ TRAINED_TOKENIZER_NAME = "wordpiece-uncased-{vocab_size}-trained"
 
 @dataclass
 class PrepareConfig:
-    inputs: list[str]
-    output: Path
+    """`distil prepare`'s settings: a YAML file (`--config`), its options and `key=value` overrides."""
+
+    inputs: list[str] = field(default_factory=list)  # text / JSONL / Parquet files, folders or globs
+    output: Path | None = None  # folder for the shard set
     tokenizer: str | None = None
     train_tokenizer: int | None = None  # vocab size of a WordPiece trained on the corpus
     max_seq_len: int = 512
-    workers: int | None = 1  # None: one per CPU, fewer for a small corpus
+    workers: int | None = None  # None: one per CPU, fewer for a small corpus
     pack: bool = False
     holdout_fraction: float = 0.0
     shard_size_mb: float = 256.0
     text_field: str = "text"
-    doc_separator: corpus.DocSeparator = "line"
+    doc_separator: str = "line"  # "line" | "blank-line"
     overwrite: bool = False
     seed: int = 0
     shuffle: bool = True  # write each split's sequences in a random order seeded by `seed`, not corpus order
@@ -54,6 +56,10 @@ class PrepareConfig:
     shuffle_bucket_bytes: int = shuffling.BUCKET_BYTES
 
     def validate(self) -> None:
+        if not self.inputs:
+            raise UserError("give at least one --input PATH (or inputs: [...] in the --config file)")
+        if self.output is None:
+            raise UserError("give --output FOLDER (or output: in the --config file) for the shard set")
         if (self.tokenizer is None) == (self.train_tokenizer is None):
             raise UserError("pass exactly one of --tokenizer NAME_OR_DIR and --train-tokenizer VOCAB_SIZE")
         if self.train_tokenizer is not None and self.train_tokenizer < 100:

@@ -10,12 +10,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
-from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import OmegaConfBaseException
-
-from distil.common import assets
+from distil.common.config import load_structured, to_container, to_yaml  # noqa: F401 - re-exported
 from distil.common.errors import UserError
 from distil.data_pipeline.masking import MaskingConfig
 from distil.pretrain.tracking import TrackingConfig, flatten  # noqa: F401 - flatten: the one definition, re-exported
@@ -139,36 +135,10 @@ class TrainConfig:
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
 
-def _one_line(e: OmegaConfBaseException) -> str:
-    first = str(e).splitlines()[0] if str(e) else type(e).__name__
-    key = getattr(e, "full_key", None)
-    return f"{first} (key: {key})" if key and str(key) not in first else first
-
-
 def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> TrainConfig:
-    """YAML file (optional) + dotlist overrides -> a validated TrainConfig."""
-    merged: DictConfig = OmegaConf.structured(TrainConfig)
-    if path is not None:
-        p = assets.config_path(path)
-        try:
-            from_file = OmegaConf.load(p)
-        except Exception as e:  # yaml errors come in several types
-            raise UserError(f"config file {p} is not valid YAML: {str(e).splitlines()[0]}") from None
-        if not isinstance(from_file, DictConfig):
-            raise UserError(f"config file {p} must hold a mapping of sections (mode, teacher, data, ...)")
-        try:
-            merged = OmegaConf.merge(merged, from_file)
-        except OmegaConfBaseException as e:
-            raise UserError(f"config file {p}: {_one_line(e)}") from None
-    for item in overrides:
-        if "=" not in item:
-            raise UserError(f"override {item!r} is not key=value (e.g. run.max_steps=100)")
-    try:
-        merged = OmegaConf.merge(merged, OmegaConf.from_dotlist(list(overrides)))
-        cfg = OmegaConf.to_object(merged)
-    except OmegaConfBaseException as e:
-        raise UserError(f"config override: {_one_line(e)}") from None
-    assert isinstance(cfg, TrainConfig)
+    """YAML file (a path or a shipped name; optional) + dotlist overrides -> a validated TrainConfig."""
+    cfg = load_structured(TrainConfig, path, overrides, sections="sections (mode, teacher, data, ...)",
+                          example="run.max_steps=100")
     validate(cfg)
     return cfg
 
@@ -255,11 +225,3 @@ def warmup_steps(cfg: TrainConfig, total_steps: int) -> int:
     if cfg.schedule.warmup_steps is not None:
         return min(cfg.schedule.warmup_steps, total_steps)
     return int(math.ceil(cfg.schedule.warmup_fraction * total_steps))
-
-
-def to_container(cfg: TrainConfig) -> dict[str, Any]:
-    return OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)  # type: ignore[return-value]
-
-
-def to_yaml(cfg: TrainConfig) -> str:
-    return OmegaConf.to_yaml(OmegaConf.structured(cfg))

@@ -19,67 +19,54 @@ evaluated model with its eval* columns. The store is chosen as for training (pre
 
 from __future__ import annotations
 
-import json
-import math
 import tempfile
-import time
-from dataclasses import asdict, dataclass
-from datetime import UTC, datetime
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 import click
 import torch
-import torch.nn.functional as F
 
+from distil.common.config import is_override, load_structured
 from distil.common.errors import UserError
 from distil.common.files import atomic_write_json
-from distil.data_pipeline.manifest import Manifest
+from distil.common.formatting import fmt_count, fmt_number
+from distil.pretrain.heldout import ModelResult, eval_metrics, run_evaluation
+from distil.pretrain.models import load_masked_lm
 
 DEFAULT_STORE_RUN_DIR = Path("runs") / "evaluate"  # default store: runs/mlflow.db, as `distil train` and review
-METRIC_NAMES = ("mlm_loss", "perplexity", "top1_accuracy", "top5_accuracy", "tokens_per_s", "kl_from_teacher",
-                "teacher_agreement")
 
 
 @dataclass
-class ModelResult:
-    """What the report holds for one model."""
+class EvaluateConfig:
+    """`distil evaluate`'s settings: a YAML file (`--config`), its options and `key=value` overrides."""
 
-    name: str
-    path: str
-    role: str  # "teacher" or "student"
-    model_type: str
-    num_parameters: int
-    mlm_loss: float
-    perplexity: float
-    top1_accuracy: float
-    top5_accuracy: float
-    masked_tokens: int
-    tokens: int
-    forward_seconds: float
-    tokens_per_s: float | None
-    kl_from_teacher: float | None = None
-    teacher_agreement: float | None = None
+    models: list[str] = field(default_factory=list)  # exported masked-LM folders (a run's export/)
+    shards: str | None = None  # a shard set made by distil prepare with a held-out split
+    teacher: str | None = None  # also evaluated; students then get KL(teacher||student) and agreement
+    max_batches: int | None = None  # None: the whole held-out split
+    batch_size: int = 32
+    seed: int = 0  # seed of the masks: same seed, same batches
+    mask_smoothing: float = 0.7  # masking probability ~ count^-S; 0: uniform, as BERT's own evaluation
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    output: str = "eval_report.json"
+    tracking: bool = True
+    tracking_uri: str | None = None  # default: MLFLOW_TRACKING_URI, else runs/mlflow.db
+    experiment: str = "distil"
 
-
-class _Tally:
-    """Running sums over the masked positions of one model."""
-
-    def __init__(self) -> None:
-        self.loss_sum = 0.0
-        self.top1 = 0
-        self.top5 = 0
-        self.masked = 0
-        self.kl_sum = 0.0
-        self.agree = 0
-        self.tokens = 0
-        self.timed_tokens = 0
-        self.timed_seconds = 0.0
-        self.seconds = 0.0
-
-
-# ----------------------------------------------------------------------------------------------------------
-# loading and checking
+    def validate(self) -> None:
+        if not self.models and not self.teacher:
+            raise UserError("give at least one --model (or --teacher) folder")
+        if not self.shards:
+            raise UserError("give --shards (a shard set made by distil prepare with --holdout-fraction > 0)")
+        if self.max_batches is not None and self.max_batches < 1:
+            raise UserError(f"--max-batches {self.max_batches} must be >= 1")
+        if self.batch_size < 1:
+            raise UserError(f"--batch-size {self.batch_size} must be >= 1")
+        if self.mask_smoothing < 0:
+            raise UserError(f"--mask-smoothing {self.mask_smoothing} must be >= 0 (0: uniform, as BERT; 0.7: the "
+                            "recipe's)")
 
 
 def model_name(path: str, taken: set[str]) -> str:
@@ -93,83 +80,10 @@ def model_name(path: str, taken: set[str]) -> str:
     return name
 
 
-def load_model(path: str, manifest: Manifest, device: torch.device) -> torch.nn.Module:
-    """An exported HF masked-LM folder, checked against the shards, in eval mode on `device`."""
-    from transformers import AutoConfig, AutoModelForMaskedLM
-
-    folder = Path(path)
-    if not folder.is_dir():
-        raise UserError(f"--model/--teacher {path}: no such folder (give a model folder exported by distil train)")
-    if not (folder / "config.json").is_file():
-        raise UserError(f"{path} has no config.json: give a folder saved with save_pretrained (a run's export/)")
-    try:
-        config = AutoConfig.from_pretrained(str(folder))
-        model, info = AutoModelForMaskedLM.from_pretrained(str(folder), output_loading_info=True)
-    except (OSError, ValueError, KeyError) as error:
-        first = str(error).strip().splitlines()[0][:200] if str(error).strip() else type(error).__name__
-        raise UserError(f"{path} is not a masked-LM model folder ({config_type(folder)}): {first}") from None
-    missing = info.get("missing_keys") or []
-    if missing:
-        raise UserError(f"{path} has no trained masked-LM head or weights (missing {sorted(missing)[0]}, ...): "
-                        "give a BertForMaskedLM / DistilBertForMaskedLM export")
-    check_against_manifest(path, config, manifest)
-    model.to(device)
-    model.eval()
-    model.requires_grad_(False)
-    return model
-
-
-def config_type(folder: Path) -> str:
-    try:
-        return "model_type " + repr(json.loads((folder / "config.json").read_text()).get("model_type"))
-    except (OSError, ValueError):
-        return "unreadable config.json"
-
-
-def check_against_manifest(path: str, config: Any, manifest: Manifest) -> None:
-    """Vocabulary, special tokens and positions must match the shards (else garbage or an index error)."""
-    if config.vocab_size != manifest.vocab_size:
-        raise UserError(f"{path}: vocab_size {config.vocab_size} != the shards' {manifest.vocab_size}; evaluate on "
-                        "shards prepared with this model's tokenizer (distil prepare --tokenizer <model dir>)")
-    pad = getattr(config, "pad_token_id", None)
-    if pad is not None and pad != manifest.special_tokens.pad:
-        raise UserError(f"{path}: pad_token_id {pad} != the shards' pad id {manifest.special_tokens.pad}; the "
-                        "shards were tokenised with another tokenizer")
-    max_pos = getattr(config, "max_position_embeddings", None)
-    if max_pos is not None and max_pos < manifest.max_len:
-        raise UserError(f"{path}: max_position_embeddings {max_pos} < the shards' max_len {manifest.max_len}; "
-                        "prepare the shards with a smaller --max-seq-len")
-    tokenizer_ids = tokenizer_special_ids(path)
-    shards_ids = asdict(manifest.special_tokens)
-    diff = {k: (v, shards_ids[k]) for k, v in tokenizer_ids.items() if shards_ids.get(k) != v}
-    if diff:
-        raise UserError(f"{path}: tokenizer special token ids differ from the shards' (model, shards): {diff}; "
-                        "evaluate on shards prepared with this model's tokenizer")
-
-
-def tokenizer_special_ids(path: str) -> dict[str, int]:
-    """Special token ids of the tokenizer saved beside the model; {} when there is none."""
-    if not any((Path(path) / f).is_file() for f in ("tokenizer.json", "vocab.txt", "tokenizer_config.json")):
-        return {}
-    from transformers import AutoTokenizer
-
-    try:
-        tok = AutoTokenizer.from_pretrained(path)
-    except (OSError, ValueError):
-        return {}
-    ids = {"pad": tok.pad_token_id, "cls": tok.cls_token_id, "sep": tok.sep_token_id, "mask": tok.mask_token_id,
-           "unk": tok.unk_token_id}
-    return {k: v for k, v in ids.items() if v is not None}
-
-
 def holdout_stream(shards: str, batch_size: int, seed: int, mask_smoothing: float = 0.7):
     from distil.data_pipeline.masking import MaskingConfig
     from distil.data_pipeline.stream import PretrainStream
 
-    if batch_size < 1:
-        raise UserError(f"--batch-size {batch_size} must be >= 1")
-    if mask_smoothing < 0:
-        raise UserError(f"--mask-smoothing {mask_smoothing} must be >= 0 (0: uniform, as BERT; 0.7: the recipe's)")
     return PretrainStream(shards, split="holdout", batch_size=batch_size,
                           masking=MaskingConfig(smoothing=mask_smoothing), seed=seed, num_workers=0)
 
@@ -182,117 +96,19 @@ def pick_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-# ----------------------------------------------------------------------------------------------------------
-# the evaluation loop
-
-
-def masked_logits(model: torch.nn.Module, batch: dict[str, torch.Tensor], positions: torch.Tensor,
-                  device: torch.device) -> tuple[torch.Tensor, float]:
-    """fp32 logits at the masked positions [M, V] and the forward time in seconds (device synchronised)."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    start = time.perf_counter()
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    seconds = time.perf_counter() - start
-    return logits[positions].float(), seconds
-
-
-def score(tally: _Tally, logits: torch.Tensor, targets: torch.Tensor, teacher_log_probs: torch.Tensor | None,
-          teacher_top1: torch.Tensor | None) -> None:
-    tally.loss_sum += F.cross_entropy(logits, targets, reduction="sum").item()
-    top5 = logits.topk(min(5, logits.shape[-1]), dim=-1).indices
-    tally.top1 += (top5[:, 0] == targets).sum().item()
-    tally.top5 += (top5 == targets[:, None]).any(dim=-1).sum().item()
-    tally.masked += targets.numel()
-    if teacher_log_probs is not None:
-        log_probs = F.log_softmax(logits, dim=-1)
-        tally.kl_sum += F.kl_div(log_probs, teacher_log_probs, reduction="sum", log_target=True).item()
-        tally.agree += (top5[:, 0] == teacher_top1).sum().item()
-
-
-def run_evaluation(models: list[tuple[str, str, torch.nn.Module]], stream, device: torch.device,
-                   max_batches: int | None, teacher_name: str | None,
-                   progress: Any | None = None) -> tuple[list[ModelResult], dict[str, int]]:
-    """models: (name, path, model); the teacher, if any, first. Every batch goes through every model."""
-    tallies = {name: _Tally() for name, _, _ in models}
-    counts = {"batches": 0, "sequences": 0, "tokens": 0, "masked_tokens": 0}
-    with torch.inference_mode():
-        for index, cpu_batch in enumerate(stream):
-            if max_batches is not None and index >= max_batches:
-                break
-            batch = {k: v.to(device) for k, v in cpu_batch.items()}
-            positions = batch["labels"] != -100
-            targets = batch["labels"][positions]
-            tokens = int(cpu_batch["attention_mask"].sum())
-            counts["batches"] += 1
-            counts["sequences"] += int(cpu_batch["input_ids"].shape[0])
-            counts["tokens"] += tokens
-            counts["masked_tokens"] += int(targets.numel())
-            teacher_log_probs = teacher_top1 = None
-            for name, _, model in models:
-                logits, seconds = masked_logits(model, batch, positions, device)
-                tally = tallies[name]
-                tally.tokens += tokens
-                tally.seconds += seconds
-                if index > 0:  # the first batch is warm-up (allocator, kernels) when more follow
-                    tally.timed_tokens += tokens
-                    tally.timed_seconds += seconds
-                if name == teacher_name:
-                    score(tally, logits, targets, None, None)
-                    teacher_log_probs = F.log_softmax(logits, dim=-1)
-                    teacher_top1 = logits.argmax(dim=-1)
-                else:
-                    score(tally, logits, targets, teacher_log_probs, teacher_top1)
-            if progress is not None:
-                progress()
-    if counts["batches"] == 0:
-        raise UserError("the held-out split gave no batches: re-run distil prepare with a larger --holdout-fraction")
-    if counts["masked_tokens"] == 0:
-        raise UserError("no masked tokens in the evaluated batches: raise --max-batches or --batch-size")
-    return [result(name, path, model, tallies[name], teacher_name) for name, path, model in models], counts
-
-
-def result(name: str, path: str, model: torch.nn.Module, t: _Tally, teacher_name: str | None) -> ModelResult:
-    loss = t.loss_sum / t.masked
-    seconds, tokens = (t.timed_seconds, t.timed_tokens) if t.timed_tokens else (t.seconds, t.tokens)
-    is_student = teacher_name is not None and name != teacher_name
-    return ModelResult(
-        name=name, path=str(path), role="teacher" if name == teacher_name else "student",
-        model_type=model.config.model_type, num_parameters=int(model.num_parameters()), mlm_loss=loss,
-        perplexity=math.exp(loss) if loss < 700 else math.inf, top1_accuracy=t.top1 / t.masked,
-        top5_accuracy=t.top5 / t.masked, masked_tokens=t.masked, tokens=t.tokens, forward_seconds=t.seconds,
-        tokens_per_s=tokens / seconds if seconds > 0 else None,
-        kl_from_teacher=t.kl_sum / t.masked if is_student else None,
-        teacher_agreement=t.agree / t.masked if is_student else None)
-
-
-# ----------------------------------------------------------------------------------------------------------
-# output: table, report, MLflow
-
-
 def print_table(results: list[ModelResult], counts: dict[str, int], device: torch.device) -> None:
     from rich.console import Console
     from rich.table import Table
-
-    from distil.pretrain.review import _fmt, _fmt_params
 
     table = Table(title=f"held-out masked LM: {counts['batches']} batches, {counts['masked_tokens']:,} masked "
                         f"tokens, {device.type}")
     for column in ("model", "role", "params", "loss", "ppl", "top-1", "top-5", "KL(t||s)", "agree", "tokens/s"):
         table.add_column(column, justify="left" if column in ("model", "role") else "right")
     for r in results:
-        table.add_row(r.name, r.role, _fmt_params(r.num_parameters), _fmt(r.mlm_loss), _fmt(r.perplexity),
-                      _fmt(r.top1_accuracy, ".3f"), _fmt(r.top5_accuracy, ".3f"), _fmt(r.kl_from_teacher),
-                      _fmt(r.teacher_agreement, ".3f"), _fmt(r.tokens_per_s, ",.0f"))
+        table.add_row(r.name, r.role, fmt_count(r.num_parameters), fmt_number(r.mlm_loss), fmt_number(r.perplexity),
+                      fmt_number(r.top1_accuracy, ".3f"), fmt_number(r.top5_accuracy, ".3f"), fmt_number(r.kl_from_teacher),
+                      fmt_number(r.teacher_agreement, ".3f"), fmt_number(r.tokens_per_s, ",.0f"))
     Console(width=max(130, Console().width)).print(table)
-
-
-def eval_metrics(r: ModelResult) -> dict[str, float]:
-    """The model's MLflow metrics: eval_<name>, so `distil review` shows them as columns."""
-    values = {name: getattr(r, name) for name in METRIC_NAMES}
-    return {f"eval_{k}": float(v) for k, v in values.items() if v is not None and math.isfinite(v)}
 
 
 def tracking_config(tracking_uri: str | None, experiment: str, run_name: str | None = None):
@@ -356,37 +172,31 @@ def track(report: dict[str, Any], report_path: Path, results: list[ModelResult],
         parent.finish("FINISHED")  # waits until the artifact was sent, before the temp folder goes
 
 
-def evaluate_models(model_paths: tuple[str, ...], shards: str, teacher: str | None, max_batches: int | None,
-                    batch_size: int, seed: int, device_name: str,
-                    mask_smoothing: float = 0.7) -> tuple[dict[str, Any], list[ModelResult]]:
+def evaluate_models(cfg: EvaluateConfig) -> tuple[dict[str, Any], list[ModelResult]]:
     """Loads and checks every model, evaluates them on the same held-out batches; returns (report, results)."""
-    if not model_paths and not teacher:
-        raise UserError("give at least one --model (or --teacher) folder")
-    if max_batches is not None and max_batches < 1:
-        raise UserError(f"--max-batches {max_batches} must be >= 1")
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # one "Loading weights" bar per model otherwise
-    device = pick_device(device_name)
-    stream = holdout_stream(shards, batch_size, seed, mask_smoothing)
+    device = pick_device(cfg.device)
+    stream = holdout_stream(cfg.shards, cfg.batch_size, cfg.seed, cfg.mask_smoothing)
     taken: set[str] = set()
     entries = []
     teacher_name = None
-    if teacher:
-        teacher_name = model_name(teacher, taken)
-        entries.append((teacher_name, teacher))
-    entries += [(model_name(p, taken), p) for p in model_paths]
-    loaded = [(name, path, load_model(path, stream.manifest, device)) for name, path in entries]
-    total = min(stream.batches_per_epoch(), max_batches or stream.batches_per_epoch())
+    if cfg.teacher:
+        teacher_name = model_name(cfg.teacher, taken)
+        entries.append((teacher_name, cfg.teacher))
+    entries += [(model_name(p, taken), p) for p in cfg.models]
+    loaded = [(name, path, load_masked_lm(path, stream.manifest, device)) for name, path in entries]
+    total = min(stream.batches_per_epoch(), cfg.max_batches or stream.batches_per_epoch())
     from tqdm import tqdm
 
     with tqdm(total=total, desc="evaluate", unit="batch", leave=False, disable=None) as bar:
-        results, counts = run_evaluation(loaded, stream, device, max_batches, teacher_name,
+        results, counts = run_evaluation(loaded, stream, device, cfg.max_batches, teacher_name,
                                          progress=lambda: bar.update(1))
     report = {
-        "created": datetime.now(UTC).isoformat(timespec="seconds"), "shards": str(shards), "split": "holdout",
-        "batch_size": batch_size, "seed": seed, "mask_smoothing": mask_smoothing, "max_batches": max_batches,
-        "device": str(device),
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"), "shards": str(cfg.shards),
+        "split": "holdout", "batch_size": cfg.batch_size, "seed": cfg.seed, "mask_smoothing": cfg.mask_smoothing,
+        "max_batches": cfg.max_batches, "device": str(device),
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "torch_threads": torch.get_num_threads(), "teacher": teacher_name, **counts,
         "models": [asdict(r) for r in results],
@@ -395,36 +205,51 @@ def evaluate_models(model_paths: tuple[str, ...], shards: str, teacher: str | No
     return report, results
 
 
-@click.command("evaluate")
+def load_evaluate_config(config_path: str | None, overrides: tuple[str, ...], options: dict) -> EvaluateConfig:
+    """`--config` file < options < `key=value` arguments."""
+    bad = [a for a in overrides if not is_override(a)]
+    if bad:
+        raise UserError(f"unexpected argument {bad[0]!r}: settings go as key=value (e.g. batch_size=16) or options")
+    shortcuts = dict(options)
+    shortcuts["models"] = list(shortcuts["models"]) or None
+    shortcuts["tracking"] = False if shortcuts.pop("no_tracking") else None
+    cfg = load_structured(EvaluateConfig, config_path, overrides, shortcuts=shortcuts, example="batch_size=16")
+    cfg.validate()
+    return cfg
+
+
+@click.command("evaluate", context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--config", "config_path", metavar="FILE",
+              help="YAML file with any of the settings below (keys as the long options, with _: batch_size; "
+                   "models: a list). Options and key=value arguments override it.")
+@click.argument("overrides", nargs=-1, metavar="[key=value]...")
 @click.option("--model", "models", multiple=True, metavar="DIR",
               help="An exported masked-LM folder (a run's export/). Repeat for several.")
-@click.option("--shards", required=True, metavar="SHARDS", help="Shard set made by distil prepare with a held-out split.")
+@click.option("--shards", metavar="SHARDS", help="Shard set made by distil prepare with a held-out split.  [required]")
 @click.option("--teacher", metavar="DIR", help="Teacher folder: also evaluated, and students get KL + agreement.")
 @click.option("--max-batches", type=int, help="Evaluate at most this many held-out batches (default: all).")
-@click.option("--batch-size", type=int, default=32, show_default=True)
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the masks (same seed, same batches).")
-@click.option("--mask-smoothing", type=float, default=0.7, show_default=True,
+@click.option("--batch-size", type=int, help="  [default: 32]")
+@click.option("--seed", type=int, help="Seed of the masks (same seed, same batches).  [default: 0]")
+@click.option("--mask-smoothing", type=float,
               help="Which tokens are masked: probability ~ count^-S (0.7: the recipe's, favouring rare tokens; "
-                   "0: uniform, as BERT's own evaluation).")
-@click.option("--device", "device_name", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
-@click.option("--output", type=click.Path(dir_okay=False), default="eval_report.json", show_default=True,
-              help="JSON report (written atomically).")
+                   "0: uniform, as BERT's own evaluation).  [default: 0.7]")
+@click.option("--device", help="auto, cpu, cuda or cuda:N.  [default: auto]")
+@click.option("--output", type=click.Path(dir_okay=False),
+              help="JSON report (written atomically).  [default: eval_report.json]")
 @click.option("--tracking-uri", help="MLflow store or server (default: MLFLOW_TRACKING_URI, else runs/mlflow.db).")
-@click.option("--experiment", default="distil", show_default=True, help="MLflow experiment.")
+@click.option("--experiment", help="MLflow experiment.  [default: distil]")
 @click.option("--no-tracking", is_flag=True, help="Do not log to MLflow.")
-def evaluate(models: tuple[str, ...], shards: str, teacher: str | None, max_batches: int | None, batch_size: int,
-             seed: int, mask_smoothing: float, device_name: str, output: str, tracking_uri: str | None,
-             experiment: str, no_tracking: bool) -> None:
+def evaluate(config_path: str | None, overrides: tuple[str, ...], **options) -> None:
     """Held-out masked-LM loss, perplexity, top-1/5 accuracy, size and throughput of each model (with
     --teacher: KL(teacher||student) and top-1 agreement), as a table, a JSON report and MLflow runs."""
-    if not no_tracking:
-        tracking_config(tracking_uri, experiment)  # a bad URI fails before the models are run
-    report, results = evaluate_models(models, shards, teacher, max_batches, batch_size, seed, device_name,
-                                      mask_smoothing)
-    report_path = Path(output)
-    if no_tracking:
+    cfg = load_evaluate_config(config_path, overrides, options)
+    if cfg.tracking:
+        tracking_config(cfg.tracking_uri, cfg.experiment)  # a bad URI fails before the models are run
+    report, results = evaluate_models(cfg)
+    report_path = Path(cfg.output)
+    if not cfg.tracking:
         report["mlflow"] = None
         atomic_write_json(report_path, report)
     else:
-        track(report, report_path, results, tracking_uri, experiment)
+        track(report, report_path, results, cfg.tracking_uri, cfg.experiment)
     click.echo(f"report: {report_path}")

@@ -7,8 +7,11 @@ projector from the teacher's MLM decoder (+ bias); the head's transform only by 
 
 from __future__ import annotations
 
+import contextlib
+import json
 import logging
 import math
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -22,11 +25,29 @@ from transformers import (
 
 from distil.common.errors import UserError
 from distil.data_pipeline.manifest import Manifest
+from distil.pretrain.compat import check_manifest_ids, check_model_fits
 from distil.pretrain.config import BertArchConfig, StudentConfig, TeacherConfig
 
 log = logging.getLogger(__name__)
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+@contextlib.contextmanager
+def quiet_transformers() -> Iterator[None]:
+    """Loads without transformers' load reports, warnings and progress bars: distil checks what was loaded
+    itself and says in one line what is wrong, so the library's report would only bury that line."""
+    from transformers.utils import logging as hf_logging
+
+    verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()
 
 
 def even_layer_map(teacher_layers: int, student_layers: int) -> list[int]:
@@ -66,15 +87,15 @@ def load_teacher(cfg: TeacherConfig, *, need_logits: bool, device: torch.device 
     if local.exists() and not (local / "config.json").is_file():
         raise UserError(f"teacher.path {where} has no config.json: point it at a saved HF BERT masked-LM folder")
     try:
-        config = AutoConfig.from_pretrained(where)
+        with quiet_transformers():
+            config = AutoConfig.from_pretrained(where)
     except OSError as e:
         raise UserError(f"cannot load teacher {where!r}: {str(e).splitlines()[0]} "
                         "(a local folder, or a hub name with network access)") from None
     if config.model_type != "bert":
         raise UserError(f"teacher {where!r} is a {config.model_type!r} model: the teacher must be a BERT (model_type bert)")
-    model, info = BertForMaskedLM.from_pretrained(
-        where, dtype=DTYPES[cfg.dtype], output_loading_info=True
-    )
+    with quiet_transformers():
+        model, info = BertForMaskedLM.from_pretrained(where, dtype=DTYPES[cfg.dtype], output_loading_info=True)
     head_missing = [k for k in info.get("missing_keys", []) if k.startswith("cls.")]
     if head_missing and need_logits:
         raise UserError(
@@ -174,54 +195,52 @@ def build_bert_mlm(arch: BertArchConfig, manifest: Manifest) -> BertForMaskedLM:
     return BertForMaskedLM(config)
 
 
-def _teacher_tokenizer_ids(path: str) -> dict[str, int] | None:
-    """Special token ids of the tokenizer saved beside the teacher, if there is one."""
-    try:
-        from transformers import AutoTokenizer
-
-        tok = AutoTokenizer.from_pretrained(path)
-    except Exception:  # no tokenizer files beside the teacher: nothing to compare
-        return None
-    ids = {"pad": tok.pad_token_id, "cls": tok.cls_token_id, "sep": tok.sep_token_id,
-           "mask": tok.mask_token_id, "unk": tok.unk_token_id}
-    return {k: v for k, v in ids.items() if v is not None}
-
-
 def check_compatible(manifest: Manifest, teacher: BertForMaskedLM | None, student: torch.nn.Module | None, *,
                      need_cosine: bool, teacher_path: str | None = None) -> None:
     """Teacher, student and shards must agree on vocabulary and special tokens (else an index error later)."""
-    specials = {"pad": manifest.special_tokens.pad, "cls": manifest.special_tokens.cls,
-                "sep": manifest.special_tokens.sep, "mask": manifest.special_tokens.mask,
-                "unk": manifest.special_tokens.unk}
-    over = {k: v for k, v in specials.items() if v >= manifest.vocab_size}
-    if over:
-        raise UserError(f"shard manifest special token ids {over} are outside its vocab_size {manifest.vocab_size}")
-    for role, model in (("teacher", teacher), ("student", student)):
-        if model is None:
-            continue
-        vocab = model.config.vocab_size
-        if vocab != manifest.vocab_size:
-            raise UserError(
-                f"{role} vocab_size {vocab} != shards' vocab_size {manifest.vocab_size}: prepare the shards with "
-                f"the {role}'s tokenizer (distil prepare --tokenizer <{role} dir>) or use a matching {role}"
-            )
-        pad = model.config.pad_token_id
-        if pad is not None and pad != manifest.special_tokens.pad:
-            raise UserError(f"{role} pad_token_id {pad} != shards' pad id {manifest.special_tokens.pad}: "
-                            "the shards were tokenised with a different tokenizer")
-        max_pos = model.config.max_position_embeddings
-        if max_pos < manifest.max_len:
-            raise UserError(f"{role} max_position_embeddings {max_pos} < shards' max_len {manifest.max_len}: "
-                            "re-run distil prepare with a smaller --max-seq-len")
-    if teacher_path is not None:
-        tok_ids = _teacher_tokenizer_ids(teacher_path)
-        if tok_ids:
-            diff = {k: (v, specials[k]) for k, v in tok_ids.items() if specials[k] != v}
-            if diff:
-                raise UserError(f"teacher tokenizer special ids differ from the shards' (teacher, shards): {diff}; "
-                                "prepare the shards with the teacher's tokenizer")
+    check_manifest_ids(manifest)
+    for role, model, path in (("teacher", teacher, teacher_path), ("student", student, None)):
+        if model is not None:
+            check_model_fits(role, model.config, manifest, tokenizer_path=path,
+                             fix=f"prepare the shards with the {role}'s tokenizer (distil prepare --tokenizer "
+                                 f"<{role} dir>) or use a matching {role}")
     if need_cosine and teacher is not None and student is not None:
         t_dim, s_dim = teacher.config.hidden_size, student.config.dim
         if t_dim != s_dim:
             raise UserError(f"loss.alpha_cos > 0 needs equal hidden sizes: teacher {t_dim}, student {s_dim}; "
                             "set loss.alpha_cos=0")
+
+
+def load_masked_lm(path: str, manifest: Manifest, device: torch.device) -> torch.nn.Module:
+    """An exported HF masked-LM folder, checked against the shards, in eval mode on `device`."""
+    from transformers import AutoModelForMaskedLM
+
+    folder = Path(path)
+    if not folder.is_dir():
+        raise UserError(f"--model/--teacher {path}: no such folder (give a model folder exported by distil train)")
+    if not (folder / "config.json").is_file():
+        raise UserError(f"{path} has no config.json: give a folder saved with save_pretrained (a run's export/)")
+    try:
+        with quiet_transformers():
+            config = AutoConfig.from_pretrained(str(folder))
+            model, info = AutoModelForMaskedLM.from_pretrained(str(folder), output_loading_info=True)
+    except (OSError, ValueError, KeyError) as error:
+        first = str(error).strip().splitlines()[0][:200] if str(error).strip() else type(error).__name__
+        raise UserError(f"{path} is not a masked-LM model folder ({config_type(folder)}): {first}") from None
+    missing = info.get("missing_keys") or []
+    if missing:
+        raise UserError(f"{path} has no trained masked-LM head or weights (missing {sorted(missing)[0]}, ...): "
+                        "give a BertForMaskedLM / DistilBertForMaskedLM export")
+    check_model_fits(path, config, manifest, tokenizer_path=path,
+                     fix="evaluate on shards prepared with this model's tokenizer (distil prepare --tokenizer <model dir>)")
+    model.to(device)
+    model.eval()
+    model.requires_grad_(False)
+    return model
+
+
+def config_type(folder: Path) -> str:
+    try:
+        return "model_type " + repr(json.loads((folder / "config.json").read_text()).get("model_type"))
+    except (OSError, ValueError):
+        return "unreadable config.json"

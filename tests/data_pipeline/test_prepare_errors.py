@@ -204,6 +204,7 @@ def test_interrupted_run_leaves_no_shard_set(tmp_path, tokenizer_dir, monkeypatc
         output=out,
         tokenizer=str(tokenizer_dir),
         max_seq_len=48,
+        workers=1,
         progress=False,
         batch_bytes=2000,
         shard_size_mb=0.01,

@@ -15,7 +15,7 @@ import torch
 from shardset import make_shard_set, npy_bytes, serial_of, write_shard
 
 from distil.common.errors import UserError
-from distil.data_pipeline import stream as stream_module
+from distil.data_pipeline import produce
 from distil.data_pipeline.manifest import MANIFEST_NAME
 from distil.data_pipeline.masking import IGNORE_INDEX, MaskingConfig
 from distil.data_pipeline.stream import PretrainStream
@@ -191,7 +191,7 @@ def test_resume_at_a_random_point_yields_the_same_batches(three_shards, world_si
 
 
 def test_resume_inside_a_chunk_past_whole_mask_groups(three_shards, monkeypatch):
-    monkeypatch.setattr(stream_module, "MASK_GROUP", 3)  # chunks of 16 batches: 6 mask groups
+    monkeypatch.setattr(produce, "MASK_GROUP", 3)  # chunks of 16 batches: 6 mask groups
     make = functools.partial(
         plain_stream, three_shards, batch_size=4, shuffle_buffer=64, masking=MaskingConfig()
     )

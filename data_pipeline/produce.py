@@ -1,0 +1,157 @@
+"""Producing batches from an epoch plan's chunks, in DataLoader workers (or in the main process).
+
+Worker w of num_workers serves the partitions p with p % num_workers == w (see plan.py), so no worker
+reads another's data; a worker with no such partition holding data yields nothing. For each of its
+chunks a worker reads the chunk whole (read.PartitionReader), then:
+
+- Shuffle buffer: the chunk's samples are shuffled and grouped by length into batches (batching.py),
+  seeded by (seed, epoch, rank, chunk).
+- Masking: a chunk's batches are masked MASK_GROUP at a time (Masker.mask_batches: one set of tensor
+  ops, each batch still gets its own ceil(rate x its tokens) positions) with a generator seeded by
+  (seed, epoch, rank, chunk, group), so a sequence gets a fresh mask every epoch and a resumed run,
+  which rebuilds the chunk, draws exactly the masks it would have drawn.
+
+Each batch is sent as an Item tagged with its chunk and index, followed by an end marker per chunk; the
+main process (stream.py) puts the workers' output back in chunk order, so the batch sequence does not
+depend on num_workers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch.utils.data import IterableDataset, get_worker_info
+
+from distil.common.hashing import mix_seed
+from distil.data_pipeline.batching import fixed_size_batches, pad_sequences, token_budget_batches
+from distil.data_pipeline.masking import Masker, unmasked_labels
+from distil.data_pipeline.plan import Chunk, ChunkStats, EpochPlan
+from distil.data_pipeline.read import PartitionReader, decode_sample
+
+MASK_GROUP = 64  # batches masked together (Masker.mask_batches)
+# Tags of the grouping and masking seed streams; plan.py's shard order uses 3: keep them distinct.
+_GROUPING, _MASKING = 1, 2
+
+
+@dataclass
+class BatchingConfig:
+    """How a chunk becomes batches: exactly one of batch_size or max_tokens is set."""
+
+    batch_size: int | None
+    max_tokens: int | None
+    group_by_size: bool
+    pad_multiple: int
+    chunk_size: int
+
+
+@dataclass
+class Item:
+    """What a worker sends: a batch of chunk `chunk`, or (batch is None) the end of that chunk."""
+
+    chunk: int
+    index: int  # batch index within the chunk; for an end marker: the chunk's batch count
+    batch: dict[str, torch.Tensor] | None
+    stats: ChunkStats | None  # the chunk's read stats, sent once (first batch, or the end if it has none)
+
+
+class ChunkProducer(IterableDataset):
+    """The Items of a rank's chunks from `first_chunk` on (skipping `skip_batches` of that one), endlessly:
+    the consumer stops when it has the epoch's batch count."""
+
+    def __init__(
+        self,
+        plan: EpochPlan,
+        urls: list[str],
+        *,
+        first_chunk: int,
+        skip_batches: int,
+        key: tuple[int, int, int],  # (seed, epoch, rank)
+        batching: BatchingConfig,
+        masker: Masker | None,
+        pad_id: int,
+        vocab_size: int,
+        max_len: int,
+    ) -> None:
+        self.plan, self.urls = plan, urls
+        self.first_chunk, self.skip_batches = first_chunk, skip_batches
+        self.key, self.batching, self.masker = key, batching, masker
+        self.pad_id, self.vocab_size, self.max_len = pad_id, vocab_size, max_len
+
+    def __iter__(self) -> Iterator[Item]:
+        info = get_worker_info()
+        worker, workers = (0, 1) if info is None else (info.id, info.num_workers)
+        if not any(p % workers == worker for p in self.plan.nonempty_partitions()):
+            return  # more workers than partitions with data: this one has nothing to do
+        readers: dict[int, PartitionReader] = {}
+        try:
+            index = self.first_chunk
+            while True:
+                chunk = self.plan.chunk(index)
+                if chunk.partition % workers == worker:
+                    if chunk.partition not in readers:
+                        readers[chunk.partition] = PartitionReader(self.plan, self.urls)
+                    skip = self.skip_batches if index == self.first_chunk else 0
+                    yield from self._chunk_items(chunk, readers[chunk.partition], skip)
+                index += 1
+        finally:
+            for reader in readers.values():
+                reader.close()
+
+    def _chunk_items(self, chunk: Chunk, reader: PartitionReader, skip: int) -> Iterator[Item]:
+        stats = ChunkStats()
+        seqs = []
+        for _, raw in reader.read(chunk.start, chunk.stop, stats):
+            ids = decode_sample(raw, self.vocab_size, self.max_len)
+            if ids is None:
+                if raw is not None:
+                    stats.skipped_samples += 1
+                continue
+            seqs.append(ids)
+        chunk_key = [*self.key, chunk.pass_, chunk.partition, chunk.number]
+        groups = self._group(seqs, np.random.default_rng([*chunk_key, _GROUPING]))
+        # Batches are built and masked MASK_GROUP at a time, each group from its own seed: memory stays
+        # bounded for large shuffle buffers, and a resumed chunk skips whole groups without masking them.
+        for first in range(skip - skip % MASK_GROUP, len(groups), MASK_GROUP):
+            seed = mix_seed([*chunk_key, first, _MASKING])
+            batches = self._make_batches(seqs, groups[first : first + MASK_GROUP], seed)
+            for j, batch in enumerate(batches, start=first):
+                if j >= skip:
+                    yield Item(chunk.index, j, batch, stats if j == 0 else None)
+        yield Item(chunk.index, len(groups), None, stats if not groups and skip == 0 else None)
+
+    def _group(self, seqs: list[np.ndarray], rng: np.random.Generator) -> list[np.ndarray]:
+        if not seqs:
+            return []
+        lengths = np.fromiter((len(s) for s in seqs), dtype=np.int64, count=len(seqs))
+        b = self.batching
+        if b.max_tokens is not None:
+            return token_budget_batches(
+                lengths, b.max_tokens, rng, max_len=self.max_len, pad_multiple=b.pad_multiple
+            )
+        return fixed_size_batches(
+            lengths, b.batch_size, rng, max_len=self.max_len, group_by_size=b.group_by_size
+        )
+
+    def _make_batches(
+        self, seqs: list[np.ndarray], groups: list[np.ndarray], mask_seed: int
+    ) -> list[dict[str, torch.Tensor]]:
+        """Pads batches and masks them all at once from one seeded generator."""
+        padded = []
+        for group in groups:
+            ids, attention = pad_sequences([seqs[i] for i in group], self.pad_id, self.batching.pad_multiple)
+            padded.append((torch.from_numpy(ids), torch.from_numpy(attention)))
+        if self.masker is None:
+            return [
+                {"input_ids": ids, "attention_mask": att, "labels": unmasked_labels(ids, att)}
+                for ids, att in padded
+            ]
+        if not padded:
+            return []
+        masked = self.masker.mask_batches(padded, torch.Generator().manual_seed(mask_seed))
+        return [
+            {"input_ids": m_ids, "attention_mask": att, "labels": labels}
+            for (_, att), (m_ids, labels) in zip(padded, masked, strict=True)
+        ]
