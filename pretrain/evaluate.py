@@ -130,7 +130,7 @@ def track(report: dict[str, Any], report_path: Path, results: list[ModelResult],
           experiment: str) -> None:
     """Parent run (settings, report artifact) + one child run per model. Never raises for tracking trouble:
     the tracker logs a warning and evaluation results stay in the report."""
-    from distil.pretrain.tracking import create_tracker
+    from distil.pretrain.tracking import create_tracker, redact_uri
 
     def tracker_for(run_name: str):
         cfg = tracking_config(tracking_uri, experiment, run_name)
@@ -140,7 +140,7 @@ def track(report: dict[str, Any], report_path: Path, results: list[ModelResult],
                                        "device")}
     parent = tracker_for("evaluate")
     report["mlflow"] = {"experiment": experiment, "run_id": parent.run_id,
-                        "child_run_ids": {}, "tracking_uri": getattr(parent, "_safe_uri", lambda: None)()}
+                        "child_run_ids": {}, "tracking_uri": redact_uri(parent.uri) if getattr(parent, "uri", None) else None}
     children = []
     if parent.run_id is None:  # tracking off, or the store did not answer: the report alone holds the results
         atomic_write_json(report_path, report)

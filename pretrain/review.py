@@ -17,6 +17,7 @@ from typing import Any
 import click
 
 from distil.common.errors import UserError
+from distil.common.formatting import fmt_count, fmt_duration, fmt_number
 from distil.pretrain.plots import is_loss
 
 DEFAULT_LOCAL_STORE = Path("runs") / "mlflow.db"  # where `distil train` keeps it with the default output_dir
@@ -47,14 +48,14 @@ def default_review_uri() -> str:
 
 def open_client(tracking_uri: str):
     """An MlflowClient that fails fast with a one-line UserError when the store is missing or unreachable."""
-    from distil.pretrain.tracking import _configure_http_client
+    from distil.pretrain.tracking import configure_http_client
 
     if tracking_uri.startswith("sqlite:///"):
         db = Path(tracking_uri[len("sqlite:///"):])
         if not db.is_file():
             raise UserError(f"no MLflow store at {db}; pass --tracking-uri (the local store is "
                             f"<run.output_dir>/../mlflow.db, or the URI of your tracking server)")
-    _configure_http_client(timeout_s=20)
+    configure_http_client(timeout_s=20)
     import mlflow
 
     return mlflow.MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
@@ -153,27 +154,6 @@ def _short_path(path: str) -> str:
     return "/".join(Path(path).parts[-2:]) if path else ""
 
 
-def _fmt(value: float | None, spec: str = ".4g") -> str:
-    return "-" if value is None else format(value, spec)
-
-
-def _fmt_params(n: int | None) -> str:
-    if n is None:
-        return "-"
-    for scale, suffix in ((1e9, "B"), (1e6, "M"), (1e3, "K")):
-        if n >= scale:
-            return f"{n / scale:.3g}{suffix}"
-    return str(n)
-
-
-def _fmt_duration(seconds: float | None) -> str:
-    if seconds is None:
-        return "-"
-    minutes, secs = divmod(int(round(seconds)), 60)
-    hours, minutes = divmod(minutes, 60)
-    return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{secs:02d}s"
-
-
 def render_table(summaries: list[RunSummary], title: str) -> None:
     """One column per field and a row per run; with more fields than fit across, one column per run."""
     from rich.console import Console
@@ -184,10 +164,10 @@ def render_table(summaries: list[RunSummary], title: str) -> None:
               "wall time"]
     # teachers first, then students by final loss
     ordered = sorted(summaries, key=lambda s: (s.role != "teacher", s.final.get("loss", float("inf"))))
-    rows = [[s.name, s.run_id[:8], s.role, s.teacher or "-", s.status, _fmt_params(s.num_parameters),
-             _fmt(s.final.get("loss")), *[_fmt(s.final.get(k)) for k in losses],
-             *[_fmt(s.final.get(k)) for k in evals], _fmt(s.tokens_per_s, ",.0f"),
-             _fmt(s.steps, "d") if s.steps is not None else "-", _fmt_duration(s.wall_time_s)] for s in ordered]
+    rows = [[s.name, s.run_id[:8], s.role, s.teacher or "-", s.status, fmt_count(s.num_parameters),
+             fmt_number(s.final.get("loss")), *[fmt_number(s.final.get(k)) for k in losses],
+             *[fmt_number(s.final.get(k)) for k in evals], fmt_number(s.tokens_per_s, ",.0f"),
+             fmt_number(s.steps, "d") if s.steps is not None else "-", fmt_duration(s.wall_time_s)] for s in ordered]
     console = Console(width=max(160, Console().width))
     table = Table(title=title, header_style="bold")
     left = ("run", "id", "role", "teacher", "status")

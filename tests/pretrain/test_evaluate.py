@@ -153,6 +153,7 @@ def test_metrics_report_and_mlflow_runs(shards, models, tmp_path):
     assert set(runs) == {"evaluate", "eval-teacher", "eval-student"}
     parent = runs["evaluate"]
     assert report["mlflow"]["run_id"] == parent.info.run_id and parent.info.status == "FINISHED"
+    assert report["mlflow"]["tracking_uri"] and report["mlflow"]["tracking_uri"].startswith(("http", "sqlite"))
     local = client.download_artifacts(parent.info.run_id, "eval/report.json", str(tmp_path / "dl"))
     assert json.loads(Path(local).read_text()) == report
     for name in ("teacher", "student"):

@@ -1,0 +1,288 @@
+"""Global rank 0's tracker (MlflowTracker) and create_tracker, which hands every rank its tracker: rank 0 the
+MLflow one, local rank 0 of another node a NodeReporter, every other rank a NullTracker. Only global rank 0
+ever talks to MLflow.
+
+MlflowTracker's public methods run on the training thread and only queue records (transport.Sender sends
+them); _RunWriter holds what the sender thread does with each record against the MLflow client.
+"""
+
+from __future__ import annotations
+
+import atexit
+import json
+import logging
+import math
+import os
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from distil.pretrain.tracking.config import TrackingConfig, resolve_tracking_uri
+from distil.pretrain.tracking.params import (
+    MAX_KEY_LENGTH,
+    clean_metrics,
+    clean_params,
+    clean_tags,
+    environment_tags,
+    redact_uri,
+)
+from distil.pretrain.tracking.registry import log_student_model
+from distil.pretrain.tracking.system_metrics import NodeReporter, SystemMetricsLogger
+from distil.pretrain.tracking.tracker import RUN_STATUSES, NullTracker
+from distil.pretrain.tracking.transport import Sender, WarnOnce, configure_http_client, never_raises
+
+logger = logging.getLogger("distil.tracking")
+
+MAX_PARAMS_PER_BATCH = 100
+
+
+def create_tracker(cfg: TrackingConfig, *, rank: int, local_rank: int, world_size: int, run_dir: str,
+                   resume_run_id: str | None = None, num_nodes: int | None = None,
+                   store: Any | None = None) -> NullTracker:
+    """Rank 0 gets the MLflow tracker; every other rank a NullTracker that never connects to MLflow.
+
+    On a multi-node run, local rank 0 of a node other than rank 0's gets a NodeReporter: a NullTracker that
+    also samples its node's system metrics into the torch.distributed store (`store`, default: the default
+    process group's store once it exists) for rank 0 to log.
+    """
+    if not cfg.enabled:
+        return NullTracker()
+    nodes = num_nodes or _infer_num_nodes(world_size)
+    if rank != 0:
+        if local_rank == 0 and cfg.system_metrics and (nodes > 1 or store is not None):
+            return NodeReporter(cfg, store=store)
+        return NullTracker()
+    try:
+        return MlflowTracker(cfg, uri=resolve_tracking_uri(cfg, run_dir), world_size=world_size,
+                             num_nodes=nodes, run_dir=run_dir, resume_run_id=resume_run_id, store=store)
+    except Exception as error:  # noqa: BLE001 - tracking never stops training
+        logger.warning("MLflow tracking disabled for this run: %r", error)
+        return NullTracker()
+
+
+def _infer_num_nodes(world_size: int) -> int:
+    """From the launcher's contract: DeepSpeed exports CROSS_SIZE (nodes) and LOCAL_SIZE, torchrun
+    LOCAL_WORLD_SIZE (processes per node), SLURM SLURM_JOB_NUM_NODES."""
+    for name in ("CROSS_SIZE", "SLURM_JOB_NUM_NODES"):
+        value = os.environ.get(name)
+        if value and value.isdigit() and int(value) > 0:
+            return int(value)
+    for name in ("LOCAL_WORLD_SIZE", "LOCAL_SIZE"):
+        value = os.environ.get(name)
+        if value and value.isdigit() and int(value) > 0:
+            return max(1, math.ceil(world_size / int(value)))
+    return 1
+
+
+class MlflowTracker(NullTracker):
+    """Global rank 0's tracker. All public methods return at once; the sender thread does the I/O."""
+
+    def __init__(self, cfg: TrackingConfig, *, uri: str, world_size: int, num_nodes: int, run_dir: str,
+                 resume_run_id: str | None = None, store: Any | None = None) -> None:
+        configure_http_client(cfg.request_timeout_s)
+        import mlflow
+
+        self.cfg = cfg
+        self.uri = uri
+        self.run_dir = Path(run_dir)
+        self.num_nodes = num_nodes
+        self.warn_once = WarnOnce()  # never_raises: one warning per failing method
+        self._finished = False
+        self._system = SystemMetricsLogger(cfg, num_nodes=num_nodes, store=store,
+                                           log_points=self._queue_metrics, set_tags=self.set_tags)
+        self._writer = _RunWriter(mlflow.MlflowClient(tracking_uri=uri, registry_uri=uri), cfg, uri=uri,
+                                  run_dir=self.run_dir, resume_run_id=resume_run_id, system=self._system)
+        self._sender = Sender(cfg, uri=uri, apply=self._writer.apply)
+        self._sender.start(("start", environment_tags(world_size, num_nodes)))
+        if cfg.system_metrics:
+            self._system.start()
+        atexit.register(self._finish_at_exit)
+
+    # -- public API (training thread) ------------------------------------------------------------------
+
+    @property
+    def run_id(self) -> str | None:
+        """None only while the server has been unreachable since the start (the run does not exist yet)."""
+        return self._writer.run_id or self._writer.resume_run_id
+
+    @property
+    def offline(self) -> bool:
+        return self._sender.offline
+
+    @never_raises
+    def log_params(self, params: Mapping[str, Any]) -> None:
+        self._sender.put_op(("params", clean_params(params)))
+
+    @never_raises
+    def set_tags(self, tags: Mapping[str, Any]) -> None:
+        self._sender.put_op(("tags", clean_tags(tags)))
+
+    @never_raises
+    def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        points = [Metric(k, v, now, int(step)) for k, v in clean_metrics(metrics).items()]
+        self._queue_metrics(points)
+
+    @never_raises
+    def log_artifact(self, path: str, artifact_path: str | None = None) -> None:
+        if not Path(path).exists():
+            logger.warning("not logging artifact %s: no such file or folder", path)
+            return
+        self._sender.put_op(("artifact", str(path), artifact_path))
+
+    @never_raises
+    def log_dict(self, values: Mapping[str, Any], artifact_file: str) -> None:
+        """A JSON/YAML artifact from a dict (written now, sent later)."""
+        target = self.run_dir / "tracking_artifacts" / artifact_file
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_text(json.dumps(values, indent=2, default=str))
+        self._sender.put_op(("artifact", str(target),
+                             str(Path(artifact_file).parent) if "/" in artifact_file else None))
+
+    @never_raises
+    def log_student(self, export_dir: str) -> None:
+        self._sender.put_op(("student", str(export_dir)))
+
+    @never_raises
+    def finish(self, status: str = "FINISHED") -> None:
+        """Ends the run with `status`; waits at most finish_timeout_s for unsent records."""
+        if self._finished:
+            return
+        self._finished = True
+        status = status if status in RUN_STATUSES else "FAILED"
+        self._system.stop()
+        self._sender.stop(("loss_curves",), ("end", status))
+        self._sender.wait_until_drained()
+        self._sender.warn_unsent()
+
+    def flush(self, timeout_s: float = 60.0) -> bool:
+        """Waits until everything queued so far is sent (tests, evaluation scripts). True if drained."""
+        return self._sender.flush(timeout_s)
+
+    # -- internals ---------------------------------------------------------------------------------------
+
+    def _queue_metrics(self, points: list) -> None:
+        if points:
+            self._sender.put_metrics(points)
+
+    def _finish_at_exit(self) -> None:
+        """A process that exits without finish(): the run did not end as planned."""
+        if not self._finished:
+            self.cfg.finish_timeout_s = min(self.cfg.finish_timeout_s, self.cfg.finish_offline_wait_s)
+            self.finish("FAILED")
+
+
+class _RunWriter:
+    """What the sender thread does with each queued operation `(kind, *args)`: `do_<kind>(*args)` against the
+    MLflow client. "start" creates the run (or resumes the checkpoint's run); the others write to it."""
+
+    def __init__(self, client: Any, cfg: TrackingConfig, *, uri: str, run_dir: Path,
+                 resume_run_id: str | None, system: SystemMetricsLogger) -> None:
+        self.client = client
+        self.cfg = cfg
+        self.uri = uri
+        self.run_dir = run_dir
+        self.resume_run_id = resume_run_id
+        self.run_id: str | None = None
+        self._system = system  # a resumed run's system metrics continue after its last step
+
+    def apply(self, op: tuple) -> None:
+        getattr(self, "do_" + op[0])(*op[1:])
+
+    def do_start(self, tags: dict[str, str]) -> None:
+        experiment_id = self._experiment_id()
+        run_id = None
+        if self.resume_run_id:
+            run_id = self._resume(self.resume_run_id)
+            if run_id is None:
+                tags = {**tags, "distil.resumed_from": self.resume_run_id}
+        if run_id is None:
+            run = self.client.create_run(experiment_id, run_name=self.cfg.run_name, tags=tags)
+            run_id = run.info.run_id
+        else:
+            self._log_tags(run_id, tags)
+        self.run_id = run_id
+
+    def _experiment_id(self) -> str:
+        experiment = self.client.get_experiment_by_name(self.cfg.experiment)
+        if experiment is None:
+            return self.client.create_experiment(self.cfg.experiment, artifact_location=self._artifact_root())
+        return experiment.experiment_id
+
+    def _resume(self, run_id: str) -> str | None:
+        from mlflow.exceptions import MlflowException
+
+        try:
+            run = self.client.get_run(run_id)
+        except MlflowException as error:
+            if error.error_code != "RESOURCE_DOES_NOT_EXIST":
+                raise
+            logger.warning("MLflow run %s (from the checkpoint) is not in %s; starting a new run", run_id,
+                           redact_uri(self.uri))
+            return None
+        self.client.update_run(run_id, status="RUNNING")
+        steps = [m.step for m in run.data._metric_objs if m.key.startswith("system/")]
+        self._system.step = max(steps) + 1 if steps else 0
+        self.client.set_tag(run_id, "distil.resumed", "true")
+        return run_id
+
+    def _artifact_root(self) -> str | None:
+        """A local store keeps artifacts beside its database (MLflow's default would be ./mlruns of the CWD)."""
+        if self.uri.startswith("sqlite:///"):
+            return (Path(self.uri[len("sqlite:///"):]).parent / "mlartifacts").resolve().as_uri()
+        return None
+
+    def do_params(self, params: dict[str, str]) -> None:
+        from mlflow.entities import Param
+
+        existing = self.client.get_run(self.run_id).data.params
+        new = {k: v for k, v in params.items() if k not in existing}
+        changed = {k: v for k, v in params.items() if k in existing and existing[k] != v}
+        items = [Param(k, v) for k, v in new.items()]
+        for i in range(0, len(items), MAX_PARAMS_PER_BATCH):
+            self.client.log_batch(self.run_id, params=items[i:i + MAX_PARAMS_PER_BATCH])
+        if changed:
+            # params are immutable in MLflow: values that changed on resume go to tags
+            self._log_tags(self.run_id, {f"distil.resume_param.{k}"[:MAX_KEY_LENGTH]: v for k, v in changed.items()})
+
+    def do_tags(self, tags: dict[str, str]) -> None:
+        self._log_tags(self.run_id, tags)
+
+    def _log_tags(self, run_id: str, tags: dict[str, str]) -> None:
+        from mlflow.entities import RunTag
+
+        items = [RunTag(k, v) for k, v in tags.items()]
+        for i in range(0, len(items), MAX_PARAMS_PER_BATCH):
+            self.client.log_batch(run_id, tags=items[i:i + MAX_PARAMS_PER_BATCH])
+
+    def do_metrics(self, points: list) -> None:
+        self.client.log_batch(self.run_id, metrics=points)
+
+    def do_artifact(self, path: str, artifact_path: str | None) -> None:
+        if Path(path).is_dir():
+            self.client.log_artifacts(self.run_id, path, artifact_path)
+        elif Path(path).exists():
+            self.client.log_artifact(self.run_id, path, artifact_path)
+        else:
+            logger.warning("artifact %s disappeared before it could be sent to MLflow", path)
+
+    def do_student(self, export_dir: str) -> None:
+        log_student_model(self.client, self.uri, self.run_id, export_dir, self.cfg.registered_model_name)
+
+    def do_loss_curves(self) -> None:
+        """The run folder's metrics.jsonl as a PNG under the run's plots/ artifacts."""
+        try:
+            from distil.pretrain.plots import write_loss_curves
+
+            png = write_loss_curves(self.run_dir)
+        except Exception as error:  # noqa: BLE001 - a plot is never worth a failed run
+            logger.warning("could not draw the loss curves of %s: %s", self.run_dir, error)
+            return
+        if png is not None:
+            self.client.log_artifact(self.run_id, str(png), "plots")
+
+    def do_end(self, status: str) -> None:
+        self.client.set_terminated(self.run_id, status=status)
