@@ -302,7 +302,7 @@ def environment(args: argparse.Namespace) -> dict:
         except (ImportError, AttributeError):
             versions[package] = None
     return {
-        "date_utc": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "date_utc": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "device": name,
         "versions": versions,
         "dtype": args.dtype,

@@ -1,12 +1,18 @@
-"""Atomic, resumable checkpoints: the DeepSpeed checkpoint plus everything else a bitwise resume needs.
+"""Atomic, resumable checkpoints: `CheckpointManager` saves and loads a mapping of stateful parts.
 
-Layout (a shared filesystem when multi-node, as DeepSpeed requires):
+Owns the on-disk layout (a shared filesystem when multi-node, as DeepSpeed requires):
 
     <dir>/step_00001000/            DeepSpeed: model, optimizer partitions, scheduler, loss scaler
     <dir>/step_00001000/trainer_state.json   counters, tracker run id, world size   (rank 0)
     <dir>/step_00001000/rank_00003.json      data stream position + RNG states        (one per rank)
     <dir>/step_00001000/COMPLETE              written last, after a barrier
     <dir>/latest                              names the newest complete checkpoint (atomic rename)
+
+Each part is named and has state_dict()/load_state_dict(); its `checkpoint_scope` says where its state goes:
+SHARED (the same on every rank: rank 0 writes it into trainer_state.json under its name), PER_RANK (the
+default: every rank writes it into its rank_XXXXX.json) or OWN_FILES (the part writes its own files into
+the checkpoint folder with save_files/load_files: the DeepSpeed engine). A new piece of state is one more
+entry in the mapping.
 
 A checkpoint counts only when it is complete and named by `latest`; a crash mid-write leaves a folder that
 is never read and is removed by the next rotation. Loading never unpickles arbitrary objects: every torch
@@ -20,39 +26,48 @@ import base64
 import json
 import random
 import shutil
-from dataclasses import asdict, dataclass
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar, Protocol
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
 from distil.common.errors import UserError
-from distil.common.files import atomic_write_text
+from distil.common.files import atomic_write_json, atomic_write_text
 
 LATEST = "latest"
 COMPLETE = "COMPLETE"
 TRAINER_STATE = "trainer_state.json"
 PREFIX = "step_"
+WORLD_SIZE_KEY = "world_size"  # kept in trainer_state.json beside the shared parts; resume checks it
+
+SHARED = "shared"
+PER_RANK = "rank"
+OWN_FILES = "files"
 
 
-@dataclass
-class Counters:
-    step: int = 0  # optimizer steps taken (applied or skipped by the loss scaler)
-    epoch: int = 0
-    micro_steps: int = 0
-    samples: int = 0  # sequences seen, all ranks
-    tokens: int = 0  # non-pad tokens seen, all ranks
-    skipped_steps: int = 0  # steps whose update was skipped (non-finite)
-    nonfinite_in_row: int = 0
-    elapsed_s: float = 0.0  # training wall time before this (re)start
+class Stateful(Protocol):
+    """A part of the training state; state_dict() returns JSON-serialisable data."""
+
+    def state_dict(self) -> Any: ...
+
+    def load_state_dict(self, state: Any) -> None: ...
+
+
+def scope_of(part: Any) -> str:
+    scope = getattr(part, "checkpoint_scope", PER_RANK)
+    if scope not in (SHARED, PER_RANK, OWN_FILES):
+        raise ValueError(f"checkpoint_scope {scope!r} is not one of {SHARED}, {PER_RANK}, {OWN_FILES}")
+    return scope
 
 
 def tag_for(step: int) -> str:
     return f"{PREFIX}{step:08d}"
 
 
+# ------------------------------------------------------------------------------------------------- RNG state
 def rng_state() -> dict[str, Any]:
     state: dict[str, Any] = {
         "python": _jsonable(random.getstate()),
@@ -82,6 +97,19 @@ def _jsonable(x: Any) -> Any:
     return x
 
 
+class RNGState:
+    """This process's Python, NumPy, torch (and CUDA) generators, per rank (dropout differs across ranks)."""
+
+    checkpoint_scope: ClassVar[str] = PER_RANK
+
+    def state_dict(self) -> dict[str, Any]:
+        return rng_state()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        set_rng_state(state)
+
+
+# ---------------------------------------------------------------------------------------- DeepSpeed engine
 def _safe_globals() -> list[Any]:
     from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
     from deepspeed.utils.tensor_fragment import fragment_address
@@ -110,9 +138,36 @@ def install_weights_only_loading(engine: Any) -> None:
     engine.checkpoint_engine.load = load
 
 
+class EngineCheckpoint:
+    """The DeepSpeed engine's state (model, optimizer partitions, scheduler, loss scaler) as DeepSpeed's own
+    files in the checkpoint folder; read back weights-only."""
+
+    checkpoint_scope: ClassVar[str] = OWN_FILES
+
+    def __init__(self, engine: Any):
+        self.engine = engine
+
+    def save_files(self, folder: Path) -> None:
+        self.engine.save_checkpoint(str(folder.parent), tag=folder.name, save_latest=False)
+
+    def load_files(self, folder: Path) -> None:
+        install_weights_only_loading(self.engine)
+        load_path, _ = self.engine.load_checkpoint(str(folder.parent), tag=folder.name,
+                                                   load_optimizer_states=True, load_lr_scheduler_states=True)
+        if load_path is None:
+            raise UserError(f"DeepSpeed could not load the checkpoint in {folder}")
+
+
+# ----------------------------------------------------------------------------------- finding checkpoints
 def complete_tags(ckpt_dir: Path) -> list[str]:
     tags = [p.name for p in ckpt_dir.glob(f"{PREFIX}*") if (p / COMPLETE).is_file()]
     return sorted(tags)
+
+
+def latest_path(ckpt_dir: Path) -> Path | None:
+    """The checkpoint `latest` names in ckpt_dir, or None when none is written yet."""
+    latest = ckpt_dir / LATEST
+    return ckpt_dir / latest.read_text().strip() if latest.is_file() else None
 
 
 def resolve_resume(resume: str | None, ckpt_dir: Path) -> Path | None:
@@ -120,10 +175,9 @@ def resolve_resume(resume: str | None, ckpt_dir: Path) -> Path | None:
     if resume is None:
         return None
     if resume == "auto":
-        latest = ckpt_dir / LATEST
-        if not latest.is_file():
+        path = latest_path(ckpt_dir)
+        if path is None:
             return None
-        path = ckpt_dir / latest.read_text().strip()
     else:
         path = Path(resume)
         if path.is_dir() and (path / LATEST).is_file():
@@ -131,30 +185,6 @@ def resolve_resume(resume: str | None, ckpt_dir: Path) -> Path | None:
     if not (path / COMPLETE).is_file():
         raise UserError(f"{path} is not a complete distil checkpoint (no {COMPLETE} marker): pass another "
                         "checkpoint folder or --resume auto")
-    return path
-
-
-def save(engine: Any, ckpt_dir: Path, counters: Counters, *, stream_state: dict[str, Any], run_id: str | None,
-         world_size: int, keep: int) -> Path:
-    """Every rank calls this; returns the checkpoint folder once it is complete and named by `latest`."""
-    rank = dist.get_rank() if dist.is_initialized() else 0
-    tag = tag_for(counters.step)
-    path = ckpt_dir / tag
-    if rank == 0 and path.exists():  # a stale, incomplete folder from a crashed attempt at this step
-        shutil.rmtree(path)
-    _barrier()
-    engine.save_checkpoint(str(ckpt_dir), tag=tag, save_latest=False)
-    rank_state = {"stream": stream_state, "rng": rng_state()}
-    atomic_write_text(path / f"rank_{rank:05d}.json", json.dumps(rank_state))
-    if rank == 0:
-        trainer_state = {"counters": asdict(counters), "run_id": run_id, "world_size": world_size}
-        atomic_write_text(path / TRAINER_STATE, json.dumps(trainer_state, indent=2))
-    _barrier()
-    if rank == 0:
-        atomic_write_text(path / COMPLETE, tag + "\n")
-        atomic_write_text(ckpt_dir / LATEST, tag + "\n")
-        rotate(ckpt_dir, keep)
-    _barrier()
     return path
 
 
@@ -175,21 +205,86 @@ def read_trainer_state(path: Path) -> dict[str, Any]:
     return json.loads((path / TRAINER_STATE).read_text())
 
 
-def load(engine: Any, path: Path, *, world_size: int) -> tuple[Counters, dict[str, Any], str | None]:
-    """Restores engine state and this rank's RNG; returns counters, this rank's stream state, tracker run id."""
-    state = read_trainer_state(path)
-    if state["world_size"] != world_size:
-        raise UserError(f"checkpoint {path} was written by {state['world_size']} processes, this run has "
-                        f"{world_size}: resume with the same number of GPUs/processes")
-    install_weights_only_loading(engine)
-    load_path, _ = engine.load_checkpoint(str(path.parent), tag=path.name, load_optimizer_states=True,
-                                          load_lr_scheduler_states=True)
-    if load_path is None:
-        raise UserError(f"DeepSpeed could not load the checkpoint in {path}")
-    rank = dist.get_rank() if dist.is_initialized() else 0
-    rank_state = json.loads((path / f"rank_{rank:05d}.json").read_text())
-    set_rng_state(rank_state["rng"])
-    return Counters(**state["counters"]), rank_state["stream"], state.get("run_id")
+def rank_file(path: Path, rank: int) -> Path:
+    return path / f"rank_{rank:05d}.json"
+
+
+# ---------------------------------------------------------------------------------------------- the manager
+class CheckpointManager:
+    """Saves and loads `parts` (name -> stateful part) under ckpt_dir; every rank calls save and load.
+
+    Parts are saved and loaded in the mapping's order (put the RNG last: loading the others must not
+    draw from it afterwards).
+    """
+
+    def __init__(self, ckpt_dir: Path, parts: Mapping[str, Any], *, world_size: int, keep: int):
+        if WORLD_SIZE_KEY in parts:
+            raise ValueError(f"{WORLD_SIZE_KEY!r} is the checkpoint's own key in {TRAINER_STATE}")
+        self.ckpt_dir = Path(ckpt_dir)
+        self.parts = dict(parts)
+        self.scopes = {name: scope_of(part) for name, part in self.parts.items()}
+        self.world_size = world_size
+        self.keep = keep
+
+    @property
+    def rank(self) -> int:
+        return dist.get_rank() if dist.is_initialized() else 0
+
+    def path_for(self, step: int) -> Path:
+        return self.ckpt_dir / tag_for(step)
+
+    def latest(self) -> Path | None:
+        return latest_path(self.ckpt_dir)
+
+    def _states(self, scope: str) -> dict[str, Any]:
+        return {name: part.state_dict() for name, part in self.parts.items() if self.scopes[name] == scope}
+
+    def save(self, step: int) -> Path:
+        """The checkpoint of `step`, once it is complete and named by `latest` (at once if it already is)."""
+        path = self.path_for(step)
+        if (path / COMPLETE).is_file():
+            return path
+        rank = self.rank
+        if rank == 0:
+            self.ckpt_dir.mkdir(parents=True, exist_ok=True)
+            if path.exists():  # a stale, incomplete folder from a crashed attempt at this step
+                shutil.rmtree(path)
+        _barrier()
+        for name, part in self.parts.items():
+            if self.scopes[name] == OWN_FILES:
+                part.save_files(path)
+        atomic_write_json(rank_file(path, rank), self._states(PER_RANK), indent=None)
+        if rank == 0:
+            atomic_write_json(path / TRAINER_STATE, {**self._states(SHARED), WORLD_SIZE_KEY: self.world_size})
+        _barrier()
+        if rank == 0:
+            atomic_write_text(path / COMPLETE, path.name + "\n")
+            atomic_write_text(self.ckpt_dir / LATEST, path.name + "\n")
+            rotate(self.ckpt_dir, self.keep)
+        _barrier()
+        return path
+
+    def load(self, path: Path) -> None:
+        """Restores every part from the complete checkpoint at `path` (per-rank parts: this rank's share)."""
+        shared = read_trainer_state(path)
+        if shared[WORLD_SIZE_KEY] != self.world_size:
+            raise UserError(f"checkpoint {path} was written by {shared[WORLD_SIZE_KEY]} processes, this run "
+                            f"has {self.world_size}: resume with the same number of GPUs/processes")
+        per_rank: dict[str, Any] | None = None
+        for name, part in self.parts.items():
+            scope = self.scopes[name]
+            if scope == OWN_FILES:
+                part.load_files(path)
+                continue
+            if scope == PER_RANK and per_rank is None:
+                per_rank = json.loads(rank_file(path, self.rank).read_text())
+            states = shared if scope == SHARED else per_rank
+            assert states is not None
+            if name not in states:
+                where = TRAINER_STATE if scope == SHARED else rank_file(path, self.rank).name
+                raise UserError(f"checkpoint {path} has no {name!r} state in {where}: it was written by "
+                                "another version of distil; start a new run or resume with that version")
+            part.load_state_dict(states[name])
 
 
 def _barrier() -> None:

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import tempfile
 from dataclasses import asdict, dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -194,7 +194,7 @@ def evaluate_models(cfg: EvaluateConfig) -> tuple[dict[str, Any], list[ModelResu
         results, counts = run_evaluation(loaded, stream, device, cfg.max_batches, teacher_name,
                                          progress=lambda: bar.update(1))
     report = {
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"), "shards": str(cfg.shards),
+        "created": datetime.now(UTC).isoformat(timespec="seconds"), "shards": str(cfg.shards),
         "split": "holdout", "batch_size": cfg.batch_size, "seed": cfg.seed, "mask_smoothing": cfg.mask_smoothing,
         "max_batches": cfg.max_batches, "device": str(device),
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",

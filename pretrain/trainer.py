@@ -1,39 +1,30 @@
 """The training loop around the DeepSpeed engine: distillation (teacher -> student) or MLM pretraining.
 
-Read top to bottom: set up (process group, data, models, checks, engine, resume, tracker), then one loop of
-micro-steps; at each accumulation boundary one small all-reduce decides together whether the loss was
-finite and whether a stop was requested, then the engine steps, metrics are logged and checkpoints written.
+Owns `Trainer` (set-up, then the loop), the counters it checkpoints, the stop / non-finite exceptions and
+`run_training`. Read top to bottom: set up (process group, data, models, checks, engine, resume, tracker),
+then one loop of micro-steps; at each accumulation boundary one small all-reduce decides together whether
+the loss was finite and whether a stop was requested, then the engine steps, metrics are logged and
+checkpoints written. The pieces live beside it: distributed.py (process group), ds_config.py (DeepSpeed
+config), flops.py (FLOP model), metrics.py (window and sink), checkpoint.py (CheckpointManager).
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import math
-import os
-import random
 import signal
-import sys
-import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
-import numpy as np
 import torch
 import torch.distributed as dist
 
-from distil.common import assets
-from distil.common.errors import UserError
-from distil.pretrain import checkpoint as ckpt
-from distil.pretrain.config import (
-    TrainConfig,
-    check_batch_arithmetic,
-    flatten,
-    to_container,
-    to_yaml,
-    warmup_steps,
-)
+from distil.pretrain.checkpoint import SHARED, CheckpointManager, EngineCheckpoint, RNGState, resolve_resume
+from distil.pretrain.config import TrainConfig, check_batch_arithmetic, flatten, to_container, to_yaml
+from distil.pretrain.distributed import barrier, init_distributed, launcher_rank_and_world, seed_everything
+from distil.pretrain.ds_config import build_ds_config, param_groups
+from distil.pretrain.flops import FlopModel, peak_tflops
 from distil.pretrain.losses import (
     DistillationObjective,
     MaskedLMObjective,
@@ -41,6 +32,7 @@ from distil.pretrain.losses import (
     teacher_outputs,
     uses_kl,
 )
+from distil.pretrain.metrics import MetricsSink, Window
 
 log = logging.getLogger("distil.train")
 
@@ -49,256 +41,48 @@ class NonFiniteLossError(RuntimeError):
     """The loss stayed NaN/inf for run.max_nonfinite_steps optimizer steps in a row."""
 
 
-# --------------------------------------------------------------------------------------------- distributed
-@dataclass
-class Dist:
-    rank: int
-    local_rank: int
-    world_size: int
-    device: torch.device
-
-
-def launcher_rank_and_world() -> tuple[int, int]:
-    """RANK / WORLD_SIZE as every supported launcher (deepspeed, torchrun) sets them; 0 / 1 when run alone."""
-    try:
-        return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
-    except ValueError:
-        raise UserError("RANK and WORLD_SIZE must be integers (set by the launcher)") from None
-
-
-def init_distributed() -> Dist:
-    """One process group for every launcher (deepspeed, torchrun, SLURM srun, single process)."""
-    import deepspeed
-    from deepspeed.accelerator import get_accelerator
-
-    accel = get_accelerator()
-    backend = "gloo" if accel.device_name() == "cpu" else accel.communication_backend_name()
-    os.environ.setdefault("RANK", "0")
-    os.environ.setdefault("WORLD_SIZE", "1")
-    os.environ.setdefault("LOCAL_RANK", "0")
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ.setdefault("MASTER_PORT", str(_free_port()))
-    deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False)
-    local_rank = int(os.environ["LOCAL_RANK"])
-    if accel.device_name() == "cpu":
-        device = torch.device("cpu")
-    else:
-        accel.set_device(local_rank)
-        device = torch.device(accel.device_name(local_rank))
-    return Dist(dist.get_rank(), local_rank, dist.get_world_size(), device)
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
-# ----------------------------------------------------------------------------------------- DeepSpeed config
-def resolve_ds_config_path(path: str) -> Path:
-    return assets.ds_config_path(path)
-
-
-def _fill(section: dict[str, Any], key: str, value: Any, where: str) -> None:
-    """Fill an "auto" (or absent) field; a concrete value that disagrees with the training config is an error."""
-    current = section.get(key, "auto")
-    if current == "auto":
-        section[key] = value
-        return
-    same = (list(current) == list(value)) if isinstance(value, list | tuple) else current == value
-    if isinstance(value, float) and isinstance(current, int | float):
-        same = math.isclose(float(current), value, rel_tol=1e-9, abs_tol=0.0)
-    if not same:
-        raise UserError(f"DeepSpeed config sets {where}.{key}={current!r} but the training config gives {value!r}: "
-                        f"set it to \"auto\" in the JSON (the training config is the single source)")
-
-
-def build_ds_config(cfg: TrainConfig, total_steps: int, world_size: int) -> dict[str, Any]:
-    """The ds_config JSON with every "auto" filled from the training config (and checked where concrete)."""
-    path = resolve_ds_config_path(cfg.engine.ds_config)
-    try:
-        ds: dict[str, Any] = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise UserError(f"engine.ds_config {path} is not valid JSON: {e}") from None
-    accum = cfg.engine.gradient_accumulation_steps
-    micro = cfg.data.batch_size if cfg.data.batch_size is not None else 1  # token-budget batches vary
-    _fill(ds, "train_micro_batch_size_per_gpu", micro, "ds_config")
-    _fill(ds, "gradient_accumulation_steps", accum, "ds_config")
-    _fill(ds, "train_batch_size", micro * accum * world_size, "ds_config")
-    _fill(ds, "gradient_clipping", cfg.optim.max_grad_norm, "ds_config")
-    opt = ds.setdefault("optimizer", {"type": "AdamW", "params": {}})
-    if str(opt.get("type", "")).lower() not in ("adamw", "adam"):
-        raise UserError(f"{path}: optimizer.type {opt.get('type')!r} is not supported; use AdamW")
-    params = opt.setdefault("params", {})
-    _fill(params, "lr", cfg.optim.lr, "optimizer.params")
-    _fill(params, "betas", list(cfg.optim.betas), "optimizer.params")
-    _fill(params, "eps", cfg.optim.eps, "optimizer.params")
-    _fill(params, "weight_decay", cfg.optim.weight_decay, "optimizer.params")
-    sched = ds.setdefault("scheduler", {"type": "WarmupDecayLR", "params": {}})
-    if sched.get("type") != "WarmupDecayLR":
-        raise UserError(f"{path}: scheduler.type must be WarmupDecayLR (linear warm-up then linear decay)")
-    sp = sched.setdefault("params", {})
-    sp.setdefault("warmup_type", "linear")
-    sp.setdefault("warmup_min_lr", 0.0)
-    _fill(sp, "warmup_max_lr", cfg.optim.lr, "scheduler.params")
-    # DeepSpeed requires at least one warm-up step (its lr is 0 at step 0 either way).
-    _fill(sp, "warmup_num_steps", max(1, warmup_steps(cfg, total_steps)), "scheduler.params")
-    _fill(sp, "total_num_steps", total_steps, "scheduler.params")
-    precision = cfg.engine.precision
-    ds.setdefault("fp16", {})
-    ds.setdefault("bf16", {})
-    _fill(ds["fp16"], "enabled", precision == "fp16", "fp16")
-    _fill(ds["bf16"], "enabled", precision == "bf16", "bf16")
-    zero = ds.setdefault("zero_optimization", {})
-    _fill(zero, "stage", cfg.engine.zero_stage, "zero_optimization")
-    ds.setdefault("steps_per_print", 10**9)
-    return ds
-
-
-def param_groups(module: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """AdamW groups: no decay on biases and LayerNorm weights (as the recipe)."""
-    decay, no_decay = [], []
-    for name, p in module.named_parameters():
-        if not p.requires_grad:
-            continue
-        lname = name.lower()
-        if name.endswith("bias") or "layernorm" in lname or "layer_norm" in lname:
-            no_decay.append(p)
-        else:
-            decay.append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-
-
-# ---------------------------------------------------------------------------------------------------- FLOPs
-def encoder_flops_per_token(hidden: int, ffn: int, layers: int, seq_len: int) -> float:
-    """Forward FLOPs per token of a BERT encoder: 2 per multiply-add.
-
-    Per layer: Q, K, V and output projections 4*H*H, FFN 2*H*F, attention scores and weighted sum 2*L*H
-    (L = padded sequence length, since attention is computed over the padded batch). Embeddings, LayerNorm,
-    softmax and biases are ignored (a few percent).
-    """
-    return 2.0 * layers * (4 * hidden * hidden + 2 * hidden * ffn + 2 * seq_len * hidden)
-
-
-def head_flops_per_row(hidden: int, vocab: int) -> float:
-    """Forward FLOPs per projected row: the transform (H x H) and the vocabulary projection (H x V)."""
-    return 2.0 * (hidden * hidden + hidden * vocab)
-
-
-@dataclass
-class FlopModel:
-    """FLOPs of one micro-step: trained model x3 (forward + backward), teacher x1 (forward only)."""
-
-    student: tuple[int, int, int]  # hidden, ffn, layers
-    vocab: int
-    teacher: tuple[int, int, int] | None = None
-    teacher_head_rows_per_student_row: float = 1.0
-
-    def micro_step(self, batch_tokens: int, seq_len: int, projected_rows: int) -> float:
-        h, f, n = self.student
-        total = 3.0 * (batch_tokens * encoder_flops_per_token(h, f, n, seq_len)
-                       + projected_rows * head_flops_per_row(h, self.vocab))
-        if self.teacher is not None:
-            th, tf, tn = self.teacher
-            total += batch_tokens * encoder_flops_per_token(th, tf, tn, seq_len)
-            total += projected_rows * self.teacher_head_rows_per_student_row * head_flops_per_row(th, self.vocab)
-        return total
-
-
-# Dense peak TFLOP/s per device for the MFU denominator (bf16/fp16 tensor cores); run.peak_tflops overrides.
-PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "A10G": 125.0, "L4": 121.0, "V100": 125.0,
-               "A6000": 155.0, "L40": 181.0, "T4": 65.0}
-
-
-def peak_tflops(cfg: TrainConfig, device: torch.device) -> float | None:
-    if cfg.run.peak_tflops:
-        return cfg.run.peak_tflops
-    if device.type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(device)
-    for key, value in PEAK_TFLOPS.items():
-        if key in name:
-            return value
-    return None
-
-
-# --------------------------------------------------------------------------------------------------- logging
-@dataclass
-class Window:
-    """Sums over the micro-steps since the last log line (this rank). Loss parts stay tensors on the
-    device, so logging costs no synchronisation until the log step."""
-
-    parts: dict[str, torch.Tensor] = field(default_factory=dict)
-    micro_steps: int = 0
-    sequences: int = 0
-    tokens: int = 0
-    masked: int = 0
-    flops: float = 0.0
-    started: float = field(default_factory=time.perf_counter)
-
-    def add(self, parts: dict[str, torch.Tensor], sequences: int, tokens: int, masked: int, flops: float) -> None:
-        for k, v in parts.items():
-            v = v.detach().double()
-            self.parts[k] = self.parts[k] + v if k in self.parts else v
-        self.micro_steps += 1
-        self.sequences += sequences
-        self.tokens += tokens
-        self.masked += masked
-        self.flops += flops
-
-
-class MetricsSink:
-    """Rank 0: a tqdm bar, metrics.jsonl in the run folder, and the tracker."""
-
-    def __init__(self, run_dir: Path, tracker: Any, total_steps: int, initial: int, enabled: bool):
-        self.enabled = enabled
-        self.tracker = tracker
-        self.bar = None
-        self.file = None
-        if enabled:
-            from tqdm.auto import tqdm
-
-            # On a terminal a live bar; in a log file (batch jobs) one line per logged step instead.
-            self.bar = tqdm(total=total_steps, initial=initial, desc="train", unit="step", dynamic_ncols=True,
-                            disable=not sys.stderr.isatty())
-            self.file = (run_dir / "metrics.jsonl").open("a", encoding="utf-8")
-
-    def write(self, step: int, metrics: dict[str, float]) -> None:
-        if not self.enabled:
-            return
-        assert self.file is not None and self.bar is not None
-        self.file.write(json.dumps({"step": step, **metrics}) + "\n")
-        self.file.flush()
-        self.bar.set_postfix(loss=f"{metrics['loss']:.4f}", lr=f"{metrics['lr']:.2e}",
-                             tok_s=f"{metrics['tokens_per_s']:.0f}", refresh=False)
-        if self.bar.disable:
-            shown = " ".join(f"{k}={v:.4g}" for k, v in metrics.items() if k.startswith("loss") or k in
-                             ("lr", "grad_norm", "tokens_per_s", "mfu"))
-            print(f"step {step}: {shown}", file=sys.stderr, flush=True)
-        self.tracker.log_metrics(metrics, step=step)
-
-    def advance(self, n: int = 1) -> None:
-        if self.bar is not None:
-            self.bar.update(n)
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
-        if self.file is not None:
-            self.file.close()
-
-
-# ------------------------------------------------------------------------------------------------ the trainer
 class StopRequested(Exception):
     """SIGTERM/SIGINT: checkpoint written, run ends KILLED."""
+
+
+@dataclass
+class Counters:
+    """Training progress, the same on every rank (trainer_state.json "counters")."""
+
+    checkpoint_scope: ClassVar[str] = SHARED
+
+    step: int = 0  # optimizer steps taken (applied or skipped by the loss scaler)
+    epoch: int = 0
+    micro_steps: int = 0
+    samples: int = 0  # sequences seen, all ranks
+    tokens: int = 0  # non-pad tokens seen, all ranks
+    skipped_steps: int = 0  # steps whose update was skipped (non-finite)
+    nonfinite_in_row: int = 0
+    elapsed_s: float = 0.0  # training wall time before this (re)start
+
+    def state_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        loaded = Counters(**state)
+        for f in fields(self):
+            setattr(self, f.name, getattr(loaded, f.name))
+
+
+class TrackerRun:
+    """The tracker's run id (trainer_state.json "run_id"), so a resumed run appends to the same run."""
+
+    checkpoint_scope: ClassVar[str] = SHARED
+
+    def __init__(self) -> None:
+        self.resumed_id: str | None = None  # from the checkpoint, before the tracker exists
+        self.tracker: Any = None
+
+    def state_dict(self) -> str | None:
+        return self.tracker.run_id if self.tracker is not None else self.resumed_id
+
+    def load_state_dict(self, state: str | None) -> None:
+        self.resumed_id = state
 
 
 class Trainer:
@@ -310,17 +94,14 @@ class Trainer:
     # ---------------------------------------------------------------------------------------------- setup
     def setup(self) -> None:
         from distil.data_pipeline.stream import PretrainStream
-        from distil.pretrain import models
-        from distil.pretrain.export import check_tokenizer_source, tokenizer_source
-        from distil.pretrain.tracking import create_tracker
 
         cfg = self.cfg
         # Checks that need no process group come first, so bad input fails before DeepSpeed even loads.
         rank, world_size = launcher_rank_and_world()
         self.run_dir = Path(cfg.run.output_dir)
         self.ckpt_dir = Path(cfg.checkpoint.dir) if cfg.checkpoint.dir else self.run_dir / "checkpoints"
-        global_batch = check_batch_arithmetic(cfg, world_size)
-        resume_path = ckpt.resolve_resume(self.resume, self.ckpt_dir)
+        self.global_batch = check_batch_arithmetic(cfg, world_size)
+        resume_path = resolve_resume(self.resume, self.ckpt_dir)
         self.stream = PretrainStream(
             cfg.data.shards, split="train", rank=rank, world_size=world_size, seed=cfg.run.seed,
             batch_size=cfg.data.batch_size, max_tokens=cfg.data.max_tokens, group_by_size=cfg.data.group_by_size,
@@ -330,16 +111,27 @@ class Trainer:
         self.dist = d = init_distributed()
         if (d.rank, d.world_size) != (rank, world_size):
             raise RuntimeError(f"process group rank/world {d.rank}/{d.world_size} != launcher's {rank}/{world_size}")
-        manifest = self.manifest = self.stream.manifest
+        self.manifest = self.stream.manifest
+        objective = self._build_models()
+        self._build_engine(objective)
+        self._restore(resume_path)
+        self._start_tracker()
+        self.peak = peak_tflops(cfg, d.device)
+        barrier(self.dist.world_size)
+
+    def _build_models(self) -> torch.nn.Module:
+        """The trained model (and teacher), checked against the data; returns the objective to train."""
         from distil.data_pipeline.manifest import base_of, manifest_location
+        from distil.pretrain import models
+        from distil.pretrain.export import check_tokenizer_source, tokenizer_source
 
+        cfg, manifest, device = self.cfg, self.manifest, self.dist.device
         shards_base = base_of(manifest_location(cfg.data.shards))
-
         seed_everything(cfg.run.seed)  # same initial weights on every rank
         self.teacher = None
         if cfg.mode == "distill":
             need_logits = uses_kl(cfg.loss)
-            self.teacher = models.load_teacher(cfg.teacher, need_logits=need_logits, device=d.device)
+            self.teacher = models.load_teacher(cfg.teacher, need_logits=need_logits, device=device)
             student, self.layer_map = models.build_student(self.teacher, cfg.student)
             models.check_compatible(manifest, self.teacher, student, need_cosine=cfg.loss.alpha_cos > 0,
                                     teacher_path=cfg.teacher.path)
@@ -359,12 +151,15 @@ class Trainer:
         self.tokenizer_from = tokenizer_source(manifest, shards_base, cfg.teacher.path if cfg.mode == "distill" else None)
         if cfg.run.export:
             check_tokenizer_source(self.tokenizer_from)
+        return objective
 
-        self.updates_per_epoch = max(1, self.stream.batches_per_epoch() // cfg.engine.gradient_accumulation_steps)
-        self.total_steps = cfg.run.max_steps or cfg.run.epochs * self.updates_per_epoch
-        self.ds_config = build_ds_config(cfg, self.total_steps, d.world_size)
+    def _build_engine(self, objective: torch.nn.Module) -> None:
         import deepspeed
 
+        cfg = self.cfg
+        self.updates_per_epoch = max(1, self.stream.batches_per_epoch() // cfg.engine.gradient_accumulation_steps)
+        self.total_steps = cfg.run.max_steps or cfg.run.epochs * self.updates_per_epoch
+        self.ds_config = build_ds_config(cfg, self.total_steps, self.dist.world_size)
         self.engine, _, _, _ = deepspeed.initialize(
             model=objective, model_parameters=param_groups(objective, cfg.optim.weight_decay), config=self.ds_config,
         )
@@ -378,25 +173,33 @@ class Trainer:
         self.last_grad_norm: float | None = None
         self.student_dtype = next(self.engine.module.parameters()).dtype
 
-        self.counters = ckpt.Counters()
-        run_id = None
+    def _restore(self, resume_path: Path | None) -> None:
+        """The checkpointed parts, loaded from resume_path if given (else a fresh start)."""
+        self.counters = Counters()
+        self.run = TrackerRun()
+        parts = {"engine": EngineCheckpoint(self.engine), "counters": self.counters, "run_id": self.run,
+                 "stream": self.stream, "rng": RNGState()}  # the RNG last: loading must not draw from it
+        self.checkpoints = CheckpointManager(self.ckpt_dir, parts, world_size=self.dist.world_size,
+                                             keep=self.cfg.checkpoint.keep)
         if resume_path is not None:
-            self.counters, stream_state, run_id = ckpt.load(self.engine, resume_path, world_size=d.world_size)
-            self.stream.set_epoch(self.counters.epoch)
-            self.stream.load_state_dict(stream_state)
+            self.checkpoints.load(resume_path)  # the data position includes its epoch
         else:
-            seed_everything(cfg.run.seed + d.rank)  # dropout differs across ranks
+            seed_everything(self.cfg.run.seed + self.dist.rank)  # dropout differs across ranks
             self.stream.set_epoch(0)
         self.resumed_from = resume_path
 
+    def _start_tracker(self) -> None:
+        from distil.pretrain.tracking import create_tracker
+
+        d = self.dist
         if d.rank == 0:
             self.run_dir.mkdir(parents=True, exist_ok=True)
-        self.tracker = create_tracker(cfg.tracking, rank=d.rank, local_rank=d.local_rank, world_size=d.world_size,
-                                      run_dir=str(self.run_dir), resume_run_id=run_id)
+        self.tracker = create_tracker(self.cfg.tracking, rank=d.rank, local_rank=d.local_rank,
+                                      world_size=d.world_size, run_dir=str(self.run_dir),
+                                      resume_run_id=self.run.resumed_id)
+        self.run.tracker = self.tracker
         if d.rank == 0:
-            self._log_run_files(global_batch)
-        self.peak = peak_tflops(cfg, d.device)
-        self._barrier()
+            self._log_run_files(self.global_batch)
 
     def _log_run_files(self, global_batch: int) -> None:
         (self.run_dir / "config.yaml").write_text(to_yaml(self.cfg))
@@ -532,44 +335,37 @@ class Trainer:
             c.nonfinite_in_row = 0
 
     def _nonfinite_message(self, n: int) -> str:
-        latest = self.ckpt_dir / ckpt.LATEST
-        where = f"{self.ckpt_dir / latest.read_text().strip()}" if latest.is_file() else "none written yet"
+        latest = self.checkpoints.latest()
+        where = f"{latest}" if latest is not None else "none written yet"
         return (f"the loss was NaN/inf for {n} optimizer step(s) in a row at step {self.counters.step}; stopped "
                 f"without writing a checkpoint (last good checkpoint: {where}). Lower optim.lr, use "
                 "engine.precision=bf16, or check the data")
 
     def _log(self, w: Window, sink: MetricsSink) -> None:
         """Averages the window over ranks (one all-reduce) and writes one metrics line on rank 0."""
-        keys = sorted(w.parts)
-        counts = torch.tensor([w.micro_steps, w.sequences, w.tokens, w.masked, w.flops], dtype=torch.float64,
-                              device=self.dist.device)
-        vec = torch.cat([torch.stack([w.parts[k] for k in keys]).to(self.dist.device), counts])
-        if dist.is_initialized() and self.dist.world_size > 1:
-            dist.all_reduce(vec, op=dist.ReduceOp.SUM)
-        vals = vec.tolist()
-        micro, seqs, tokens, masked, flops = vals[len(keys):]
+        totals = w.reduce(self.dist.device, self.dist.world_size)
         c = self.counters
-        c.samples += int(seqs)
-        c.tokens += int(tokens)
+        c.samples += int(totals.sequences)
+        c.tokens += int(totals.tokens)
         if self.dist.rank != 0:
             return
-        dt = max(time.perf_counter() - w.started, 1e-9)
-        metrics: dict[str, float] = {k: vals[i] / max(micro, 1) for i, k in enumerate(keys)}
+        dt, flops = totals.seconds, totals.flops
         grad_norm = self.engine.get_global_grad_norm()
         if grad_norm is None:
             grad_norm = self.last_grad_norm
-        metrics.update({
+        optimizer = self.engine.optimizer
+        metrics: dict[str, float] = {
+            **totals.losses,
             "lr": float(self.engine.get_lr()[0]),
             "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
-            "loss_scale": float(getattr(self.engine.optimizer, "cur_scale", getattr(self.engine.optimizer,
-                                                                                    "loss_scale", 1.0))),
-            "tokens_per_s": tokens / dt,
-            "sequences_per_s": seqs / dt,
-            "masked_tokens": masked,
+            "loss_scale": float(getattr(optimizer, "cur_scale", getattr(optimizer, "loss_scale", 1.0))),
+            "tokens_per_s": totals.tokens / dt,
+            "sequences_per_s": totals.sequences / dt,
+            "masked_tokens": totals.masked,
             "tflops_per_s": flops / dt / 1e12,
             "skipped_steps": float(c.skipped_steps),
             "epoch": float(c.epoch),
-        })
+        }
         if self.peak:
             metrics["mfu"] = flops / dt / (self.peak * 1e12 * self.dist.world_size)
         stats = self.stream.stats() if hasattr(self.stream, "stats") else {}
@@ -579,14 +375,7 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------ checkpoint/export
     def save_checkpoint(self) -> Path:
-        c = self.counters
-        if (self.ckpt_dir / ckpt.tag_for(c.step) / ckpt.COMPLETE).is_file():
-            return self.ckpt_dir / ckpt.tag_for(c.step)
-        if self.dist.rank == 0:
-            self.ckpt_dir.mkdir(parents=True, exist_ok=True)
-        self._barrier()
-        return ckpt.save(self.engine, self.ckpt_dir, c, stream_state=self.stream.state_dict(),
-                         run_id=self.tracker.run_id, world_size=self.dist.world_size, keep=self.cfg.checkpoint.keep)
+        return self.checkpoints.save(self.counters.step)
 
     def export(self) -> Path | None:
         from distil.pretrain.export import export_model
@@ -596,12 +385,8 @@ class Trainer:
             assert self.tokenizer_from is not None
             out = export_model(self.model, self.run_dir / "export", self.tokenizer_from)
             self.tracker.log_student(str(out))
-        self._barrier()
+        barrier(self.dist.world_size)
         return out
-
-    def _barrier(self) -> None:
-        if dist.is_initialized() and self.dist.world_size > 1:
-            dist.barrier()
 
 
 @dataclass

@@ -1,7 +1,9 @@
-"""Checkpoint files are read weights-only; `latest` and COMPLETE decide what counts; rotation keeps K."""
+"""Checkpoint files are read weights-only; `latest` and COMPLETE decide what counts; rotation keeps K;
+CheckpointManager saves and loads its parts in the same layout as before."""
 
 from __future__ import annotations
 
+import json
 import random
 from pathlib import Path
 from types import SimpleNamespace
@@ -61,3 +63,129 @@ def test_rng_state_round_trip():
     a = (random.random(), np.random.rand(), torch.rand(1).item())
     ckpt.set_rng_state(state)
     assert (random.random(), np.random.rand(), torch.rand(1).item()) == a
+
+
+class FakeEngine:
+    """Stands in for the DeepSpeed adapter: writes one file of its own into the checkpoint folder."""
+
+    checkpoint_scope = ckpt.OWN_FILES
+
+    def __init__(self, weight: float = 0.0):
+        self.weight = weight
+
+    def save_files(self, folder: Path) -> None:
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "engine.txt").write_text(str(self.weight))
+
+    def load_files(self, folder: Path) -> None:
+        self.weight = float((folder / "engine.txt").read_text())
+
+
+class FakeStream:
+    def __init__(self, position: int = 0):
+        self.position = position
+
+    def state_dict(self):
+        return {"position": self.position}
+
+    def load_state_dict(self, state):
+        self.position = state["position"]
+
+
+def _parts(weight: float = 0.0, step: int = 0, position: int = 0, run_id: str | None = None):
+    from distil.pretrain.trainer import Counters, TrackerRun
+
+    run = TrackerRun()
+    run.load_state_dict(run_id)
+    return {"engine": FakeEngine(weight), "counters": Counters(step=step, epoch=1), "run_id": run,
+            "stream": FakeStream(position), "rng": ckpt.RNGState()}
+
+
+def test_manager_round_trip_keeps_the_layout(tmp_path):
+    parts = _parts(weight=2.5, step=7, position=11, run_id="abc")
+    manager = ckpt.CheckpointManager(tmp_path, parts, world_size=1, keep=2)
+    path = manager.save(7)
+    assert path == tmp_path / ckpt.tag_for(7) and manager.latest() == path
+    assert (tmp_path / ckpt.LATEST).read_text().strip() == ckpt.tag_for(7)
+    assert (path / ckpt.COMPLETE).is_file() and (path / "engine.txt").is_file()
+    shared = ckpt.read_trainer_state(path)
+    assert list(shared) == ["counters", "run_id", "world_size"]
+    assert shared["counters"]["step"] == 7 and shared["run_id"] == "abc" and shared["world_size"] == 1
+    rank_state = json.loads((path / "rank_00000.json").read_text())
+    assert list(rank_state) == ["stream", "rng"] and rank_state["stream"] == {"position": 11}
+    a = (random.random(), np.random.rand(), torch.rand(1).item())
+
+    fresh = _parts()
+    ckpt.CheckpointManager(tmp_path, fresh, world_size=1, keep=2).load(path)
+    assert fresh["engine"].weight == 2.5 and fresh["stream"].position == 11
+    assert fresh["counters"].step == 7 and fresh["counters"].epoch == 1 and fresh["run_id"].resumed_id == "abc"
+    assert (random.random(), np.random.rand(), torch.rand(1).item()) == a  # the RNG continues where it was
+
+
+def test_manager_saves_a_step_once_replaces_stale_folders_and_rotates(tmp_path):
+    parts = _parts(weight=1.0)
+    manager = ckpt.CheckpointManager(tmp_path, parts, world_size=1, keep=2)
+    stale = tmp_path / ckpt.tag_for(3)
+    stale.mkdir(parents=True)
+    (stale / "junk").write_text("x")  # a crashed attempt at step 3
+    manager.save(3)
+    assert not (stale / "junk").exists() and (stale / ckpt.COMPLETE).is_file()
+    parts["engine"].weight = 9.0
+    manager.save(3)  # already complete: left as it is
+    assert (stale / "engine.txt").read_text() == "1.0"
+    for step in (4, 5):
+        manager.save(step)
+    assert sorted(p.name for p in tmp_path.glob("step_*")) == [ckpt.tag_for(4), ckpt.tag_for(5)]
+
+
+def test_manager_load_errors_are_user_errors(tmp_path):
+    manager = ckpt.CheckpointManager(tmp_path, _parts(), world_size=1, keep=2)
+    path = manager.save(1)
+    with pytest.raises(UserError, match="written by 1 processes, this run has 2"):
+        ckpt.CheckpointManager(tmp_path, _parts(), world_size=2, keep=2).load(path)
+    extra = {**_parts(), "sampler": FakeStream()}
+    with pytest.raises(UserError, match="no 'sampler' state"):
+        ckpt.CheckpointManager(tmp_path, extra, world_size=1, keep=2).load(path)
+    with pytest.raises(ValueError):
+        ckpt.CheckpointManager(tmp_path, {**_parts(), "world_size": FakeStream()}, world_size=1, keep=2)
+
+
+def test_manager_reads_checkpoints_written_before_it(tmp_path):
+    """The layout of the function-based writer (no trailing newline, same keys) still loads."""
+    path = tmp_path / ckpt.tag_for(4)
+    path.mkdir()
+    (path / "engine.txt").write_text("3.0")
+    counters = {"step": 4, "epoch": 0, "micro_steps": 8, "samples": 64, "tokens": 900, "skipped_steps": 0,
+                "nonfinite_in_row": 0, "elapsed_s": 0.0}
+    (path / ckpt.TRAINER_STATE).write_text(json.dumps({"counters": counters, "run_id": None, "world_size": 1},
+                                                      indent=2))
+    (path / "rank_00000.json").write_text(json.dumps({"stream": {"position": 5}, "rng": ckpt.rng_state()}))
+    (path / ckpt.COMPLETE).write_text(ckpt.tag_for(4) + "\n")
+    (tmp_path / ckpt.LATEST).write_text(ckpt.tag_for(4) + "\n")
+    parts = _parts()
+    ckpt.CheckpointManager(tmp_path, parts, world_size=1, keep=2).load(ckpt.resolve_resume("auto", tmp_path))
+    assert parts["counters"].micro_steps == 8 and parts["stream"].position == 5 and parts["engine"].weight == 3.0
+    assert parts["run_id"].state_dict() is None
+
+
+def test_engine_adapter_reads_weights_only_and_reports_a_failed_load(tmp_path):
+    calls = []
+
+    class Engine:
+        checkpoint_engine = SimpleNamespace()
+
+        def save_checkpoint(self, save_dir, tag, save_latest):
+            calls.append(("save", save_dir, tag, save_latest))
+
+        def load_checkpoint(self, load_dir, tag, load_optimizer_states, load_lr_scheduler_states):
+            calls.append(("load", load_dir, tag, load_optimizer_states, load_lr_scheduler_states))
+            return None, None
+
+    engine = Engine()
+    adapter = ckpt.EngineCheckpoint(engine)
+    adapter.save_files(tmp_path / ckpt.tag_for(2))
+    with pytest.raises(UserError, match="DeepSpeed could not load"):
+        adapter.load_files(tmp_path / ckpt.tag_for(2))
+    assert calls == [("save", str(tmp_path), ckpt.tag_for(2), False),
+                     ("load", str(tmp_path), ckpt.tag_for(2), True, True)]
+    assert callable(engine.checkpoint_engine.load)  # reads go through torch.load(weights_only=True)
