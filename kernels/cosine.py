@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch.autograd.function import once_differentiable
 
-from distil.kernels._dispatch import cosine_rows_fn, resolve_backend
+from distil.kernels.dispatch import cosine_rows_fn, resolve_backend
 from distil.kernels.torch_impl import compute_dtype
 
 

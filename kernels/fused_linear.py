@@ -13,7 +13,7 @@ import math
 import torch
 from torch.autograd.function import once_differentiable
 
-from distil.kernels._dispatch import kl_ce_rows_fn, resolve_backend
+from distil.kernels.dispatch import kl_ce_rows_fn, resolve_backend
 from distil.kernels.kl_ce import (
     DistillLoss,
     assemble_loss,

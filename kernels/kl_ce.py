@@ -7,7 +7,7 @@ from typing import NamedTuple
 import torch
 from torch.autograd.function import once_differentiable
 
-from distil.kernels._dispatch import kl_ce_rows_fn, resolve_backend
+from distil.kernels.dispatch import kl_ce_rows_fn, resolve_backend
 from distil.kernels.torch_impl import compute_dtype
 
 IGNORE_INDEX = -100
@@ -184,7 +184,7 @@ def distillation_kl_ce(
     student_logits (the teacher is a constant). The gradient is computed in the forward and kept with
     the graph (one [N, V] buffer in the student's dtype); backward scales it by the incoming gradient,
     into a new tensor, or with inplace_backward=True into that buffer (one [N, V] less at backward, but
-    the graph can then be run backward only once). backend: "auto" | "triton" | "torch" (see kernels._dispatch).
+    the graph can then be run backward only once). backend: "auto" | "triton" | "torch" (see kernels.dispatch).
     """
     if student_logits.dim() != 2:
         raise ValueError(f"student_logits must be [N, V], got {list(student_logits.shape)}")

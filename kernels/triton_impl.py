@@ -15,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from distil.kernels._dispatch import check_interpreted
+from distil.kernels.dispatch import check_interpreted
 from distil.kernels.torch_impl import COSINE_EPS
 
 MAX_BLOCK_CUDA = 4096

@@ -8,3 +8,8 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 os.environ.setdefault("MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING", "false")
+# The kernel tests run the Triton kernels under the interpreter on CPU tensors. TRITON_INTERPRET must be set
+# before triton is first imported, and transformers imports it while any test module that loads a model is
+# collected, so it is set here, before collection. It changes nothing else: on CPU tensors the kernels'
+# automatic backend choice is the torch implementation.
+os.environ.setdefault("TRITON_INTERPRET", "1")

@@ -8,6 +8,7 @@ and Hugging Face's `kernels` distribution installs beside distil.
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import sysconfig
@@ -43,6 +44,9 @@ def test_every_python_folder_is_packaged_under_distil():
 @pytest.fixture(scope="module")
 def wheel(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("wheel")
+    # setuptools builds in the tree and reuses build/lib: a module deleted since an earlier build would
+    # still go into the wheel, so every build starts without it.
+    shutil.rmtree(REPO / "build", ignore_errors=True)
     subprocess.run([sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--no-build-isolation",
                     "--wheel-dir", str(out), str(REPO)], check=True, capture_output=True, text=True, timeout=300)
     (path,) = out.glob("distil-*.whl")

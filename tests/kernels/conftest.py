@@ -1,7 +1,5 @@
-"""Kernel tests run the Triton kernels under the interpreter on CPU tensors.
-
-TRITON_INTERPRET must be set before triton decorates the kernels (kernels.triton_impl is imported
-lazily, on first use of the Triton backend), so it is set here, at collection time.
+"""Kernel tests run the Triton kernels under the interpreter on CPU tensors (TRITON_INTERPRET=1, set in
+tests/conftest.py before anything imports triton), with a fresh seed per run, printed so a failure replays.
 """
 
 import os
@@ -11,8 +9,6 @@ import zlib
 
 import pytest
 import torch
-
-os.environ.setdefault("TRITON_INTERPRET", "1")
 
 SEED_ENV = "KERNELS_TEST_SEED"
 SESSION_SEED = int(os.environ.get(SEED_ENV) or secrets.randbelow(2**31))

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import pytest
 import torch
 
-from distil.kernels._dispatch import interpreter_requested
+from distil.kernels.dispatch import interpreter_requested
 
 # Triton on CPU tensors needs the interpreter; conftest sets it unless the caller chose otherwise
 # (TRITON_INTERPRET=0 to run the compiled-kernel test on a GPU machine).

@@ -8,7 +8,7 @@ import torch
 from kernels_test_utils import BACKENDS, BF16_TOL, FP32_TOL, assert_close
 
 from distil.kernels import cosine_embedding_loss, distillation_kl_ce, fused_linear_distillation_kl_ce
-from distil.kernels._dispatch import interpreter_requested, resolve_backend
+from distil.kernels.dispatch import interpreter_requested, resolve_backend
 from distil.kernels.reference import recipe_kl_ce
 
 
