@@ -6,6 +6,7 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from distil.kernels.dispatch import cosine_rows_fn, resolve_backend
+from distil.kernels.precision import needs_prescale
 from distil.kernels.torch_impl import compute_dtype
 
 
@@ -13,7 +14,10 @@ def cosine_forward(
     student_hidden: torch.Tensor, teacher_hidden: torch.Tensor, backend: str, want_grad: bool
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     n_rows = student_hidden.shape[0]
-    grad = torch.empty_like(student_hidden, memory_format=torch.contiguous_format) if want_grad else None
+    # fp16: the gradient (about 1 / (N |s|) per element, below fp16's subnormals for large N) is kept in
+    # fp32 until the backward has multiplied it by the loss scale; [N, H] fp32, a hidden state's size.
+    grad_dtype = torch.float32 if needs_prescale(student_hidden.dtype) else student_hidden.dtype
+    grad = torch.empty(student_hidden.shape, dtype=grad_dtype, device=student_hidden.device) if want_grad else None
     cos = cosine_rows_fn(backend)(student_hidden, teacher_hidden, 1.0 / max(n_rows, 1), grad)
     loss = (1.0 - cos.to(compute_dtype(student_hidden.dtype))).sum() / max(n_rows, 1)
     return loss, grad
@@ -23,12 +27,13 @@ class _CosineFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, student_hidden, teacher_hidden, backend):
         loss, ctx.grad = cosine_forward(student_hidden, teacher_hidden, backend, True)
+        ctx.dtype = student_hidden.dtype
         return loss
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_loss):
-        return ctx.grad * grad_loss, None, None
+        return (ctx.grad * grad_loss).to(ctx.dtype), None, None
 
 
 def cosine_embedding_loss(

@@ -21,6 +21,7 @@ from distil.kernels.kl_ce import (
     loss_scales,
     validate_loss_inputs,
 )
+from distil.kernels.precision import needs_prescale, prescale_for, unscale
 from distil.kernels.torch_impl import compute_dtype
 
 # Per chunk the fp32 weight-gradient accumulator is read and written once ([V, H] fp32, ~94 MB for BERT),
@@ -45,6 +46,68 @@ def _project(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     return torch.addmm(bias, hidden, weight.t())
 
 
+class _Accumulators:
+    """The gradients of one call, filled chunk by chunk in the forward and scaled in the backward.
+
+    Weight and bias gradients accumulate in fp32 (fp64 for fp64) and are cast to the parameters' dtype only
+    after the backward's scale. For fp16 the logits' gradient arrives pre-multiplied by `prescale` (see
+    precision.py), so its matmuls run in fp32 and the hidden-state gradient is kept in fp32 too: an fp16
+    product of pre-scaled gradients could overflow, and an unscaled one would underflow.
+    """
+
+    def __init__(self, hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                 want: tuple[bool, bool, bool], prescale: torch.Tensor, compute: torch.dtype):
+        want_h, want_w, want_b = want
+        self.prescale = prescale
+        self.fp32_matmuls = needs_prescale(compute)
+        acc = compute_dtype(weight.dtype)
+        h_dtype = torch.float32 if self.fp32_matmuls else hidden.dtype
+        self.hidden = torch.empty(hidden.shape, dtype=h_dtype, device=hidden.device) if want_h else None
+        self.weight = torch.zeros(weight.shape, dtype=acc, device=weight.device) if want_w else None
+        self.bias = torch.zeros(weight.shape[0], dtype=acc, device=weight.device) if want_b else None
+        self.out_dtypes = (hidden.dtype, weight.dtype, bias.dtype if bias is not None else None)
+
+    @property
+    def any(self) -> bool:
+        return self.hidden is not None or self.weight is not None or self.bias is not None
+
+    def add_chunk(self, rows: slice, grad_logits: torch.Tensor, h: torch.Tensor, w: torch.Tensor) -> None:
+        if self.fp32_matmuls:
+            grad_logits, h, w = grad_logits.float(), h.float(), w.float()
+        if self.hidden is not None:
+            self.hidden[rows] = grad_logits @ w
+        if self.weight is not None and self.weight.dtype == grad_logits.dtype:
+            self.weight.addmm_(grad_logits.t(), h)
+        elif self.weight is not None:  # low-precision chunks, fp32 accumulator: one [V, H] temporary per chunk
+            self.weight += grad_logits.t() @ h
+        if self.bias is not None:
+            self.bias += grad_logits.sum(dim=0, dtype=self.bias.dtype)
+
+    def scaled(self, incoming: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        """d loss / d (hidden, weight, bias) times the incoming gradient, each in its input's dtype."""
+        out = []
+        for grad, dtype in zip((self.hidden, self.weight, self.bias), self.out_dtypes, strict=True):
+            if grad is None:
+                out.append(None)
+            elif grad.dtype == dtype and not needs_prescale(dtype):
+                out.append(grad * incoming)
+            else:
+                out.append(unscale(grad, incoming, self.prescale, inplace=False, out_dtype=dtype))
+        return tuple(out)
+
+
+def _teacher_chunk(rows: slice, teacher_logits: torch.Tensor | None, teacher_hidden: torch.Tensor | None,
+                   teacher_weight: torch.Tensor | None, teacher_bias: torch.Tensor | None) -> torch.Tensor | None:
+    with torch.no_grad():
+        if teacher_logits is not None:
+            return teacher_logits[rows]
+        if teacher_hidden is None:
+            return None
+        t_dtype = torch.promote_types(teacher_hidden.dtype, teacher_weight.dtype)
+        t_b = teacher_bias.to(t_dtype) if teacher_bias is not None else None
+        return _project(teacher_hidden[rows].to(t_dtype), teacher_weight.to(t_dtype), t_b)
+
+
 def fused_linear_forward(
     hidden: torch.Tensor,
     weight: torch.Tensor,
@@ -61,74 +124,33 @@ def fused_linear_forward(
     chunk_size: int,
     backend: str,
     want: tuple[bool, bool, bool],
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, tuple[torch.Tensor | None, ...]]:
-    """(loss, kl, ce, (grad_hidden, grad_weight, grad_bias)); a gradient is None where `want` says no."""
-    n_rows = hidden.shape[0]
-    device = hidden.device
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, _Accumulators]:
+    """(loss, kl, ce, the gradient accumulators); a gradient is None where `want` says no."""
     has_teacher = teacher_logits is not None or teacher_hidden is not None
     dtype = torch.promote_types(hidden.dtype, weight.dtype)
     w = weight.to(dtype)
     b = bias.to(dtype) if bias is not None else None
-    if teacher_hidden is not None:
-        t_dtype = torch.promote_types(teacher_hidden.dtype, teacher_weight.dtype)
-        t_w = teacher_weight.to(t_dtype)
-        t_b = teacher_bias.to(t_dtype) if teacher_bias is not None else None
     scales = loss_scales(labels, kl_mask, has_teacher, temperature, alpha_kl, alpha_ce)
+    prescale = prescale_for(dtype, scales.element_bound())
+    grads = _Accumulators(hidden, weight, bias, (want[0], want[1], want[2] and bias is not None), prescale, dtype)
     rows_fn = kl_ce_rows_fn(backend)
-    sum_dtype = compute_dtype(dtype)
-    kl_sum = torch.zeros((), dtype=sum_dtype, device=device)
-    ce_sum = torch.zeros((), dtype=sum_dtype, device=device)
-    want_h, want_w, want_b = want
-    want_b = want_b and bias is not None
-    any_grad = want_h or want_w or want_b
-    grad_h = torch.empty_like(hidden) if want_h else None
-    acc_dtype = compute_dtype(weight.dtype)
-    grad_w = torch.zeros(weight.shape, dtype=acc_dtype, device=device) if want_w else None
-    grad_b = torch.zeros(weight.shape[0], dtype=acc_dtype, device=device) if want_b else None
-
-    for start in range(0, n_rows, chunk_size):
-        rows = slice(start, min(start + chunk_size, n_rows))
+    kl_sum = torch.zeros((), dtype=compute_dtype(dtype), device=hidden.device)
+    ce_sum = torch.zeros_like(kl_sum)
+    for start in range(0, hidden.shape[0], chunk_size):
+        rows = slice(start, min(start + chunk_size, hidden.shape[0]))
         h = hidden[rows].to(dtype)
         logits = _project(h, w, b)
-        with torch.no_grad():
-            if teacher_logits is not None:
-                t = teacher_logits[rows]
-            elif teacher_hidden is not None:
-                t = _project(teacher_hidden[rows].to(t_dtype), t_w, t_b)
-            else:
-                t = None
-        kl_rows, ce_rows = rows_fn(
-            logits,
-            t,
-            labels[rows],
-            kl_mask[rows],
-            scales.grad_kl,
-            scales.grad_ce,
-            temperature,
-            logits if any_grad else None,
-        )
+        t = _teacher_chunk(rows, teacher_logits, teacher_hidden, teacher_weight, teacher_bias)
+        # The rows kernel overwrites the logits with their (pre-scaled) gradient.
+        kl_rows, ce_rows = rows_fn(logits, t, labels[rows], kl_mask[rows], scales.grad_kl * prescale,
+                                   scales.grad_ce * prescale, temperature, logits if grads.any else None)
         del t
         kl_sum += kl_rows.sum()
         ce_sum += ce_rows.sum()
-        if not any_grad:
-            continue
-        grad_logits = logits  # overwritten in place by rows_fn
-        if want_h:
-            grad_h[rows] = grad_logits @ w
-        if want_w and grad_w.dtype == grad_logits.dtype:
-            grad_w.addmm_(grad_logits.t(), h)
-        elif want_w:  # low-precision chunks, fp32 accumulator: one [V, H] temporary per chunk
-            grad_w += grad_logits.t() @ h
-        if want_b:
-            grad_b += grad_logits.sum(dim=0, dtype=acc_dtype)
-        del logits, grad_logits
-
+        if grads.any:
+            grads.add_chunk(rows, logits, h, w)
+        del logits
     loss, kl, ce = assemble_loss(kl_sum, ce_sum, scales, temperature, alpha_kl, alpha_ce)
-    grads = (
-        grad_h,
-        grad_w.to(weight.dtype) if grad_w is not None else None,
-        grad_b.to(bias.dtype) if grad_b is not None else None,
-    )
     return loss, kl, ce, grads
 
 
@@ -161,8 +183,7 @@ class _FusedLinearKLCEFunction(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_loss, _grad_kl, _grad_ce):
-        scaled = tuple(g * grad_loss if g is not None else None for g in ctx.grads)
-        return (*scaled, None, None, None, None, None, None, None, None)
+        return (*ctx.grads.scaled(grad_loss), None, None, None, None, None, None, None, None)
 
 
 def _validate_linear(
@@ -236,8 +257,7 @@ def fused_linear_distillation_kl_ce(
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
     chosen = resolve_backend(backend, student_hidden, weight)
-    if chosen == "torch":
-        check_label_range(labels, vocab)
+    check_label_range(labels, vocab)
     teacher = (teacher_logits, teacher_hidden, teacher_weight, teacher_bias)
     tensors = (student_hidden, weight, bias)
     with torch.autocast(device_type=student_hidden.device.type, enabled=False):

@@ -8,6 +8,7 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from distil.kernels.dispatch import kl_ce_rows_fn, resolve_backend
+from distil.kernels.precision import needs_prescale, prescale_for, unscale
 from distil.kernels.torch_impl import compute_dtype
 
 IGNORE_INDEX = -100
@@ -47,7 +48,8 @@ def validate_loss_inputs(
 
 
 def check_label_range(labels: torch.Tensor, vocab: int) -> None:
-    """Labels outside [0, V) other than -100 (checked on the torch path, where it costs no GPU sync)."""
+    """Labels outside [0, V) other than -100 are an error on every backend (the Triton kernels would read
+    out of bounds). On a GPU this costs one host sync per call, on a tensor of N labels."""
     bad = (labels != IGNORE_INDEX) & ((labels < 0) | (labels >= vocab))
     if bool(bad.any()):
         raise ValueError(f"labels must be in [0, {vocab}) or {IGNORE_INDEX}; got {labels[bad][0].item()}")
@@ -58,6 +60,12 @@ class LossScales(NamedTuple):
     n_ce: torch.Tensor
     grad_kl: torch.Tensor  # d loss / d (row KL) divided by T: alpha_kl * T / n_kl
     grad_ce: torch.Tensor  # d loss / d (row CE): alpha_ce / n_ce
+
+    def element_bound(self) -> torch.Tensor:
+        """Bounds |d loss / d logit|: grad_kl * |q - p| + grad_ce * |softmax - onehot|, each factor <= 1."""
+        kl = torch.where(self.n_kl > 0, self.grad_kl, 0.0)
+        ce = torch.where(self.n_ce > 0, self.grad_ce, 0.0)
+        return kl + ce
 
 
 def loss_scales(
@@ -100,10 +108,11 @@ def kl_ce_forward(
     alpha_ce: float,
     backend: str,
     want_grad: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """(loss, kl, ce, d loss / d student_logits or None)."""
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """(loss, kl, ce, d loss / d student_logits times `prescale` (or None), prescale); see precision.py."""
     n_rows = student_logits.shape[0]
     scales = loss_scales(labels, kl_mask, teacher_logits is not None, temperature, alpha_kl, alpha_ce)
+    prescale = prescale_for(student_logits.dtype, scales.element_bound())
     grad = torch.empty_like(student_logits, memory_format=torch.contiguous_format) if want_grad else None
     rows_fn = kl_ce_rows_fn(backend)
     sum_dtype = compute_dtype(student_logits.dtype)
@@ -117,15 +126,15 @@ def kl_ce_forward(
             teacher_logits[rows] if teacher_logits is not None else None,
             labels[rows],
             kl_mask[rows],
-            scales.grad_kl,
-            scales.grad_ce,
+            scales.grad_kl * prescale,
+            scales.grad_ce * prescale,
             temperature,
             grad[rows] if grad is not None else None,
         )
         kl_sum += kl_rows.sum()
         ce_sum += ce_rows.sum()
     loss, kl, ce = assemble_loss(kl_sum, ce_sum, scales, temperature, alpha_kl, alpha_ce)
-    return loss, kl, ce, grad
+    return loss, kl, ce, grad, prescale
 
 
 class _KLCEFunction(torch.autograd.Function):
@@ -142,10 +151,11 @@ class _KLCEFunction(torch.autograd.Function):
         backend,
         inplace,
     ):
-        loss, kl, ce, grad = kl_ce_forward(
+        loss, kl, ce, grad, prescale = kl_ce_forward(
             student_logits, teacher_logits, labels, kl_mask, temperature, alpha_kl, alpha_ce, backend, True
         )
         ctx.grad = grad
+        ctx.prescale = prescale
         ctx.inplace = inplace
         ctx.mark_non_differentiable(kl, ce)
         return loss, kl, ce
@@ -156,11 +166,15 @@ class _KLCEFunction(torch.autograd.Function):
         # The loss is the last layer: backward only scales the gradient made in the forward.
         nones = (None,) * 8
         if not ctx.inplace:
-            return ctx.grad * grad_loss, *nones
+            if not needs_prescale(ctx.grad.dtype):
+                return ctx.grad * grad_loss, *nones
+            return unscale(ctx.grad, grad_loss, ctx.prescale, inplace=False), *nones
         grad, ctx.grad = ctx.grad, None
         if grad is None:
             raise RuntimeError("distillation_kl_ce(inplace_backward=True): backward can run only once")
-        return grad.mul_(grad_loss), *nones
+        if not needs_prescale(grad.dtype):
+            return grad.mul_(grad_loss), *nones
+        return unscale(grad, grad_loss, ctx.prescale, inplace=True), *nones
 
 
 def distillation_kl_ce(
@@ -182,7 +196,9 @@ def distillation_kl_ce(
     KL is batchmean over the kl_mask rows (as KLDivLoss(reduction="batchmean") on those rows), CE the
     mean over labelled rows; either is 0 when it covers no rows. Only `loss` carries a gradient, for
     student_logits (the teacher is a constant). The gradient is computed in the forward and kept with
-    the graph (one [N, V] buffer in the student's dtype); backward scales it by the incoming gradient,
+    the graph (one [N, V] buffer in the student's dtype; for fp16, pre-multiplied by a power of two so that
+    small gradients do not underflow before the loss scale arrives, see precision.py); backward scales it by
+    the incoming gradient,
     into a new tensor, or with inplace_backward=True into that buffer (one [N, V] less at backward, but
     the graph can then be run backward only once). backend: "auto" | "triton" | "torch" (see kernels.dispatch).
     """
@@ -191,15 +207,14 @@ def distillation_kl_ce(
     n_rows, vocab = student_logits.shape
     validate_loss_inputs(n_rows, vocab, teacher_logits, labels, kl_mask, temperature, alpha_kl)
     chosen = resolve_backend(backend, student_logits, teacher_logits)
-    if chosen == "torch":
-        check_label_range(labels, vocab)
+    check_label_range(labels, vocab)
     if torch.is_grad_enabled() and student_logits.requires_grad:
         loss, kl, ce = _KLCEFunction.apply(
             student_logits, teacher_logits, labels, kl_mask, temperature, alpha_kl, alpha_ce, chosen,
             inplace_backward,
         )  # fmt: skip
     else:
-        loss, kl, ce, _ = kl_ce_forward(
+        loss, kl, ce, _, _ = kl_ce_forward(
             student_logits, teacher_logits, labels, kl_mask, temperature, alpha_kl, alpha_ce, chosen, False
         )
     return DistillLoss(loss, kl.detach(), ce.detach())
