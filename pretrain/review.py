@@ -2,7 +2,9 @@
 
 One row per run: teacher (an MLM run, `mode=mlm`) or student (`mode=distill`), parameters of the exported
 model, final total loss and each final loss component, final evaluation metrics (metrics named eval*),
-throughput (median tokens/s over the run), steps and wall time.
+throughput (median tokens/s over the run), steps and wall time. When the experiment holds `distil finetune`
+runs, they are shown apart as the paper's GLUE table (Table 1) and size / inference table (Table 3), with a
+second PNG (pretrain/finetune/glue_view.py).
 """
 
 from __future__ import annotations
@@ -218,7 +220,15 @@ def review(experiment: str, tracking_uri: str | None, run_ids: tuple[str, ...], 
     uri = tracking_uri or default_review_uri()
     client = open_client(uri)
     runs = select_runs(client, experiment, run_ids, filter_string, max_runs)
-    summaries = merge_evaluations(runs, [summarize(client, run) for run in runs])
-    render_table(summaries, title=f"experiment {experiment}: {len(summaries)} run(s)")
-    path = write_comparison_plot(summaries, output, title=f"experiment {experiment}")
-    click.echo(f"comparison plot: {path}")
+    from distil.pretrain.finetune.glue_view import is_finetune_run, review_glue
+
+    training = [run for run in runs if not is_finetune_run(run)]  # fine-tunings: the GLUE view below
+    if training:
+        summaries = merge_evaluations(training, [summarize(client, run) for run in training])
+        render_table(summaries, title=f"experiment {experiment}: {len(summaries)} run(s)")
+        path = write_comparison_plot(summaries, output, title=f"experiment {experiment}")
+        click.echo(f"comparison plot: {path}")
+    glue_plot = review_glue(client, experiment, runs[0].info.experiment_id, filter_string, run_ids,
+                            output.with_name(f"{output.stem}_glue.png"))
+    if glue_plot is not None:
+        click.echo(f"GLUE plot: {glue_plot}")

@@ -1,0 +1,437 @@
+"""`distil finetune`: fine-tune an encoder on a GLUE task (or a labelled file of your own) with several seeds,
+and report the median of the dev metrics, as the paper's Table 1.
+
+Everything a user can get wrong is checked before any work (task, files, columns, labels, model folder,
+tokenizer, settings, tracking URI): one `error:` line, exit status 2, nothing written. The output folder is
+built beside its final place and renamed at the end, so it holds a finished report or nothing.
+
+OUTPUT/report.json            settings, data, per seed: dev metrics per epoch and final, test metrics when the
+                              test file has labels; the medians; parameters and inference time (Table 3)
+OUTPUT/test_predictions.tsv   with --test: GLUE's submission layout (index, prediction) from the median seed
+OUTPUT/seed_<n>/              each seed's test predictions (and model/, with save_models=true)
+"""
+
+from __future__ import annotations
+
+import shutil
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import click
+import torch
+
+from distil.common.config import is_override, load_structured
+from distil.common.errors import UserError
+from distil.common.files import atomic_write_folder, atomic_write_json
+from distil.pretrain.finetune.data import Split, check_pairs, encode_labels, infer_custom_task, read_split
+from distil.pretrain.finetune.metrics import (
+    compute_metrics,
+    median_metrics,
+    median_seed,
+    predictions_from_logits,
+)
+from distil.pretrain.finetune.tasks import PROBLEMS, TaskSpec, glue_task, task_names
+from distil.pretrain.finetune.track import EpochLog, FinetuneTracking
+
+PRECISIONS = ("fp32", "fp16", "bf16")
+DEVICES = ("auto", "cpu", "cuda")
+
+
+@dataclass
+class FinetuneConfig:
+    """`distil finetune`'s settings: a YAML file (`--config`), its options and `key=value` overrides.
+    Defaults are the common GLUE recipe (run_glue's, and the paper's protocol of 5 seeds)."""
+
+    model: str | None = None  # an encoder folder (a distil export, a saved HF BERT / DistilBERT, ...)
+    task: str | None = None  # cola, sst2, mrpc, qqp, stsb, mnli, qnli, rte, wnli or custom
+    train: str | None = None
+    dev: str | None = None  # MNLI: the matched dev set
+    dev_mismatched: str | None = None  # MNLI only
+    test: str | None = None  # optional: predictions in GLUE's submission layout
+    test_mismatched: str | None = None  # MNLI only
+    output: str | None = None
+    name: str | None = None  # the model's name in `distil review` (default: its folder's, or its parent's for export/)
+    teacher: str | None = None  # the teacher this model was distilled from: review shows it as % of the teacher
+    problem: str = "auto"  # custom task: auto | classification | regression
+    seeds: int = 5
+    seed: int = 42  # the first seed; the others follow it (42, 43, ...)
+    epochs: int = 3
+    lr: float = 2e-5
+    batch_size: int = 32  # per device
+    eval_batch_size: int = 64
+    max_seq_len: int = 128
+    weight_decay: float = 0.0
+    warmup_ratio: float = 0.0
+    eval_every_epoch: bool = True  # dev metrics after every epoch (else only after the last)
+    device: str = "auto"  # auto | cpu | cuda
+    precision: str = "fp32"  # fp32 | fp16 | bf16 (CUDA only)
+    inference: bool = True  # time a full pass over the dev set (Table 3)
+    inference_batch_size: int | None = None  # None: 1 on CPU (the paper's setting), eval_batch_size on a GPU
+    inference_max_examples: int | None = None  # None: the whole dev set
+    inference_threads: int | None = 1  # CPU threads while timing (null: torch's default); 1 is the steadiest
+    save_models: bool = False  # keep each seed's fine-tuned model in seed_<n>/model
+    overwrite: bool = False  # replace an existing output folder
+    tracking: bool = True
+    tracking_uri: str | None = None  # default: MLFLOW_TRACKING_URI, else runs/mlflow.db
+    experiment: str = "distil"
+
+    def validate(self) -> None:
+        for key in ("model", "task", "train", "dev", "output"):
+            if not getattr(self, key):
+                raise UserError(f"give --{key.replace('_', '-')} (see distil finetune --help)")
+        checks = [("seeds", self.seeds >= 1, ">= 1"), ("epochs", self.epochs >= 1, ">= 1"),
+                  ("lr", self.lr > 0, "> 0"), ("batch_size", self.batch_size >= 1, ">= 1"),
+                  ("eval_batch_size", self.eval_batch_size >= 1, ">= 1"),
+                  ("max_seq_len", self.max_seq_len >= 8, ">= 8"), ("weight_decay", self.weight_decay >= 0, ">= 0"),
+                  ("warmup_ratio", 0 <= self.warmup_ratio < 1, "in [0, 1)"),
+                  ("inference_batch_size", self.inference_batch_size is None or self.inference_batch_size >= 1,
+                   ">= 1 (or null)"),
+                  ("inference_max_examples", self.inference_max_examples is None or self.inference_max_examples >= 1,
+                   ">= 1 (or null)"),
+                  ("inference_threads", self.inference_threads is None or self.inference_threads >= 1,
+                   ">= 1 (or null)")]
+        for key, ok, rule in checks:
+            if not ok:
+                raise UserError(f"{key}={getattr(self, key)} must be {rule}")
+        if self.problem not in PROBLEMS:
+            raise UserError(f"problem={self.problem!r}: give one of {', '.join(PROBLEMS)}")
+        if self.device not in DEVICES:
+            raise UserError(f"device={self.device!r}: give one of {', '.join(DEVICES)}")
+        if self.precision not in PRECISIONS:
+            raise UserError(f"precision={self.precision!r}: give one of {', '.join(PRECISIONS)}")
+
+    @property
+    def seed_list(self) -> list[int]:
+        return [self.seed + i for i in range(self.seeds)]
+
+
+def model_label(path: str) -> str:
+    """The folder name, or its parent's for a run's `export/` folder."""
+    p = Path(path).resolve()
+    return p.parent.name if p.name == "export" and p.parent.name else p.name
+
+
+def resolve_device(cfg: FinetuneConfig) -> torch.device:
+    if cfg.device == "cuda" and not torch.cuda.is_available():
+        raise UserError("device=cuda: no CUDA GPU is visible; use --device cpu (or auto)")
+    device = torch.device("cuda" if cfg.device in ("auto", "cuda") and torch.cuda.is_available() else "cpu")
+    if cfg.precision != "fp32" and device.type != "cuda":
+        raise UserError(f"precision={cfg.precision} needs a CUDA GPU; use precision=fp32 on CPU")
+    if cfg.precision == "bf16" and not torch.cuda.is_bf16_supported():
+        raise UserError("precision=bf16: this GPU has no bf16; use fp16")
+    return device
+
+
+@dataclass
+class Prepared:
+    """Everything checked and loaded before the first seed starts."""
+
+    task: TaskSpec
+    device: torch.device
+    tokenizer: Any
+    model_type: str
+    first_model: torch.nn.Module
+    splits: dict[str, Split]  # train, dev, dev_mm, test, test_mm (those given)
+    labels: dict[str, list | None]
+    accepted: set[str] = field(default_factory=set)
+
+
+def check_output(cfg: FinetuneConfig) -> Path:
+    out = Path(cfg.output).resolve()  # type: ignore[arg-type]
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--output {out} is a file: give a folder")
+    if out.is_dir() and any(out.iterdir()) and not cfg.overwrite:
+        raise UserError(f"--output {out} is not empty; pass --overwrite to replace it or choose another folder")
+    model = Path(cfg.model).resolve()  # type: ignore[arg-type]
+    if out == model or model.is_relative_to(out):
+        raise UserError(f"--output {out} would replace the model folder: choose another folder")
+    return out
+
+
+def prepare(cfg: FinetuneConfig) -> Prepared:
+    """Every check a user's input can fail, in the order the inputs are given; no file is written."""
+    from distil.pretrain.finetune.model import (
+        check_tokenizer_fits,
+        forward_names,
+        inspect_model_folder,
+        load_for_task,
+        load_tokenizer,
+    )
+
+    glue = None if cfg.task.lower() == "custom" else glue_task(cfg.task)  # type: ignore[union-attr]
+    for key in ("dev_mismatched", "test_mismatched"):
+        if getattr(cfg, key) and (glue is None or not glue.mismatched):
+            raise UserError(f"--{key.replace('_', '-')} is for mnli only (its mismatched-genre set)")
+    if glue is not None and cfg.problem != "auto":
+        raise UserError(f"problem={cfg.problem} is for --task custom; {glue.name} is a "
+                        f"{'regression' if glue.is_regression else 'classification'} task")
+    device = resolve_device(cfg)
+    check_output(cfg)
+    info = inspect_model_folder(cfg.model)  # type: ignore[arg-type]
+    tokenizer = load_tokenizer(cfg.model)  # type: ignore[arg-type]
+    check_tokenizer_fits(info, tokenizer, cfg.max_seq_len)
+
+    files = {"train": cfg.train, "dev": cfg.dev, "dev_mm": cfg.dev_mismatched, "test": cfg.test,
+             "test_mm": cfg.test_mismatched}
+    kinds = {"train": "train", "dev": "dev", "dev_mm": "dev", "test": "test", "test_mm": "test"}
+    splits: dict[str, Split] = {}
+    for key, path in files.items():
+        if path:
+            splits[key] = read_split(glue, path, kind=kinds[key])
+    task = glue or infer_custom_task(splits["train"], cfg.problem)
+    labels: dict[str, list | None] = {}
+    for key, split in splits.items():
+        if glue is None:
+            check_pairs(task, split)
+        labels[key] = encode_labels(task, split) if split.labels is not None else None
+    model = load_for_task(cfg.model, task, cfg.seed_list[0])  # type: ignore[arg-type]
+    return Prepared(task, device, tokenizer, info.model_type, model, splits, labels, forward_names(model))
+
+
+def training_arguments(cfg: FinetuneConfig, device: torch.device, output_dir: Path, seed: int):
+    from transformers import TrainingArguments
+
+    return TrainingArguments(
+        output_dir=str(output_dir), num_train_epochs=cfg.epochs, learning_rate=cfg.lr,
+        per_device_train_batch_size=cfg.batch_size, per_device_eval_batch_size=cfg.eval_batch_size,
+        weight_decay=cfg.weight_decay, warmup_steps=cfg.warmup_ratio, lr_scheduler_type="linear",
+        seed=seed, data_seed=seed, eval_strategy="epoch" if cfg.eval_every_epoch else "no",
+        logging_strategy="epoch", save_strategy="no", report_to="none", use_cpu=device.type == "cpu",
+        fp16=cfg.precision == "fp16", bf16=cfg.precision == "bf16", dataloader_num_workers=0,
+        disable_tqdm=not sys.stderr.isatty(), log_level="error")
+
+
+def write_predictions(path: Path, task: TaskSpec, split: Split, predictions) -> None:
+    """GLUE's submission layout: `index<TAB>prediction`, label strings (or the score for regression)."""
+    lines = ["index\tprediction"]
+    for index, value in zip(split.index, predictions, strict=True):
+        lines.append(f"{index}\t{float(value):.6g}" if task.is_regression else f"{index}\t{task.labels[int(value)]}")  # type: ignore[index]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+
+def run_seed(cfg: FinetuneConfig, prep: Prepared, seed: int, model, features: dict, folder: Path,
+             tracking: FinetuneTracking, run_name: str, params: dict[str, Any],
+             tags: dict[str, str]) -> tuple[dict[str, Any], torch.nn.Module]:
+    """One fine-tuning with transformers' Trainer; returns the seed's report entry and the trained model."""
+    from transformers import DataCollatorWithPadding, Trainer
+    from transformers.trainer_callback import PrinterCallback, ProgressCallback
+
+    task = prep.task
+    evals = {k: features[k] for k in ("dev", "dev_mm") if k in features}
+
+    def metrics_of(prediction) -> dict[str, float]:
+        return compute_metrics(task, predictions_from_logits(task, prediction.predictions), prediction.label_ids)
+
+    child = tracking.start_seed(f"{run_name}-seed{seed}", seed, params, tags)
+    log = EpochLog(child, seed)
+    status = "FAILED"
+    try:
+        trainer = Trainer(model=model, args=training_arguments(cfg, prep.device, folder / "trainer", seed),
+                          data_collator=DataCollatorWithPadding(prep.tokenizer), train_dataset=features["train"],
+                          eval_dataset=evals, compute_metrics=metrics_of, callbacks=[log])
+        trainer.remove_callback(PrinterCallback)  # EpochLog prints one line per epoch instead of raw dicts
+        if not sys.stderr.isatty():
+            trainer.remove_callback(ProgressCallback)
+        started = time.perf_counter()
+        trainer.train()
+        train_seconds = time.perf_counter() - started
+        if not cfg.eval_every_epoch:
+            for key, dataset in evals.items():
+                trainer.evaluate(dataset, metric_key_prefix=f"eval_{key}")
+        entry: dict[str, Any] = {"seed": seed, "dev": log.final(), "history": log.history,
+                                 "train_seconds": train_seconds, "test": None, "mlflow_run_id": child.run_id}
+        for key in ("test", "test_mm"):
+            if key in features:
+                output = trainer.predict(features[key])
+                predictions = predictions_from_logits(task, output.predictions)
+                write_predictions(folder / f"{key.replace('_mm', '_mismatched')}_predictions.tsv", task,
+                                  prep.splits[key], predictions)
+                if prep.labels.get(key) is not None:
+                    metrics = compute_metrics(task, predictions, prep.labels[key])
+                    entry["test"] = {**(entry["test"] or {}),
+                                     **{f"{key}_{k}": v for k, v in metrics.items()}}
+        if entry["test"]:
+            child.log_metrics(entry["test"], step=cfg.epochs)
+        if cfg.save_models:
+            trainer.save_model(str(folder / "model"))
+            prep.tokenizer.save_pretrained(str(folder / "model"))
+        status = "FINISHED"
+    finally:
+        child.finish(status)
+        shutil.rmtree(folder / "trainer", ignore_errors=True)
+        if folder.is_dir() and not any(folder.iterdir()):
+            folder.rmdir()  # nothing kept for this seed (no test file, no saved model)
+    return entry, trainer.model
+
+
+def print_summary(report: dict[str, Any]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    names = sorted({k for s in report["seeds"] for k in s["dev"]}, key=lambda k: (k != "dev_score", k))
+    table = Table(title=f"{report['name']} on {report['task']}: dev metrics x 100, median of {len(report['seeds'])} "
+                        "seed(s)")
+    table.add_column("seed", justify="left")
+    for name in names:
+        table.add_column(name, justify="right")
+    for s in report["seeds"]:
+        table.add_row(str(s["seed"]), *[f"{100 * s['dev'][k]:.2f}" if k in s["dev"] and "loss" not in k
+                                        else f"{s['dev'].get(k, float('nan')):.4f}" for k in names])
+    table.add_row("median", *[f"{100 * report['median'][k]:.2f}" if "loss" not in k else f"{report['median'][k]:.4f}"
+                              for k in names], style="bold")
+    Console(width=max(100, Console().width)).print(table)
+    inference = report.get("inference")
+    if inference:
+        click.echo(f"parameters: {report['num_parameters']:,}; inference: a full pass over {inference['examples']} "
+                   f"dev examples at batch size {inference['batch_size']} on {inference['device']} in "
+                   f"{inference['seconds']:.2f} s ({inference['examples_per_s']:.1f} examples/s)")
+
+
+def finetune_run(cfg: FinetuneConfig) -> dict[str, Any]:
+    """Validate, then fine-tune every seed, time inference, write the output folder and the MLflow runs."""
+    from transformers import DataCollatorWithPadding
+    from transformers.utils import logging as hf_logging
+
+    from distil.pretrain.finetune.model import count_parameters, time_inference, tokenize
+
+    tracking = FinetuneTracking(cfg.tracking, cfg.tracking_uri, cfg.experiment)
+    tracking.check()
+    prep = prepare(cfg)
+    out = check_output(cfg)
+    task = prep.task
+    name = cfg.name or model_label(cfg.model)  # type: ignore[arg-type]
+    features = {key: tokenize(prep.tokenizer, split, prep.labels[key], cfg.max_seq_len, prep.accepted)
+                for key, split in prep.splits.items()}
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    model_path = str(Path(cfg.model).resolve())  # type: ignore[arg-type]
+    teacher_path = str(Path(cfg.teacher).resolve()) if cfg.teacher else ""
+    settings = {k: v for k, v in asdict(cfg).items()
+                if k not in ("model", "task", "train", "dev", "dev_mismatched", "test", "test_mismatched", "output",
+                             "name", "teacher", "overwrite", "tracking", "tracking_uri", "experiment")}
+    params = {"finetune.model": model_path, "finetune.name": name, "finetune.task": task.name,
+              "finetune.teacher": teacher_path, "finetune.model_type": prep.model_type,
+              **{f"finetune.{k}": v for k, v in settings.items() if v is not None}}
+    num_parameters = count_parameters(prep.first_model)
+    tags = {"distil.num_parameters": str(num_parameters), "distil.finetune.task": task.name}
+    run_name = f"finetune-{name}-{task.name}"
+    report: dict[str, Any] = {
+        "created": datetime.now(UTC).isoformat(timespec="seconds"), "model": model_path, "name": name,
+        "model_type": prep.model_type, "teacher": teacher_path or None, "task": task.name,
+        "problem": "regression" if task.is_regression else "classification",
+        "labels": list(task.labels) if task.labels else None, "metrics": list(task.metrics),
+        "settings": settings, "device": str(prep.device),
+        "data": {k: {"path": str(Path(s.path).resolve()), "examples": len(s), "skipped_rows": s.skipped, "labelled": s.labels is not None}
+                 for k, s in prep.splits.items()},
+        "num_parameters": num_parameters, "seeds": [], "median": {}, "median_seed": None, "inference": None,
+    }
+    for split in prep.splits.values():
+        if split.skipped:
+            click.echo(f"{split.path}: skipped {split.skipped} rows too short for {task.name}'s columns", err=True)
+    click.echo(f"fine-tuning {name} ({prep.model_type}, {num_parameters:,} parameters) on {task.name}: "
+               f"{len(prep.splits['train'])} train / {len(prep.splits['dev'])} dev examples, seeds "
+               f"{cfg.seed_list}, {cfg.epochs} epoch(s), lr {cfg.lr:g}, batch {cfg.batch_size}, {prep.device}")
+
+    def fill(folder: Path) -> None:
+        tracking.start_parent(run_name, params, tags)
+        report["mlflow"] = {"experiment": cfg.experiment, "parent_run_id": tracking.parent_run_id} if cfg.tracking \
+            else None
+        model = prep.first_model
+        last = None
+        for i, seed in enumerate(cfg.seed_list):
+            if i > 0:
+                from distil.pretrain.finetune.model import load_for_task
+
+                model = load_for_task(cfg.model, task, seed)  # type: ignore[arg-type]
+            entry, last = run_seed(cfg, prep, seed, model, features, folder / f"seed_{seed}", tracking, run_name,
+                                   params, tags)
+            report["seeds"].append(entry)
+        report["median"] = median_metrics([s["dev"] for s in report["seeds"]])
+        chosen = median_seed([s["seed"] for s in report["seeds"]], [s["dev"]["dev_score"] for s in report["seeds"]])
+        report["median_seed"] = chosen
+        for key in ("test", "test_mm"):
+            produced = folder / f"seed_{chosen}" / f"{key.replace('_mm', '_mismatched')}_predictions.tsv"
+            if produced.is_file():
+                shutil.copyfile(produced, folder / produced.name)
+        if cfg.inference and last is not None:
+            device = prep.device
+            batch = cfg.inference_batch_size or (1 if device.type == "cpu" else cfg.eval_batch_size)
+            last = last.float() if cfg.precision != "fp32" else last
+            threads = torch.get_num_threads()
+            if device.type == "cpu" and cfg.inference_threads:
+                torch.set_num_threads(cfg.inference_threads)
+            try:
+                report["inference"] = {"split": "dev", **time_inference(
+                    last, features["dev"], DataCollatorWithPadding(prep.tokenizer), device, batch,
+                    cfg.inference_max_examples)}
+            finally:
+                torch.set_num_threads(threads)
+        atomic_write_json(folder / "report.json", report)
+
+    status = "FAILED"
+    try:
+        atomic_write_folder(out, fill)
+        status = "FINISHED"
+    finally:
+        medians = dict(report["median"])
+        inference = report.get("inference")
+        if inference:
+            medians.update({"inference_seconds": inference["seconds"], "inference_examples": inference["examples"],
+                            "inference_batch_size": inference["batch_size"]})
+            tracking.parent.set_tags({"distil.finetune.inference_device": inference["device_name"],
+                                      "distil.finetune.torch_threads": str(inference["torch_threads"])})
+        medians["num_parameters"] = num_parameters
+        tracking.finish_parent(medians, out / "report.json" if status == "FINISHED" else None, status)
+    print_summary(report)
+    return report
+
+
+def load_finetune_config(config_path: str | None, overrides: tuple[str, ...], options: dict) -> FinetuneConfig:
+    """`--config` file < options < `key=value` arguments."""
+    bad = [a for a in overrides if not is_override(a)]
+    if bad:
+        raise UserError(f"unexpected argument {bad[0]!r}: settings go as key=value (e.g. seeds=3) or options")
+    shortcuts = dict(options)
+    shortcuts["tracking"] = False if shortcuts.pop("no_tracking") else None
+    shortcuts["overwrite"] = True if shortcuts["overwrite"] else None
+    cfg = load_structured(FinetuneConfig, config_path, overrides, shortcuts=shortcuts, example="seeds=3")
+    cfg.validate()
+    return cfg
+
+
+@click.command("finetune", context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--config", "config_path", metavar="FILE",
+              help="YAML file with any of the settings below (keys as the long options, with _). Options and "
+                   "key=value arguments override it.")
+@click.argument("overrides", nargs=-1, metavar="[key=value]...")
+@click.option("--model", metavar="DIR", help="Encoder folder (a distil export, a saved BERT / DistilBERT).  [required]")
+@click.option("--task", metavar="NAME", help=f"One of {task_names()}.  [required]")
+@click.option("--train", metavar="FILE", help="Train file: the task's GLUE TSV, or CSV / TSV / JSONL for custom.  [required]")
+@click.option("--dev", metavar="FILE", help="Dev file (MNLI: matched), in the same layout.  [required]")
+@click.option("--dev-mismatched", metavar="FILE", help="MNLI only: the mismatched dev file.")
+@click.option("--test", metavar="FILE", help="Test file (GLUE's test layout): predictions in the output folder.")
+@click.option("--test-mismatched", metavar="FILE", help="MNLI only: the mismatched test file.")
+@click.option("--output", metavar="DIR", help="Output folder (report.json, predictions).  [required]")
+@click.option("--seeds", type=int, help="Fine-tune with this many seeds and report the median.  [default: 5]")
+@click.option("--epochs", type=int, help="  [default: 3]")
+@click.option("--lr", type=float, help="Peak learning rate (linear decay).  [default: 2e-5]")
+@click.option("--batch-size", type=int, help="Train batch size per device.  [default: 32]")
+@click.option("--max-seq-len", type=int, help="Tokens per example (pairs truncated longest first).  [default: 128]")
+@click.option("--name", help="The model's name in distil review (default: its folder's).")
+@click.option("--teacher", metavar="DIR", help="The teacher this model was distilled from (review: % of teacher).")
+@click.option("--device", help="auto, cpu or cuda.  [default: auto]")
+@click.option("--overwrite", is_flag=True, help="Replace a non-empty --output folder.")
+@click.option("--tracking-uri", help="MLflow store or server (default: MLFLOW_TRACKING_URI, else runs/mlflow.db).")
+@click.option("--experiment", help="MLflow experiment.  [default: distil]")
+@click.option("--no-tracking", is_flag=True, help="Do not log to MLflow.")
+def finetune(config_path: str | None, overrides: tuple[str, ...], **options) -> None:
+    """Fine-tune an encoder on a GLUE task or a labelled file with several seeds; report the median dev
+    metrics (GLUE's), parameters and inference time, as a table, a JSON report and MLflow runs."""
+    cfg = load_finetune_config(config_path, overrides, options)
+    finetune_run(cfg)
+    click.echo(f"report: {Path(cfg.output) / 'report.json'}")  # type: ignore[arg-type]
