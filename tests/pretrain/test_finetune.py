@@ -345,3 +345,36 @@ def test_a_non_empty_output_needs_overwrite(models, tmp_path):
                      "--no-tracking"])
     assert result.exit_code == 2 and "--overwrite" in result.stderr
     assert [p.name for p in out.iterdir()] == ["keep.txt"]
+
+
+def test_inference_timing_is_one_full_pass_at_the_given_batch_size():
+    """Table 3's figure: every example once (after one untimed warm-up batch), batches padded beforehand."""
+    from transformers import DataCollatorWithPadding
+
+    from distil.pretrain.finetune.model import Features, time_inference
+
+    class Recorder(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.shapes = []
+
+        def forward(self, input_ids, attention_mask):
+            self.shapes.append(tuple(input_ids.shape))
+
+    class Pad:  # what DataCollatorWithPadding needs of a tokenizer
+        padding_side, pad_token_id, model_input_names = "right", 0, ["input_ids", "attention_mask"]
+
+        def pad(self, items, **kwargs):
+            width = max(len(i["input_ids"]) for i in items)
+            return {k: torch.tensor([i[k] + [0] * (width - len(i[k])) for i in items]) for k in items[0]}
+
+    lengths = [3, 5, 4, 7, 2]
+    features = Features({"input_ids": [[1] * n for n in lengths], "attention_mask": [[1] * n for n in lengths]}, None)
+    model = Recorder()
+    collator = DataCollatorWithPadding(Pad())
+    timing = time_inference(model, features, collator, torch.device("cpu"), 1)
+    assert model.shapes == [(1, 3), *[(1, n) for n in lengths]]  # warm-up, then each example unpadded
+    assert timing["examples"] == 5 and timing["batch_size"] == 1 and timing["seconds"] > 0
+    model.shapes.clear()
+    timing = time_inference(model, features, collator, torch.device("cpu"), 2, max_examples=4)
+    assert model.shapes == [(2, 5), (2, 5), (2, 7)] and timing["examples"] == 4
