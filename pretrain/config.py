@@ -96,6 +96,7 @@ class EngineConfig:
     precision: str = "fp16"  # fp32 | fp16 (dynamic loss scale) | bf16
     gradient_accumulation_steps: int = 1
     global_batch_size: int | None = None  # if set: must equal batch_size x accumulation x world size
+    collective_timeout_s: float = 600.0  # a collective (or the rendezvous) waiting longer fails the run
 
 
 @dataclass
@@ -116,6 +117,8 @@ class RunConfig:
     export: bool = True  # export the model in HF format at the end
     stop_after_steps: int | None = None  # stop as on SIGTERM (checkpoint, exit) after this many steps of this
     # process: for time-sliced jobs that resubmit themselves with --resume auto
+    time_limit_minutes: float | None = None  # past this (from the start of the command), checkpoint at the
+    # next update boundary and exit 3, "more to do" (scheduled jobs, scheduler windows)
     peak_tflops: float | None = None  # per-device peak for MFU; None: a table of known GPUs (no MFU on CPU)
 
 
@@ -184,6 +187,7 @@ def validate(cfg: TrainConfig) -> None:
     _require(e.precision in PRECISIONS, f"engine.precision={e.precision!r}: choose fp32, fp16 or bf16")
     _require(e.gradient_accumulation_steps >= 1, "engine.gradient_accumulation_steps must be >= 1")
     _require(e.global_batch_size is None or e.global_batch_size >= 1, "engine.global_batch_size must be >= 1")
+    _require(e.collective_timeout_s > 0, f"engine.collective_timeout_s={e.collective_timeout_s} must be > 0")
     _require(e.global_batch_size is None or d.batch_size is not None,
              "engine.global_batch_size needs data.batch_size (with data.max_tokens batches vary in size)")
     c = cfg.checkpoint
@@ -194,6 +198,7 @@ def validate(cfg: TrainConfig) -> None:
     _require(r.log_every >= 1 and r.max_nonfinite_steps >= 1, "run.log_every and run.max_nonfinite_steps must be >= 1")
     _require(r.stop_after_steps is None or r.stop_after_steps >= 1, "run.stop_after_steps must be >= 1 or null")
     _require(r.peak_tflops is None or r.peak_tflops > 0, "run.peak_tflops must be > 0 or null")
+    _require(r.time_limit_minutes is None or r.time_limit_minutes > 0, "run.time_limit_minutes must be > 0 or null")
     st = cfg.student
     _require(st.num_layers is None or st.num_layers >= 1, "student.num_layers must be >= 1 or null")
     _require(0 <= st.dropout < 1 and 0 <= st.attention_dropout < 1, "student dropouts must be in [0, 1)")

@@ -1,15 +1,24 @@
 """The process group: launcher rank/world, one init for every launcher, the device, and seeding.
 
 Owns `Dist` (this process's rank, local rank, world size and device), `init_distributed` (deepspeed,
-torchrun, SLURM srun or a single process; gloo on CPU), `free_port` and `seed_everything`.
+torchrun, SLURM srun or a single process; gloo on CPU) with its collective timeout, the diagnosis of a rank
+that went silent (`silent_ranks`), `free_port` and `seed_everything`.
+
+A collective that waits longer than the timeout fails: with gloo (CPU) the waiting ranks raise, and
+`silent_ranks` then names the rank(s) that no longer answer through a monitored barrier on a side gloo
+group; with NCCL, PyTorch's watchdog aborts the process (TORCH_NCCL_ASYNC_ERROR_HANDLING, on by default)
+and logs the collective that timed out.
 """
 
 from __future__ import annotations
 
+import datetime
 import os
 import random
+import re
 import socket
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -24,6 +33,8 @@ class Dist:
     local_rank: int
     world_size: int
     device: torch.device
+    timeout_s: float = 1800.0
+    monitor: Any = field(default=None, repr=False)  # a gloo group for monitored barriers (world > 1)
 
 
 def launcher_rank_and_world() -> tuple[int, int]:
@@ -34,8 +45,9 @@ def launcher_rank_and_world() -> tuple[int, int]:
         raise UserError("RANK and WORLD_SIZE must be integers (set by the launcher)") from None
 
 
-def init_distributed() -> Dist:
-    """One process group for every launcher (deepspeed, torchrun, SLURM srun, single process)."""
+def init_distributed(timeout_s: float = 1800.0) -> Dist:
+    """One process group for every launcher (deepspeed, torchrun, SLURM srun, single process); every
+    collective (and the rendezvous) fails after `timeout_s` seconds instead of waiting forever."""
     import deepspeed
     from deepspeed.accelerator import get_accelerator
 
@@ -46,14 +58,53 @@ def init_distributed() -> Dist:
     os.environ.setdefault("LOCAL_RANK", "0")
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     os.environ.setdefault("MASTER_PORT", str(free_port()))
-    deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False)
+    timeout = datetime.timedelta(seconds=timeout_s)
+    deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, timeout=timeout)
     local_rank = int(os.environ["LOCAL_RANK"])
     if accel.device_name() == "cpu":
         device = torch.device("cpu")
     else:
-        accel.set_device(local_rank)
-        device = torch.device(accel.device_name(local_rank))
-    return Dist(dist.get_rank(), local_rank, dist.get_world_size(), device)
+        # A launcher that gives each process one visible device (SLURM --gpus-per-task) leaves index 0.
+        index = local_rank % max(1, accel.device_count())
+        accel.set_device(index)
+        device = torch.device(accel.device_name(index))
+    world = dist.get_world_size()
+    monitor = dist.new_group(backend="gloo", timeout=timeout) if world > 1 else None
+    return Dist(dist.get_rank(), local_rank, world, device, timeout_s, monitor)
+
+
+def any_rank(flag: bool, d: Dist) -> bool:
+    """True on every rank when `flag` is true on any (one all-reduce; no-op alone)."""
+    if d.world_size == 1 or not dist.is_initialized():
+        return flag
+    t = torch.tensor([float(flag)], device=d.device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item() > 0)
+
+
+def is_collective_timeout(error: BaseException) -> bool:
+    """A collective (or store operation) that waited past the process group's timeout."""
+    return isinstance(error, RuntimeError) and bool(re.search(r"timed out|timeout", str(error), re.IGNORECASE))
+
+
+def silent_ranks(d: Dist, wait_s: float) -> str:
+    """After a collective timed out: which ranks still answer, through a monitored barrier on the side gloo
+    group (every live rank that timed out calls this). Returns a phrase for the error line."""
+    if d.monitor is None:
+        return "no other rank to blame"
+    try:
+        dist.monitored_barrier(group=d.monitor, timeout=datetime.timedelta(seconds=wait_s), wait_all_ranks=True)
+    except RuntimeError as e:
+        text = str(e)
+        found = re.search(r"Ranks? ([\d, ]+) failed to pass monitoredBarrier", text)
+        if found:
+            ranks = [r.strip() for r in found.group(1).split(",") if r.strip()]
+            return f"rank{'s' if len(ranks) > 1 else ''} {', '.join(ranks)} went silent (no answer within " \
+                   f"{wait_s:g} s)"
+        if d.rank != 0:
+            return f"rank 0 did not answer within {wait_s:g} s (it went silent, or is naming the silent rank)"
+        return f"the silent rank could not be named ({text.splitlines()[0][:200]})"
+    return "every rank answers again: a collective was slower than the timeout (raise engine.collective_timeout_s)"
 
 
 def free_port() -> int:

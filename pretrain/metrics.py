@@ -1,10 +1,15 @@
 """Training metrics: the window of sums between two log lines, its reduction over ranks, and the sink
 (progress bar, metrics.jsonl in the run folder, the tracker) that rank 0 writes each line to.
+
+metrics.jsonl holds each logged step once: a run that starts at step S (a resume from the checkpoint of
+step S, or 0 for a fresh start) first drops the lines of steps after S, written by an attempt that crashed
+or was stopped after its last checkpoint, since the steps are trained (and logged) again.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import sys
 import time
 from dataclasses import dataclass, field
@@ -13,6 +18,10 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+
+from distil.common.files import atomic_write_text
+
+log = logging.getLogger("distil.train")
 
 
 @dataclass
@@ -66,8 +75,30 @@ class Window:
         return WindowTotals(losses, micro, seqs, tokens, masked, flops, seconds)
 
 
+def drop_lines_after(path: Path, step: int) -> int:
+    """Rewrites metrics.jsonl (atomically) without its lines of steps after `step`; returns how many went.
+    A torn last line (a crash mid-write) goes too."""
+    if not path.is_file():
+        return 0
+    kept, dropped = [], 0
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            line_step = json.loads(line)["step"]
+        except (ValueError, KeyError, TypeError):
+            dropped += 1
+            continue
+        if line_step > step:
+            dropped += 1
+        else:
+            kept.append(line + "\n")
+    if dropped:
+        atomic_write_text(path, "".join(kept))
+    return dropped
+
+
 class MetricsSink:
-    """Rank 0: a tqdm bar, metrics.jsonl in the run folder, and the tracker."""
+    """Rank 0: a tqdm bar, metrics.jsonl in the run folder, and the tracker. Lines of steps after `initial`
+    (the step this run starts from) are dropped first: they are about to be logged again."""
 
     def __init__(self, run_dir: Path, tracker: Any, total_steps: int, initial: int, enabled: bool):
         self.enabled = enabled
@@ -80,7 +111,12 @@ class MetricsSink:
             # On a terminal a live bar; in a log file (batch jobs) one line per logged step instead.
             self.bar = tqdm(total=total_steps, initial=initial, desc="train", unit="step", dynamic_ncols=True,
                             disable=not sys.stderr.isatty())
-            self.file = (run_dir / "metrics.jsonl").open("a", encoding="utf-8")
+            path = run_dir / "metrics.jsonl"
+            dropped = drop_lines_after(path, initial)
+            if dropped:
+                log.info("metrics.jsonl: dropped %d line(s) after step %d (logged again by this run)", dropped,
+                         initial)
+            self.file = path.open("a", encoding="utf-8")
 
     def write(self, step: int, metrics: dict[str, float]) -> None:
         if not self.enabled:

@@ -6,6 +6,11 @@
 
 The DeepSpeed launcher adds `--local_rank=N`; it is accepted and ignored (LOCAL_RANK in the environment is
 what counts). Every rank parses the same config, so a config error stops all of them before any work.
+
+Exit statuses (docs/cluster.md): 0 finished (or `--resume` of a run that had finished: nothing done);
+1 failed (non-finite losses, a collective timed out, a bug); 2 bad input; 3 stopped with a checkpoint at
+run.time_limit_minutes / run.stop_after_steps, more to do; 75 run.output_dir in use by a live run, nothing
+touched; 128+N stopped by signal N with a checkpoint written.
 """
 
 from __future__ import annotations
@@ -44,26 +49,50 @@ def train(config_path: str, resume: str | None, local_rank: int | None, override
         from distil.pretrain.config import load_config
 
         cfg = load_config(config_path, list(overrides))
-        from distil.pretrain.trainer import NonFiniteLossError, run_training
+        from distil.pretrain.trainer import (
+            EXIT_FAILED,
+            EXIT_LOCKED,
+            CollectiveTimeout,
+            NonFiniteLossError,
+            RunLocked,
+            run_training,
+        )
 
         try:
             result = run_training(cfg, resume)
         except NonFiniteLossError as e:
             if _is_rank0():
                 click.echo(f"error: {e}", err=True)
-            sys.exit(1)
+            sys.exit(EXIT_FAILED)
+        except CollectiveTimeout as e:
+            click.echo(f"error: {e}", err=True)  # every live rank: rank 0 may be the one that went silent
+            _exit_now(EXIT_FAILED)
+        except RunLocked as e:
+            if _is_rank0():
+                click.echo(f"error: {e}", err=True)
+            sys.exit(EXIT_LOCKED)
         if result.export_dir is not None:
             click.echo(f"exported to {result.export_dir}")
-        if result.status == "KILLED" and _is_rank0():
+        if result.status == "DONE" and _is_rank0():
+            click.echo(f"{cfg.run.output_dir} has already finished; nothing to do", err=True)
+        if result.status in ("KILLED", "STOPPED") and _is_rank0():
             click.echo("stopped early with a checkpoint written; continue with --resume auto", err=True)
-        if result.signal is not None:
-            sys.exit(128 + result.signal)  # the conventional status of a process ended by that signal
+        if result.exit_status:
+            sys.exit(result.exit_status)  # 128+N for signal N, as a process ended by that signal
     except UserError as e:
         if _is_rank0():
             click.echo(f"error: {e}", err=True)
         sys.exit(2)
     finally:
         _shutdown()
+
+
+def _exit_now(status: int) -> None:
+    """Exit without tearing down a process group whose peer hangs (that teardown could wait on it)."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    logging.shutdown()
+    os._exit(status)
 
 
 def _shutdown() -> None:

@@ -5,14 +5,22 @@ Owns `Trainer` (set-up, then the loop), the counters it checkpoints, the stop / 
 then one loop of micro-steps; at each accumulation boundary one small all-reduce decides together whether
 the loss was finite and whether a stop was requested, then the engine steps, metrics are logged and
 checkpoints written. The pieces live beside it: distributed.py (process group), ds_config.py (DeepSpeed
-config), flops.py (FLOP model), metrics.py (window and sink), checkpoint.py (CheckpointManager).
+config), flops.py (FLOP model), metrics.py (window and sink), checkpoint.py (CheckpointManager), runlock.py
+(one run per output folder).
+
+Cluster life (docs/cluster.md): global rank 0 locks run.output_dir before anything is written; a resume of
+a run that already finished stops before anything is touched; SIGTERM/SIGINT (even during set-up),
+run.stop_after_steps and run.time_limit_minutes stop at an update boundary with a checkpoint; a collective
+that times out names the rank that went silent.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
 import signal
+import time
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any, ClassVar
@@ -20,9 +28,25 @@ from typing import Any, ClassVar
 import torch
 import torch.distributed as dist
 
-from distil.pretrain.checkpoint import SHARED, CheckpointManager, EngineCheckpoint, RNGState, resolve_resume
+from distil.common.files import atomic_write_json
+from distil.pretrain.checkpoint import (
+    SHARED,
+    CheckpointManager,
+    EngineCheckpoint,
+    RNGState,
+    read_trainer_state,
+    resolve_resume,
+)
 from distil.pretrain.config import TrainConfig, check_batch_arithmetic, flatten, to_container, to_yaml
-from distil.pretrain.distributed import barrier, init_distributed, launcher_rank_and_world, seed_everything
+from distil.pretrain.distributed import (
+    any_rank,
+    barrier,
+    init_distributed,
+    is_collective_timeout,
+    launcher_rank_and_world,
+    seed_everything,
+    silent_ranks,
+)
 from distil.pretrain.ds_config import build_ds_config, param_groups
 from distil.pretrain.flops import FlopModel, peak_tflops
 from distil.pretrain.losses import (
@@ -33,8 +57,18 @@ from distil.pretrain.losses import (
     uses_kl,
 )
 from distil.pretrain.metrics import MetricsSink, Window
+from distil.pretrain.runlock import RunLock, RunLocked
 
 log = logging.getLogger("distil.train")
+
+FINISHED_MARKER = "finished.json"  # in run.output_dir: the checkpoint a finished run ended with
+
+# Exit statuses of `distil train` (docs/cluster.md has the table).
+EXIT_FINISHED = 0
+EXIT_FAILED = 1
+EXIT_BAD_INPUT = 2
+EXIT_MORE_TO_DO = 3  # stopped with a checkpoint at run.time_limit_minutes or run.stop_after_steps
+EXIT_LOCKED = 75  # EX_TEMPFAIL: run.output_dir is in use by a live run; nothing was touched
 
 
 class NonFiniteLossError(RuntimeError):
@@ -43,6 +77,21 @@ class NonFiniteLossError(RuntimeError):
 
 class StopRequested(Exception):
     """SIGTERM/SIGINT: checkpoint written, run ends KILLED."""
+
+
+class MoreToDo(StopRequested):
+    """run.time_limit_minutes or run.stop_after_steps: checkpoint written, more steps to go."""
+
+
+class AlreadyFinished(Exception):
+    """--resume of a run that has already finished: nothing to do, nothing touched."""
+
+
+class CollectiveTimeout(RuntimeError):
+    """A collective waited past engine.collective_timeout_s: a rank hung (the message names it if known)."""
+
+
+__all__ = ["AlreadyFinished", "CollectiveTimeout", "NonFiniteLossError", "RunLocked", "Trainer", "run_training"]
 
 
 @dataclass
@@ -59,6 +108,7 @@ class Counters:
     skipped_steps: int = 0  # steps whose update was skipped (non-finite)
     nonfinite_in_row: int = 0
     elapsed_s: float = 0.0  # training wall time before this (re)start
+    restarts: int = 0  # times this run was resumed from a checkpoint
 
     def state_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -90,12 +140,18 @@ class Trainer:
         self.cfg = cfg
         self.resume = resume
         self.stop_signal: int | None = None
+        self.started = time.monotonic()  # run.time_limit_minutes counts from here
+        self.lock: RunLock | None = None
+        self.finished = False
 
     # ---------------------------------------------------------------------------------------------- setup
     def setup(self) -> None:
         from distil.data_pipeline.stream import PretrainStream
 
         cfg = self.cfg
+        # A signal during set-up is kept and honoured at the first update boundary (a scheduler may signal
+        # a job at any time; dying without a checkpoint would lose the steps since the last one).
+        self._install_signal_handlers()
         # Checks that need no process group come first, so bad input fails before DeepSpeed even loads.
         rank, world_size = launcher_rank_and_world()
         self.run_dir = Path(cfg.run.output_dir)
@@ -108,9 +164,13 @@ class Trainer:
             num_workers=cfg.data.num_workers, shuffle_buffer=cfg.data.shuffle_buffer, masking=cfg.data.masking,
             pad_multiple=cfg.data.pad_multiple,
         )
-        self.dist = d = init_distributed()
+        self.updates_per_epoch = max(1, self.stream.batches_per_epoch() // cfg.engine.gradient_accumulation_steps)
+        self.total_steps = cfg.run.max_steps or cfg.run.epochs * self.updates_per_epoch
+        self._check_not_finished(resume_path)  # every rank reads the same files: all stop, nothing written
+        self.dist = d = init_distributed(cfg.engine.collective_timeout_s)
         if (d.rank, d.world_size) != (rank, world_size):
             raise RuntimeError(f"process group rank/world {d.rank}/{d.world_size} != launcher's {rank}/{world_size}")
+        self._lock_output_dir()
         self.manifest = self.stream.manifest
         objective = self._build_models()
         self._build_engine(objective)
@@ -118,6 +178,37 @@ class Trainer:
         self._start_tracker()
         self.peak = peak_tflops(cfg, d.device)
         barrier(self.dist.world_size)
+
+    def _check_not_finished(self, resume_path: Path | None) -> None:
+        """Raises AlreadyFinished when resume_path is the checkpoint a finished run ended with (and the
+        config asks for no more steps than it has)."""
+        marker = self.run_dir / FINISHED_MARKER
+        if resume_path is None or not marker.is_file():
+            return
+        try:
+            finished = json.loads(marker.read_text())
+        except ValueError:
+            return
+        step = read_trainer_state(resume_path)["counters"]["step"]
+        if finished.get("checkpoint") == resume_path.name and step >= self.total_steps:
+            raise AlreadyFinished(f"{self.run_dir} finished at step {step} (checkpoint {resume_path}); nothing to do")
+
+    def _lock_output_dir(self) -> None:
+        """Global rank 0 locks run.output_dir before anything is written; every rank stops if it cannot."""
+        message = None
+        if self.dist.rank == 0:
+            self.lock = RunLock(self.run_dir)
+            try:
+                self.lock.acquire()
+            except RunLocked as e:
+                self.lock, message = None, str(e)
+        if any_rank(message is not None, self.dist):
+            raise RunLocked(message or "run.output_dir is in use by a live run (see global rank 0's error)")
+
+    def release_lock(self) -> None:
+        if self.lock is not None:
+            self.lock.release()
+            self.lock = None
 
     def _build_models(self) -> torch.nn.Module:
         """The trained model (and teacher), checked against the data; returns the objective to train."""
@@ -157,8 +248,6 @@ class Trainer:
         import deepspeed
 
         cfg = self.cfg
-        self.updates_per_epoch = max(1, self.stream.batches_per_epoch() // cfg.engine.gradient_accumulation_steps)
-        self.total_steps = cfg.run.max_steps or cfg.run.epochs * self.updates_per_epoch
         self.ds_config = build_ds_config(cfg, self.total_steps, self.dist.world_size)
         self.engine, _, _, _ = deepspeed.initialize(
             model=objective, model_parameters=param_groups(objective, cfg.optim.weight_decay), config=self.ds_config,
@@ -183,6 +272,7 @@ class Trainer:
                                              keep=self.cfg.checkpoint.keep)
         if resume_path is not None:
             self.checkpoints.load(resume_path)  # the data position includes its epoch
+            self.counters.restarts += 1
         else:
             seed_everything(self.cfg.run.seed + self.dist.rank)  # dropout differs across ranks
             self.stream.set_epoch(0)
@@ -200,6 +290,14 @@ class Trainer:
         self.run.tracker = self.tracker
         if d.rank == 0:
             self._log_run_files(self.global_batch)
+        if self.resumed_from is not None:
+            self._tag_restart()
+
+    def _tag_restart(self) -> None:
+        tags = {"distil.restarts": str(self.counters.restarts), "distil.resumed_at_step": str(self.counters.step)}
+        if os.environ.get("SLURM_RESTART_COUNT"):
+            tags["distil.slurm_restart_count"] = os.environ["SLURM_RESTART_COUNT"]
+        self.tracker.set_tags(tags)
 
     def _log_run_files(self, global_batch: int) -> None:
         (self.run_dir / "config.yaml").write_text(to_yaml(self.cfg))
@@ -226,13 +324,23 @@ class Trainer:
     def train(self) -> Path | None:
         """Runs to the end; returns the export folder (rank 0) or None."""
         cfg, c = self.cfg, self.counters
-        self._install_signal_handlers()
         sink = MetricsSink(self.run_dir, self.tracker, self.total_steps, c.step, self.dist.rank == 0)
         status = "FAILED"
         try:
-            self._loop(sink)
-            self.save_checkpoint()
+            try:
+                self._loop(sink)
+            except RuntimeError as e:
+                if not is_collective_timeout(e):
+                    raise
+                raise CollectiveTimeout(self._timeout_message(e)) from e
+            final = self.save_checkpoint()
             export_dir = self.export() if cfg.run.export else None
+            if self.dist.rank == 0:
+                atomic_write_json(self.run_dir / FINISHED_MARKER, {
+                    "checkpoint": final.name, "step": c.step,
+                    "export": str(export_dir) if export_dir is not None else None,
+                    "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
+            self.finished = True
             status = "FINISHED"
             return export_dir
         except StopRequested:
@@ -242,6 +350,15 @@ class Trainer:
         finally:
             sink.close()
             self.tracker.finish(status)
+
+    def _timeout_message(self, error: RuntimeError) -> str:
+        d = self.dist
+        wait_s = min(d.timeout_s, 60.0)
+        who = silent_ranks(d, wait_s)
+        first = str(error).strip().splitlines()[0][:160] if str(error).strip() else type(error).__name__
+        return (f"rank {d.rank}: a collective waited more than engine.collective_timeout_s={d.timeout_s:g} s at "
+                f"step {self.counters.step}: {who} ({first}). The last checkpoint is intact: resume with "
+                "--resume auto once the node is healthy")
 
     def _logs_at(self, step: int) -> bool:
         return step % self.cfg.run.log_every == 0 or step == self.total_steps
@@ -253,9 +370,14 @@ class Trainer:
             return float("nan")
         return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads])))
 
+    def _out_of_time(self) -> bool:
+        limit = self.cfg.run.time_limit_minutes
+        return limit is not None and time.monotonic() - self.started >= limit * 60
+
     def _loop(self, sink: MetricsSink) -> None:
         cfg, c, engine = self.cfg, self.counters, self.engine
         accum = cfg.engine.gradient_accumulation_steps
+        out_of_time = False
         window = Window()
         window_nonfinite = torch.zeros((), dtype=torch.bool, device=self.dist.device)
         steps_here = 0
@@ -267,7 +389,8 @@ class Trainer:
                 c.micro_steps += 1
                 boundary = c.micro_steps % accum == 0
                 if boundary:
-                    nonfinite, stop = self._agree(window_nonfinite, self.stop_signal is not None)
+                    nonfinite, stop, out_of_time = self._agree(window_nonfinite, self.stop_signal is not None,
+                                                               self._out_of_time())
                     if nonfinite and not self.engine_skips_nonfinite:
                         raise NonFiniteLossError(self._nonfinite_message(1))
                     if self.own_grad_norm and self._logs_at(c.step + 1):
@@ -286,10 +409,15 @@ class Trainer:
                 periodic = cfg.checkpoint.every and c.step % cfg.checkpoint.every == 0
                 if periodic and c.step < self.total_steps and c.nonfinite_in_row == 0:  # never mid-NaN-streak
                     self.save_checkpoint()
-                if stop or steps_here == cfg.run.stop_after_steps:
+                if stop:
                     raise StopRequested()
                 if c.step >= self.total_steps:
                     return
+                if out_of_time or steps_here == cfg.run.stop_after_steps:
+                    if out_of_time and self.dist.rank == 0:
+                        log.info("run.time_limit_minutes=%g reached at step %d: checkpointing, more to do",
+                                 cfg.run.time_limit_minutes, c.step)
+                    raise MoreToDo()
             c.epoch += 1
             self.stream.set_epoch(c.epoch)
 
@@ -314,14 +442,15 @@ class Trainer:
         flops = self.flop_model.micro_step(mask.numel(), mask.shape[1], rows)
         return mask.shape[0], tokens, masked, flops
 
-    def _agree(self, nonfinite: torch.Tensor, stop: bool) -> tuple[bool, bool]:
+    def _agree(self, nonfinite: torch.Tensor, stop: bool, out_of_time: bool) -> tuple[bool, bool, bool]:
         """One all-reduce (max) per update: every rank skips and stops together, so no collective hangs.
         It is also the loop's only host-device synchronisation outside log steps."""
-        flags = torch.stack([nonfinite.float(), torch.tensor(float(stop), device=self.dist.device)])
+        flags = torch.stack([nonfinite.float(), torch.tensor(float(stop), device=self.dist.device),
+                             torch.tensor(float(out_of_time), device=self.dist.device)])
         if dist.is_initialized() and self.dist.world_size > 1:
             dist.all_reduce(flags, op=dist.ReduceOp.MAX)
-        nf, st = flags.tolist()
-        return nf > 0, st > 0
+        nf, st, tl = flags.tolist()
+        return nf > 0, st > 0, tl > 0
 
     def _after_update(self, nonfinite: bool) -> None:
         c = self.counters
@@ -391,14 +520,25 @@ class Trainer:
 
 @dataclass
 class RunResult:
-    status: str  # FINISHED | KILLED (stopped by a signal or run.stop_after_steps; checkpoint written)
+    status: str  # FINISHED | KILLED (stopped by a signal) | STOPPED (time limit, stop_after_steps) | DONE
     export_dir: Path | None
     signal: int | None  # the signal that stopped the run, if any
+    exit_status: int = EXIT_FINISHED
 
 
 def run_training(cfg: TrainConfig, resume: str | None = None) -> RunResult:
     trainer = Trainer(cfg, resume)
-    trainer.setup()
-    export_dir = trainer.train()
-    status = "FINISHED" if trainer.counters.step >= trainer.total_steps else "KILLED"
-    return RunResult(status, export_dir, trainer.stop_signal)
+    try:
+        try:
+            trainer.setup()
+        except AlreadyFinished as e:
+            log.info("%s", e)
+            return RunResult("DONE", None, None, EXIT_FINISHED)
+        export_dir = trainer.train()
+    finally:
+        trainer.release_lock()
+    if trainer.finished:
+        return RunResult("FINISHED", export_dir, None, EXIT_FINISHED)
+    if trainer.stop_signal is not None:
+        return RunResult("KILLED", None, trainer.stop_signal, 128 + trainer.stop_signal)
+    return RunResult("STOPPED", None, None, EXIT_MORE_TO_DO)
