@@ -52,6 +52,7 @@ def build_ds_config(cfg: TrainConfig, total_steps: int, world_size: int) -> dict
     _fill_optimizer(ds, cfg, path)
     _fill_scheduler(ds, cfg, path, total_steps)
     precision = cfg.engine.precision
+    check_precision_supported(precision)
     ds.setdefault("fp16", {})
     ds.setdefault("bf16", {})
     fill_auto(ds["fp16"], "enabled", precision == "fp16", "fp16")
@@ -60,6 +61,21 @@ def build_ds_config(cfg: TrainConfig, total_steps: int, world_size: int) -> dict
     fill_auto(zero, "stage", cfg.engine.zero_stage, "zero_optimization")
     ds.setdefault("steps_per_print", 10**9)
     return ds
+
+
+def check_precision_supported(precision: str) -> None:
+    """DeepSpeed refuses a precision its accelerator lacks with a traceback deep in engine set-up; say it
+    here in one line (DeepSpeed's CPU accelerator, for one, has no fp16)."""
+    if precision not in ("fp16", "bf16"):
+        return
+    from deepspeed.accelerator import get_accelerator
+
+    accelerator = get_accelerator()
+    supported = accelerator.is_fp16_supported() if precision == "fp16" else accelerator.is_bf16_supported()
+    if not supported:
+        other = "bf16 or fp32" if precision == "fp16" else "fp16 or fp32"
+        raise UserError(f"engine.precision={precision} is not supported by DeepSpeed's "
+                        f"{accelerator.device_name()} accelerator: use {other} here, or run on a GPU")
 
 
 def _fill_optimizer(ds: dict[str, Any], cfg: TrainConfig, path: Path) -> None:
