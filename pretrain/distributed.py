@@ -59,6 +59,7 @@ def init_distributed(timeout_s: float = 1800.0) -> Dist:
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     os.environ.setdefault("MASTER_PORT", str(free_port()))
     timeout = datetime.timedelta(seconds=timeout_s)
+    _default_group_timeout(timeout)
     deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, timeout=timeout)
     local_rank = int(os.environ["LOCAL_RANK"])
     if accel.device_name() == "cpu":
@@ -71,6 +72,17 @@ def init_distributed(timeout_s: float = 1800.0) -> Dist:
     world = dist.get_world_size()
     monitor = dist.new_group(backend="gloo", timeout=timeout) if world > 1 else None
     return Dist(dist.get_rank(), local_rank, world, device, timeout_s, monitor)
+
+
+def _default_group_timeout(timeout: datetime.timedelta) -> None:
+    """DeepSpeed creates its own groups (the ZeRO data-parallel group is a clone of the world) with
+    `new_group()` and no timeout, which torch fills from its module defaults (30 min for gloo, 10 for NCCL),
+    not from the default group's. Setting those defaults makes every later group use ours too."""
+    from torch.distributed import distributed_c10d
+
+    distributed_c10d.default_pg_timeout = timeout
+    if getattr(distributed_c10d, "default_pg_nccl_timeout", None) is not None:
+        distributed_c10d.default_pg_nccl_timeout = timeout
 
 
 def any_rank(flag: bool, d: Dist) -> bool:
