@@ -41,6 +41,9 @@ def train(config_path: str, resume: str | None, local_rank: int | None, override
 
     Config keys, launchers (deepspeed, torchrun, SLURM) and outputs: docs/training.md.
     """
+    from distil.pretrain import stopsignal
+
+    stopsignal.install()  # before anything heavy: a signal during set-up is kept, not fatal
     if local_rank is not None:
         os.environ.setdefault("LOCAL_RANK", str(local_rank))
     logging.basicConfig(level=logging.INFO if _is_rank0() else logging.WARNING,

@@ -19,7 +19,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import signal
 import time
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -29,6 +28,7 @@ import torch
 import torch.distributed as dist
 
 from distil.common.files import atomic_write_json
+from distil.pretrain import stopsignal
 from distil.pretrain.checkpoint import (
     SHARED,
     CheckpointManager,
@@ -139,7 +139,6 @@ class Trainer:
     def __init__(self, cfg: TrainConfig, resume: str | None = None):
         self.cfg = cfg
         self.resume = resume
-        self.stop_signal: int | None = None
         self.started = time.monotonic()  # run.time_limit_minutes counts from here
         self.lock: RunLock | None = None
         self.finished = False
@@ -315,11 +314,11 @@ class Trainer:
 
     # ----------------------------------------------------------------------------------------------- loop
     def _install_signal_handlers(self) -> None:
-        def handler(signum: int, _frame: Any) -> None:
-            self.stop_signal = signum
+        stopsignal.install()  # already done by the CLI at its start; here for in-process use
 
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, handler)
+    @property
+    def stop_signal(self) -> int | None:
+        return stopsignal.received()
 
     def train(self) -> Path | None:
         """Runs to the end; returns the export folder (rank 0) or None."""

@@ -109,3 +109,40 @@ def make_teacher(shards: Path, out: Path) -> Path:
     for f in (shards / "tokenizer").iterdir():
         shutil.copy(f, out / f.name)
     return out
+
+
+def start_ranks(args: list[str], world: int, **extra_env: str) -> list[subprocess.Popen]:
+    """`world` training processes started directly with the launchers' contract (RANK, LOCAL_RANK,
+    WORLD_SIZE, MASTER_ADDR/PORT): the cheapest multi-process run, for reference runs."""
+    port = str(free_port())
+    return [subprocess.Popen(train_cmd(*args), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                             env=env(RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
+                                     MASTER_PORT=port, **extra_env))
+            for r in range(world)]
+
+
+def finish_ranks(procs: list[subprocess.Popen], timeout: int = 600, expect: int = 0) -> str:
+    """Waits for every process; returns rank 0's output; every status must be `expect`."""
+    outputs = []
+    try:
+        for p in procs:
+            outputs.append(p.communicate(timeout=timeout)[0])
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.communicate(timeout=60)
+    for r, p in enumerate(procs):
+        assert p.returncode == expect, f"rank {r} exited {p.returncode}, expected {expect}:\n{outputs[r][-4000:]}"
+    return outputs[0]
+
+
+def same_weights(a: Path, b: Path) -> None:
+    """The two exports hold bitwise equal tensors."""
+    import torch
+    from safetensors.torch import load_file
+
+    ta, tb = load_file(a / "model.safetensors"), load_file(b / "model.safetensors")
+    assert ta.keys() == tb.keys()
+    for k in ta:
+        assert torch.equal(ta[k], tb[k]), f"{k} differs between {a} and {b}"
