@@ -17,6 +17,7 @@ story. The test cluster shortens SLURM's wait before a requeued job starts again
 from __future__ import annotations
 
 import os
+import subprocess
 import time
 from pathlib import Path
 
@@ -56,7 +57,7 @@ def slurm(tmp_path_factory):
 
 def distill_args(shards: Path, teacher: Path, out: Path, *extra: str) -> list[str]:
     return [f"data.shards={shards}", f"teacher.path={teacher}", f"run.output_dir={out}", f"run.max_steps={STEPS}",
-            "run.log_every=10", "checkpoint.every=50", "checkpoint.keep=2", *extra]
+            "run.log_every=10", "checkpoint.every=50", "checkpoint.keep=2", *extra]  # later keys win
 
 
 def job_env(slurm: SlurmCluster) -> dict[str, str]:
@@ -127,3 +128,25 @@ def test_time_limit_requeue_preemption_resume_finish(slurm, shards, teacher, tmp
     tags = runs[0].data.tags
     assert tags["distil.restarts"] == "2" and tags["distil.slurm_restart_count"] == "2", tags
     assert runs[0].info.status == "FINISHED"
+
+
+def test_a_scheduled_window_ends_with_more_to_do_and_is_not_requeued(slurm, shards, teacher, tmp_path):
+    """launch/scheduled.sh --slurm (what launch/distil.cron runs on a SLURM cluster): the window's job stops
+    at run.time_limit_minutes with a checkpoint and ends with exit code 3, and is not requeued (the next
+    window continues; test_cluster_time_limit.py runs the whole cycle of windows in the local mode)."""
+    out = tmp_path / "run"
+    e = job_env(slurm)
+    e.update(DISTIL_WINDOW_MARGIN_MINUTES="1.7", SBATCH_OPTIONS=(
+        f"--ntasks-per-node=1 --cpus-per-task=1 --gpus-per-node=0 --signal=TERM@5 --job-name=distil-window "
+        f"--output={tmp_path}/%x-%j.out"))
+    p = subprocess.run(["bash", "launch/scheduled.sh", "--slurm", "2", "configs/tiny_cpu.yaml",
+                        *distill_args(shards, teacher, out, "run.max_steps=100000")],
+                       cwd=REPO, env=e, capture_output=True, text=True, timeout=60)
+    assert p.returncode == 0 and "Submitted batch job" in p.stdout, p.stderr
+    job = p.stdout.split()[-1]
+    info = wait_job(slurm, job, lambda j: j.get("JobState") not in ("PENDING", "RUNNING", "COMPLETING",
+                                                                    "CONFIGURING"), 300, "end of the window")
+    text = (tmp_path / f"distil-window-{job}.out").read_text()
+    assert info["ExitCode"] == "3:0" and info.get("Restarts") == "0", (info, text[-3000:])
+    assert "not requeueing (DISTIL_REQUEUE=0)" in text, text[-3000:]
+    assert 0 < (latest_step(out) or 0) < 100000 and not (out / "export").exists()
