@@ -33,6 +33,8 @@ dir="$(cd "$dir" && pwd)"
 # MLflow's job runner (GenAI evaluation jobs) is not needed for training runs and costs several processes.
 export MLFLOW_SERVER_ENABLE_JOB_EXECUTION="${MLFLOW_SERVER_ENABLE_JOB_EXECUTION:-false}"
 echo "mlflow server: http://127.0.0.1:$port  store: $dir/mlflow.db  artifacts: $dir/mlartifacts" >&2
+# MLflow 3's UI opens on its GenAI view; this link (and every one distil prints) opens the model-training view.
+echo "experiments: http://127.0.0.1:$port/#/experiments?workflowType=machine_learning" >&2
 exec mlflow server \
   --host 127.0.0.1 \
   --port "$port" \

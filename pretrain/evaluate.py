@@ -14,7 +14,10 @@ tokens, hard to predict: losses read higher), 0 for BERT's uniform choice.
 MLflow (unless --no-tracking): one parent run for the evaluation (its settings as params, the JSON report as
 artifact `eval/report.json`) and one child run per model (tag `mlflow.parentRunId`, param `mode=eval`,
 metrics `eval_mlm_loss`, `eval_perplexity`, `eval_top1_accuracy`, ...), so `distil review` lists one row per
-evaluated model with its eval* columns. The store is chosen as for training (pretrain.tracking).
+evaluated model with its eval* columns. Every run has the held-out split as its dataset input, and each child
+run the model it evaluated as its model input (the run's own logged model when a tracked run exported it).
+The store is chosen as for training (pretrain.tracking); the report and the last line give the experiment's
+link in the UI's model-training view.
 """
 
 from __future__ import annotations
@@ -130,17 +133,22 @@ def track(report: dict[str, Any], report_path: Path, results: list[ModelResult],
           experiment: str) -> None:
     """Parent run (settings, report artifact) + one child run per model. Never raises for tracking trouble:
     the tracker logs a warning and evaluation results stay in the report."""
-    from distil.pretrain.tracking import create_tracker, redact_uri
+    from distil.data_pipeline.manifest import load_manifest
+    from distil.pretrain.tracking import create_tracker, redact_uri, serve_command
 
     def tracker_for(run_name: str):
         cfg = tracking_config(tracking_uri, experiment, run_name)
-        return create_tracker(cfg, rank=0, local_rank=0, world_size=1, run_dir=str(DEFAULT_STORE_RUN_DIR))
+        return create_tracker(cfg, rank=0, local_rank=0, world_size=1, run_dir=str(DEFAULT_STORE_RUN_DIR),
+                              source="distil evaluate")
 
     settings = {k: report[k] for k in ("shards", "split", "batch_size", "seed", "mask_smoothing", "max_batches",
                                        "device")}
     parent = tracker_for("evaluate")
+    uri = getattr(parent, "uri", None)
     report["mlflow"] = {"experiment": experiment, "run_id": parent.run_id,
-                        "child_run_ids": {}, "tracking_uri": redact_uri(parent.uri) if getattr(parent, "uri", None) else None}
+                        "child_run_ids": {}, "tracking_uri": redact_uri(uri) if uri else None,
+                        "experiment_url": parent.ui_link(run=False), "run_url": parent.ui_link(),
+                        "ui_command": serve_command(uri) if uri else None}
     children = []
     if parent.run_id is None:  # tracking off, or the store did not answer: the report alone holds the results
         atomic_write_json(report_path, report)
@@ -149,9 +157,13 @@ def track(report: dict[str, Any], report_path: Path, results: list[ModelResult],
             click.echo("MLflow did not answer: this evaluation is not tracked (the report has every result)",
                        err=True)
         return
+    manifest, _ = load_manifest(report["shards"])
+    parent.log_inputs(report["shards"], manifest, split=report["split"], context="evaluation")
     with tempfile.TemporaryDirectory(prefix="distil-eval-") as tmp:
         for r in results:
             child = tracker_for(f"eval-{r.name}")
+            child.log_inputs(report["shards"], manifest, split=report["split"], context="evaluation", model=r.path,
+                             model_role=r.role)
             report["mlflow"]["child_run_ids"][r.name] = child.run_id
             tags = {"distil.num_parameters": str(r.num_parameters), "distil.eval.model_path": r.path,
                     "mlflow.parentRunId": parent.run_id}
@@ -170,6 +182,9 @@ def track(report: dict[str, Any], report_path: Path, results: list[ModelResult],
         for child in children:
             child.finish("FINISHED")
         parent.finish("FINISHED")  # waits until the artifact was sent, before the temp folder goes
+    link, command = report["mlflow"]["experiment_url"], report["mlflow"]["ui_command"]
+    if link:
+        click.echo(f"MLflow: {link}" + (f" (after: {command})" if command else ""))
 
 
 def evaluate_models(cfg: EvaluateConfig) -> tuple[dict[str, Any], list[ModelResult]]:

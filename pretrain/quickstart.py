@@ -27,6 +27,17 @@ def _run(stage: str, args: list[str]) -> None:
     click.echo(f"== {stage} done in {time.perf_counter() - started:.0f} s")
 
 
+def _experiment_link(store: str, experiment: str) -> str:
+    """The experiment's page in the MLflow UI's model-training view, with the command that serves the store."""
+    import mlflow
+
+    from distil.pretrain.tracking import configure_http_client, describe_link, serve_command
+
+    configure_http_client(timeout_s=20)
+    found = mlflow.MlflowClient(tracking_uri=store).get_experiment_by_name(experiment)
+    return describe_link(store, found.experiment_id) if found else str(serve_command(store))
+
+
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--output", "output", type=click.Path(file_okay=False), default="quickstart", show_default=True,
               help="Folder for the corpus, shards, runs and the MLflow store.")
@@ -73,4 +84,5 @@ def quickstart(output: str, vocab_size: int, teacher_steps: int, student_steps: 
                     "--output", str(out / "comparison.png")])
     click.secho(f"\nquickstart complete: student in {student_dir / 'export'}, runs in {out / 'mlflow.db'}",
                 fg="green")
-    click.echo(f"browse the runs: mlflow ui --backend-store-uri sqlite:///{out / 'mlflow.db'}")
+    store = f"sqlite:///{out / 'mlflow.db'}"
+    click.echo(f"browse the runs: {_experiment_link(store, 'quickstart')}")

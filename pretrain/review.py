@@ -217,6 +217,8 @@ def write_comparison_plot(summaries: list[RunSummary], output: Path, title: str)
 def review(experiment: str, tracking_uri: str | None, run_ids: tuple[str, ...], filter_string: str | None,
            max_runs: int, output: Path) -> None:
     """Compare the runs of an experiment: teacher vs students, in a table and a plot."""
+    from distil.pretrain.tracking import describe_link
+
     uri = tracking_uri or default_review_uri()
     client = open_client(uri)
     runs = select_runs(client, experiment, run_ids, filter_string, max_runs)
@@ -232,3 +234,4 @@ def review(experiment: str, tracking_uri: str | None, run_ids: tuple[str, ...], 
                             output.with_name(f"{output.stem}_glue.png"))
     if glue_plot is not None:
         click.echo(f"GLUE plot: {glue_plot}")
+    click.echo(f"in the MLflow UI: {describe_link(uri, runs[0].info.experiment_id)}")

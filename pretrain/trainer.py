@@ -278,14 +278,15 @@ class Trainer:
         self.resumed_from = resume_path
 
     def _start_tracker(self) -> None:
-        from distil.pretrain.tracking import create_tracker
+        from distil.pretrain.tracking import create_tracker, default_run_name
 
         d = self.dist
         if d.rank == 0:
             self.run_dir.mkdir(parents=True, exist_ok=True)
         self.tracker = create_tracker(self.cfg.tracking, rank=d.rank, local_rank=d.local_rank,
                                       world_size=d.world_size, run_dir=str(self.run_dir),
-                                      resume_run_id=self.run.resumed_id)
+                                      resume_run_id=self.run.resumed_id, source="distil train",
+                                      run_name=default_run_name(self.run_dir, self.cfg.mode))
         self.run.tracker = self.tracker
         if d.rank == 0:
             self._log_run_files(self.global_batch)
@@ -311,6 +312,8 @@ class Trainer:
         self.tracker.log_params(params)
         for name in ("config.yaml", "ds_config.json", "manifest.json"):
             self.tracker.log_artifact(str(self.run_dir / name), artifact_path="run")
+        self.tracker.log_inputs(self.cfg.data.shards, self.manifest, split="train",
+                                model=self.cfg.teacher.path if self.cfg.mode == "distill" else None)
 
     # ----------------------------------------------------------------------------------------------- loop
     def _install_signal_handlers(self) -> None:

@@ -1,5 +1,5 @@
-"""Tracking settings: TrackingConfig (the `tracking:` section of a training config) with its value checks, and
-where the tracking store is when the config names none."""
+"""Tracking settings: TrackingConfig (the `tracking:` section of a training config) with its value checks,
+where the tracking store is when the config names none, and a run's name when the config gives none."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ class TrackingConfig:
     enabled: bool = True
     tracking_uri: str | None = None  # None: MLFLOW_TRACKING_URI, else sqlite:///<run_dir>/../mlflow.db
     experiment: str = "distil"
-    run_name: str | None = None
+    run_name: str | None = None  # None: the run folder's name with the mode (default_run_name)
     registered_model_name: str | None = "distil-student"  # None: log the student without registering it
     system_metrics: bool = True
     system_metrics_interval_s: float = 10.0  # one sample per interval ...
@@ -54,3 +54,18 @@ def default_tracking_uri(run_dir: str | os.PathLike) -> str:
 
 def resolve_tracking_uri(cfg: TrackingConfig, run_dir: str | os.PathLike) -> str:
     return cfg.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri(run_dir)
+
+
+def default_run_name(run_dir: str | os.PathLike, mode: str | None = None) -> str:
+    """A run's name when `tracking.run_name` is not set: the run folder's name with the mode, so teacher,
+    students and reruns read apart in the UI (runs/teacher in MLM mode: `teacher-mlm`; a folder whose name
+    already holds the mode keeps it: `teacher-mlm`).
+
+    distil never leaves the name to MLflow: its generated names (`upset-ape-485`) are drawn from Python's
+    global random generator, which training seeds with run.seed, so every run with one seed got the same
+    name, and with a local store the draw also moved rank 0's seeded generator.
+    """
+    name = Path(run_dir).resolve().name or "run"
+    if mode and mode not in name.split("-"):
+        name = f"{name}-{mode}"
+    return name

@@ -4,6 +4,12 @@ ever talks to MLflow.
 
 MlflowTracker's public methods run on the training thread and only queue records (transport.Sender sends
 them); _RunWriter holds what the sender thread does with each record against the MLflow client.
+
+Every run has a name distil chose (tracking.run_name, else the caller's default such as `teacher-mlm`, else
+the run folder's name): MLflow never draws one from Python's seeded global random generator. The run's
+source (`distil train`, `distil evaluate`) and user are tagged as MLflow's own runs are; experiments distil
+creates are tagged as model training; the run's link, in the UI's model-training view, is logged when the run
+is created and when it ends (links.py).
 """
 
 from __future__ import annotations
@@ -18,7 +24,15 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from distil.pretrain.tracking.config import TrackingConfig, resolve_tracking_uri
+from distil.pretrain.tracking.config import TrackingConfig, default_run_name, resolve_tracking_uri
+from distil.pretrain.tracking.lineage import (
+    DATASET_CONTEXT_TAG,
+    external_model,
+    find_model,
+    model_key,
+    shard_set_dataset,
+)
+from distil.pretrain.tracking.links import EXPERIMENT_KIND_TAG, MODEL_TRAINING_KIND, describe_link, ui_link
 from distil.pretrain.tracking.params import (
     MAX_KEY_LENGTH,
     clean_metrics,
@@ -26,6 +40,7 @@ from distil.pretrain.tracking.params import (
     clean_tags,
     environment_tags,
     redact_uri,
+    source_tags,
 )
 from distil.pretrain.tracking.registry import log_student_model
 from distil.pretrain.tracking.system_metrics import NodeReporter, SystemMetricsLogger
@@ -39,8 +54,13 @@ MAX_PARAMS_PER_BATCH = 100
 
 def create_tracker(cfg: TrackingConfig, *, rank: int, local_rank: int, world_size: int, run_dir: str,
                    resume_run_id: str | None = None, num_nodes: int | None = None,
-                   store: Any | None = None) -> NullTracker:
+                   store: Any | None = None, run_name: str | None = None,
+                   source: str = "distil") -> NullTracker:
     """Rank 0 gets the MLflow tracker; every other rank a NullTracker that never connects to MLflow.
+
+    The run is called cfg.run_name, else `run_name` (the caller's default, e.g. default_run_name(run_dir,
+    mode)), else the run folder's name; a resumed run keeps the name it has. `source` is the command that
+    makes the run (tag mlflow.source.name: the UI's Source column).
 
     On a multi-node run, local rank 0 of a node other than rank 0's gets a NodeReporter: a NullTracker that
     also samples its node's system metrics into the torch.distributed store (`store`, default: the default
@@ -55,7 +75,8 @@ def create_tracker(cfg: TrackingConfig, *, rank: int, local_rank: int, world_siz
         return NullTracker()
     try:
         return MlflowTracker(cfg, uri=resolve_tracking_uri(cfg, run_dir), world_size=world_size,
-                             num_nodes=nodes, run_dir=run_dir, resume_run_id=resume_run_id, store=store)
+                             num_nodes=nodes, run_dir=run_dir, resume_run_id=resume_run_id, store=store,
+                             run_name=run_name, source=source)
     except Exception as error:  # noqa: BLE001 - tracking never stops training
         logger.warning("MLflow tracking disabled for this run: %r", error)
         return NullTracker()
@@ -79,7 +100,8 @@ class MlflowTracker(NullTracker):
     """Global rank 0's tracker. All public methods return at once; the sender thread does the I/O."""
 
     def __init__(self, cfg: TrackingConfig, *, uri: str, world_size: int, num_nodes: int, run_dir: str,
-                 resume_run_id: str | None = None, store: Any | None = None) -> None:
+                 resume_run_id: str | None = None, store: Any | None = None, run_name: str | None = None,
+                 source: str = "distil") -> None:
         configure_http_client(cfg.request_timeout_s)
         import mlflow
 
@@ -92,9 +114,10 @@ class MlflowTracker(NullTracker):
         self._system = SystemMetricsLogger(cfg, num_nodes=num_nodes, store=store,
                                            log_points=self._queue_metrics, set_tags=self.set_tags)
         self._writer = _RunWriter(mlflow.MlflowClient(tracking_uri=uri, registry_uri=uri), cfg, uri=uri,
-                                  run_dir=self.run_dir, resume_run_id=resume_run_id, system=self._system)
+                                  run_dir=self.run_dir, resume_run_id=resume_run_id, system=self._system,
+                                  run_name=cfg.run_name or run_name or default_run_name(run_dir))
         self._sender = Sender(cfg, uri=uri, apply=self._writer.apply)
-        self._sender.start(("start", environment_tags(world_size, num_nodes)))
+        self._sender.start(("start", {**environment_tags(world_size, num_nodes), **source_tags(source)}))
         if cfg.system_metrics:
             self._system.start()
         atexit.register(self._finish_at_exit)
@@ -109,6 +132,18 @@ class MlflowTracker(NullTracker):
     @property
     def offline(self) -> bool:
         return self._sender.offline
+
+    @property
+    def run_name(self) -> str:
+        """The name given at start, or the resumed run's own name once it was read."""
+        return self._writer.run_name
+
+    def ui_link(self, run: bool = True) -> str | None:
+        """The run's (or with run=False its experiment's) page in the UI's model-training view (for a local
+        store, where `mlflow ui` serves it: links.serve_command). None until the run exists."""
+        if self._writer.experiment_id is None or self.run_id is None:
+            return None
+        return ui_link(self.uri, self._writer.experiment_id, self.run_id if run else None)
 
     @never_raises
     def log_params(self, params: Mapping[str, Any]) -> None:
@@ -141,6 +176,14 @@ class MlflowTracker(NullTracker):
         target.write_text(json.dumps(values, indent=2, default=str))
         self._sender.put_op(("artifact", str(target),
                              str(Path(artifact_file).parent) if "/" in artifact_file else None))
+
+    @never_raises
+    def log_inputs(self, shards: str, manifest: Any, split: str = "train", context: str = "training",
+                   model: str | None = None, model_role: str = "teacher") -> None:
+        """Lineage: the shard set's `split` as a dataset input of the run (lineage.shard_set_dataset), and the
+        model the run starts from (a teacher folder or hub id, an evaluated model) as a model input."""
+        dataset = shard_set_dataset(shards, manifest, split)
+        self._sender.put_op(("inputs", dataset, context, model_key(model) if model else None, model_role))
 
     @never_raises
     def log_student(self, export_dir: str) -> None:
@@ -180,12 +223,14 @@ class _RunWriter:
     MLflow client. "start" creates the run (or resumes the checkpoint's run); the others write to it."""
 
     def __init__(self, client: Any, cfg: TrackingConfig, *, uri: str, run_dir: Path,
-                 resume_run_id: str | None, system: SystemMetricsLogger) -> None:
+                 resume_run_id: str | None, system: SystemMetricsLogger, run_name: str) -> None:
         self.client = client
         self.cfg = cfg
         self.uri = uri
         self.run_dir = run_dir
         self.resume_run_id = resume_run_id
+        self.run_name = run_name
+        self.experiment_id: str | None = None
         self.run_id: str | None = None
         self._system = system  # a resumed run's system metrics continue after its last step
 
@@ -200,17 +245,29 @@ class _RunWriter:
             if run_id is None:
                 tags = {**tags, "distil.resumed_from": self.resume_run_id}
         if run_id is None:
-            run = self.client.create_run(experiment_id, run_name=self.cfg.run_name, tags=tags)
+            run = self.client.create_run(experiment_id, run_name=self.run_name, tags=tags)
             run_id = run.info.run_id
         else:
             self._log_tags(run_id, tags)
+        self.experiment_id = self.experiment_id or experiment_id  # a resumed run stays in its experiment
         self.run_id = run_id
+        logger.info("MLflow run %s: %s", self.run_name, describe_link(self.uri, self.experiment_id, run_id))
 
     def _experiment_id(self) -> str:
+        """The experiment's id; one distil creates is tagged as model training (links.py)."""
+        from mlflow.exceptions import MlflowException
+
         experiment = self.client.get_experiment_by_name(self.cfg.experiment)
-        if experiment is None:
-            return self.client.create_experiment(self.cfg.experiment, artifact_location=self._artifact_root())
-        return experiment.experiment_id
+        if experiment is not None:
+            return experiment.experiment_id
+        try:
+            return self.client.create_experiment(self.cfg.experiment, artifact_location=self._artifact_root(),
+                                                 tags={EXPERIMENT_KIND_TAG: MODEL_TRAINING_KIND})
+        except MlflowException as error:  # another run created it meanwhile
+            experiment = self.client.get_experiment_by_name(self.cfg.experiment)
+            if error.error_code != "RESOURCE_ALREADY_EXISTS" or experiment is None:
+                raise
+            return experiment.experiment_id
 
     def _resume(self, run_id: str) -> str | None:
         from mlflow.exceptions import MlflowException
@@ -224,6 +281,8 @@ class _RunWriter:
                            redact_uri(self.uri))
             return None
         self.client.update_run(run_id, status="RUNNING")
+        self.run_name = run.info.run_name or self.run_name  # a resumed run keeps its name
+        self.experiment_id = run.info.experiment_id
         steps = [m.step for m in run.data._metric_objs if m.key.startswith("system/")]
         self._system.step = max(steps) + 1 if steps else 0
         self.client.set_tag(run_id, "distil.resumed", "true")
@@ -269,6 +328,15 @@ class _RunWriter:
         else:
             logger.warning("artifact %s disappeared before it could be sent to MLflow", path)
 
+    def do_inputs(self, dataset: dict[str, str], context: str, model: str | None, role: str) -> None:
+        from mlflow.entities import Dataset, DatasetInput, InputTag, LoggedModelInput
+
+        self.client.log_inputs(self.run_id, datasets=[
+            DatasetInput(Dataset(**dataset), tags=[InputTag(DATASET_CONTEXT_TAG, context)])])
+        if model:
+            model_id = find_model(self.client, model) or external_model(self.client, self.experiment_id, model, role)
+            self.client.log_inputs(self.run_id, models=[LoggedModelInput(model_id)])
+
     def do_student(self, export_dir: str) -> None:
         log_student_model(self.client, self.uri, self.run_id, export_dir, self.cfg.registered_model_name)
 
@@ -286,3 +354,5 @@ class _RunWriter:
 
     def do_end(self, status: str) -> None:
         self.client.set_terminated(self.run_id, status=status)
+        logger.info("MLflow run %s ended %s: %s", self.run_name, status,
+                    describe_link(self.uri, self.experiment_id, self.run_id))

@@ -96,6 +96,17 @@ def environment_tags(world_size: int, num_nodes: int) -> dict[str, str]:
     return tags
 
 
+def source_tags(source: str) -> dict[str, str]:
+    """What MLflow's own runs carry about where they come from: the UI's Source and "Created by" columns."""
+    import getpass
+
+    try:
+        user = getpass.getuser()
+    except Exception:  # noqa: BLE001 - no user name (a container without a passwd entry)
+        user = "unknown"
+    return {"mlflow.source.name": source, "mlflow.source.type": "LOCAL", "mlflow.user": user}
+
+
 def _gpu_type() -> str:
     try:
         import torch

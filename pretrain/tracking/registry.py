@@ -9,9 +9,11 @@ import os
 from pathlib import Path
 from typing import Any
 
+from distil.pretrain.tracking.lineage import MODEL_PATH_TAG, model_key
+
 logger = logging.getLogger("distil.tracking")
 
-STUDENT_MODEL_NAME = "student"
+STUDENT_MODEL_NAME = "student"  # the logged model's name when its run has none
 
 
 def log_student_model(client: Any, uri: str, run_id: str, export_dir: str,
@@ -36,8 +38,17 @@ def log_student_model(client: Any, uri: str, run_id: str, export_dir: str,
     # the model is registered, then is restored.
     mlflow.set_tracking_uri(uri)
     try:
+        # Created here rather than by log_model, which would put it in the process's current experiment
+        # (Default) instead of the run's. The tag lets a run that starts from this folder (a student of this
+        # teacher, an evaluation) link this model as its input (lineage.py).
+        # Named after its run (teacher-mlm, student-distill): the name the UI shows where a run uses it.
+        run = client.get_run(run_id)
+        name = run.info.run_name or STUDENT_MODEL_NAME
+        model = client.create_logged_model(run.info.experiment_id, name=name, source_run_id=run_id,
+                                           params=dict(run.data.params),
+                                           tags={MODEL_PATH_TAG: model_key(export_dir)})
         info = mlflow.transformers.log_model(
-            fill_mask, name=STUDENT_MODEL_NAME, task="fill-mask", run_id=run_id,
+            fill_mask, name=name, task="fill-mask", run_id=run_id, model_id=model.model_id,
             pip_requirements=[f"torch=={version('torch').split('+')[0]}",
                               f"transformers=={version('transformers')}"],
             await_registration_for=0)

@@ -5,6 +5,8 @@ or a rank other than 0). MlflowTracker and NodeReporter extend it.
     tracker.log_metrics(metrics: dict[str, float], step: int)
     tracker.log_artifact(path, artifact_path: str | None = None)
     tracker.log_student(export_dir: str)          # exported HF student -> logged + registered model
+    tracker.log_inputs(shards, manifest, ...)     # lineage: the shard set (dataset) and teacher (model)
+    tracker.ui_link(run=True) -> str | None       # the run's page in the UI's model-training view
     tracker.set_tags(tags: dict[str, str])        # optional extras (mutable, e.g. "preempted")
     tracker.run_id -> str | None                  # kept in checkpoints so a resumed run appends
     tracker.finish(status: "FINISHED" | "FAILED" | "KILLED")
@@ -36,6 +38,13 @@ class NullTracker:
 
     def log_student(self, export_dir: str) -> None:
         pass
+
+    def log_inputs(self, shards: str, manifest: Any, split: str = "train", context: str = "training",
+                   model: str | None = None, model_role: str = "teacher") -> None:
+        pass
+
+    def ui_link(self, run: bool = True) -> str | None:
+        return None
 
     def set_tags(self, tags: Mapping[str, Any]) -> None:
         pass

@@ -51,6 +51,9 @@ def configure_http_client(timeout_s: int) -> None:
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", str(timeout_s))
     # The telemetry client would try to reach the internet from training nodes that often cannot.
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    # MLflow prints its own "View run ... at" links when a run ends on a server; they open the GenAI view.
+    # The tracker logs the run's link in the model-training view instead (links.py).
+    os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
 
 
 class WarnOnce:

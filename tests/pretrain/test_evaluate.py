@@ -165,6 +165,15 @@ def test_metrics_report_and_mlflow_runs(shards, models, tmp_path):
         assert run.data.metrics["eval_top5_accuracy"] == pytest.approx(by_name[name]["top5_accuracy"])
     assert runs["eval-student"].data.metrics["eval_kl_from_teacher"] == pytest.approx(
         by_name["student"]["kl_from_teacher"])
+    # lineage and links: the held-out split as every run's dataset, each model as its run's input
+    for name in ("evaluate", "eval-teacher", "eval-student"):
+        tracked = client.get_run(runs[name].info.run_id)
+        assert [d.dataset.name for d in tracked.inputs.dataset_inputs] == ["shards:holdout"]
+        assert tracked.data.tags["mlflow.source.name"] == "distil evaluate"
+    model_inputs = [client.get_run(runs[f"eval-{n}"].info.run_id).inputs.model_inputs for n in ("teacher", "student")]
+    assert [len(m) for m in model_inputs] == [1, 1] and model_inputs[0][0].model_id != model_inputs[1][0].model_id
+    link = f"http://127.0.0.1:5000/#/experiments/{experiment.experiment_id}?workflowType=machine_learning"
+    assert report["mlflow"]["experiment_url"] == link and f"MLflow: {link}" in result.output
 
     review = CliRunner().invoke(main, ["review", "--experiment", "evals", "--tracking-uri", store, "--filter",
                                        "params.mode = 'eval'", "--output", str(tmp_path / "cmp.png")])

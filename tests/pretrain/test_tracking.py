@@ -125,6 +125,9 @@ def test_rank0_logs_params_metrics_system_metrics_artifacts_and_registered_model
     assert tags["distil.num_parameters"] == str(sum(p.numel() for p in loaded_student(student_dir).parameters()))
     versions = client.search_model_versions(f"name='tiny-student' and run_id='{tracker.run_id}'")
     assert len(versions) == 1
+    model = client.get_logged_model(tags["distil.student_model_uri"].split("/")[-1])
+    assert model.experiment_id == run.info.experiment_id and model.name == "students-1"  # not in Default
+    assert model.tags["distil.model_path"] == str(student_dir.resolve())  # what a student of it links
     mlflow.set_tracking_uri(server.uri)  # how a user loads it: models:/ URIs resolve against this
     try:
         loaded = mlflow.transformers.load_model("models:/tiny-student/1")
@@ -365,3 +368,167 @@ def test_local_sqlite_store_logs_and_registers_the_student(student_dir, tmp_path
     versions = client.search_model_versions(f"name='local-student' and run_id='{tracker.run_id}'")
     assert len(versions) == 1
     assert client.get_run(tracker.run_id).data.tags["distil.registered_model"] == "local-student/1"
+
+
+# -- issue 15: runs as a user sees them in the MLflow UI: names, source, lineage, links ------------------------
+
+def tiny_manifest(folder: Path):
+    """A shard set's manifest (two train shards, one held-out), written where `distil prepare` puts it."""
+    from distil.data_pipeline.manifest import Manifest, ShardInfo, SpecialTokens
+
+    manifest = Manifest(shards=[ShardInfo("train-0.tar", 10, 300), ShardInfo("train-1.tar", 5, 150)],
+                        holdout_shards=[ShardInfo("holdout-0.tar", 3, 90)], vocab_size=32,
+                        special_tokens=SpecialTokens(pad=0, cls=2, sep=3, mask=4, unk=1), max_len=64,
+                        dtype="uint16", tokenizer_name="tiny-wordpiece", tokenizer_sha256="0" * 64)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "manifest.json").write_text(manifest.to_json())
+    return manifest
+
+
+def test_run_names_come_from_the_run_and_never_from_the_seeded_random_generator(tmp_path):
+    """MLflow names an unnamed run from Python's global random generator; training seeds it, so every run
+    with one seed got the same name (and with a local store the draw moved rank 0's seeded generator)."""
+    import random
+
+    from distil.pretrain.tracking import default_run_name
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    cfg = TrackingConfig(tracking_uri=uri, experiment="names", system_metrics=False, **FAST)
+    random.seed(56)  # what seed_everything(run.seed) does before the tracker starts
+    state = random.getstate()
+    names = []
+    for folder, mode, given in (("teacher", "mlm", None), ("student", "distill", None),
+                                ("student", "distill", "my-run"), ("teacher-mlm", "mlm", None)):
+        run_cfg = TrackingConfig(**{**cfg.__dict__, "run_name": given})
+        tracker = create_tracker(run_cfg, rank=0, local_rank=0, world_size=1, run_dir=str(tmp_path / folder),
+                                 run_name=default_run_name(tmp_path / folder, mode))
+        tracker.finish("FINISHED")
+        names.append(mlflow.MlflowClient(uri).get_run(tracker.run_id).info.run_name)
+    assert names == ["teacher-mlm", "student-distill", "my-run", "teacher-mlm"]  # tracking.run_name wins
+    assert random.getstate() == state  # tracking drew nothing from the training's generator
+
+
+def test_runs_carry_their_source_and_distils_experiments_open_as_model_training(server, tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger="distil.tracking")
+    client = server.client()
+    theirs = client.create_experiment("made-elsewhere")
+    for experiment in ("made-by-distil", "made-elsewhere"):
+        cfg = TrackingConfig(tracking_uri=server.uri, experiment=experiment, system_metrics=False, **FAST)
+        tracker = create_tracker(cfg, rank=0, local_rank=0, world_size=1, run_dir=str(tmp_path / "teacher"),
+                                 run_name="teacher-mlm", source="distil train")
+        tracker.finish("FINISHED")
+        tags = client.get_run(tracker.run_id).data.tags
+        assert tags["mlflow.source.name"] == "distil train" and tags["mlflow.source.type"] == "LOCAL"
+        assert tags["mlflow.user"]
+    ours = client.get_experiment_by_name("made-by-distil")
+    assert ours.tags["mlflow.experimentKind"] == "custom_model_development"
+    assert "mlflow.experimentKind" not in client.get_experiment(theirs).tags  # someone else's is left alone
+    run_link = f"{server.uri}/#/experiments/{ours.experiment_id}/runs/"
+    lines = [r.getMessage() for r in caplog.records if r.name == "distil.tracking" and run_link in r.getMessage()]
+    assert lines[0].startswith("MLflow run teacher-mlm: " + run_link)
+    assert lines[0].endswith("?workflowType=machine_learning") and "ended FINISHED" in lines[1]
+
+
+def test_a_resumed_run_keeps_its_name(server, tmp_path):
+    cfg = TrackingConfig(tracking_uri=server.uri, experiment="resume-name", system_metrics=False, **FAST)
+    first = create_tracker(cfg, rank=0, local_rank=0, world_size=1, run_dir=str(tmp_path), run_name="student-distill")
+    first.finish("KILLED")
+    renamed = TrackingConfig(**{**cfg.__dict__, "run_name": "a-new-name"})
+    second = create_tracker(renamed, rank=0, local_rank=0, world_size=1, run_dir=str(tmp_path),
+                            resume_run_id=first.run_id)
+    second.finish("FINISHED")
+    assert server.client().get_run(first.run_id).info.run_name == "student-distill"
+    assert second.run_name == "student-distill"
+    assert second.ui_link().endswith(f"/runs/{first.run_id}?workflowType=machine_learning")
+
+
+def test_the_shard_set_is_a_dataset_input_and_the_teacher_a_model_input(server, tmp_path):
+    from distil.pretrain.tracking import manifest_digest
+
+    client = server.client()
+    manifest = tiny_manifest(tmp_path / "wiki_shards")
+    teacher_dir = tmp_path / "teacher" / "export"
+    teacher_dir.mkdir(parents=True)
+    cfg = TrackingConfig(tracking_uri=server.uri, experiment="lineage", system_metrics=False, **FAST)
+    # the teacher's run logged its export (registry.py tags the logged model with its folder)
+    teacher = create_tracker(cfg, rank=0, local_rank=0, world_size=1, run_dir=str(tmp_path / "teacher"))
+    teacher.finish("FINISHED")
+    experiment_id = client.get_experiment_by_name("lineage").experiment_id
+    teacher_model = client.create_logged_model(experiment_id, name="teacher-mlm", source_run_id=teacher.run_id,
+                                               tags={"distil.model_path": str(teacher_dir.resolve())})
+
+    runs = {}
+    for name, teacher_path in (("student-a", str(teacher_dir)), ("student-b", "bert-base-uncased"),
+                               ("student-c", "bert-base-uncased")):
+        run_cfg = TrackingConfig(**{**cfg.__dict__, "run_name": name})
+        tracker = create_tracker(run_cfg, rank=0, local_rank=0, world_size=1, run_dir=str(tmp_path / name))
+        tracker.log_inputs(str(tmp_path / "wiki_shards"), manifest, model=teacher_path)
+        tracker.log_inputs(str(tmp_path / "wiki_shards" / "manifest.json"), manifest, model=teacher_path)  # resume
+        tracker.finish("FINISHED")
+        runs[name] = client.get_run(tracker.run_id)
+
+    inputs = runs["student-a"].inputs
+    assert len(inputs.dataset_inputs) == 1  # logged again on resume: still one input
+    dataset = inputs.dataset_inputs[0].dataset
+    assert (dataset.name, dataset.digest) == ("wiki_shards", manifest_digest(manifest))
+    assert dataset.source_type == "local"
+    assert json.loads(dataset.source) == {"uri": str((tmp_path / "wiki_shards").resolve())}
+    profile = json.loads(dataset.profile)
+    assert (profile["split"], profile["sequences"], profile["tokens"], profile["shards"]) == ("train", 15, 450, 2)
+    assert [(t.key, t.value) for t in inputs.dataset_inputs[0].tags] == [("mlflow.data.context", "training")]
+    assert [m.model_id for m in inputs.model_inputs] == [teacher_model.model_id]  # the teacher run's model
+
+    # a teacher no run of the store logged (a hub id): recorded once as an external model, then reused
+    hub = [m.model_id for name in ("student-b", "student-c") for m in runs[name].inputs.model_inputs]
+    assert len(hub) == 2 and hub[0] == hub[1] != teacher_model.model_id
+    external = client.get_logged_model(hub[0])
+    assert external.name == "bert-base-uncased" and external.tags["mlflow.model.isExternal"] == "true"
+    assert external.experiment_id == experiment_id
+
+    # the held-out split is a dataset of its own (MLflow keys datasets by name and digest)
+    evaluation = create_tracker(TrackingConfig(**{**cfg.__dict__, "run_name": "eval-x"}), rank=0, local_rank=0,
+                                world_size=1, run_dir=str(tmp_path / "eval"))
+    evaluation.log_inputs(str(tmp_path / "wiki_shards"), manifest, split="holdout", context="evaluation")
+    evaluation.finish("FINISHED")
+    held_out = client.get_run(evaluation.run_id).inputs.dataset_inputs[0]
+    assert held_out.dataset.name == "wiki_shards:holdout" and json.loads(held_out.dataset.profile)["sequences"] == 3
+    assert held_out.tags[0].value == "evaluation"
+
+
+def test_links_open_the_model_training_view(tmp_path):
+    from distil.pretrain.tracking import describe_link, ui_base, ui_link
+    from distil.pretrain.tracking.links import serve_command
+
+    assert ui_base("http://user:secret@host:5000/mlflow/") == "http://host:5000/mlflow"  # no credentials
+    assert ui_base(f"sqlite:///{tmp_path}/mlflow.db") is None
+    assert ui_link("https://mlflow.example.org", "7") == "https://mlflow.example.org/#/experiments/7?workflowType=machine_learning"
+    assert ui_link("http://127.0.0.1:5001", "7", "abc") == \
+        "http://127.0.0.1:5001/#/experiments/7/runs/abc?workflowType=machine_learning"
+    store = f"sqlite:///{tmp_path}/mlflow.db"
+    assert describe_link(store, "1") == ("http://127.0.0.1:5000/#/experiments/1?workflowType=machine_learning "
+                                         f"(after: mlflow ui --backend-store-uri {store})")
+    assert serve_command("postgresql://user:pw@db/mlflow") == "mlflow ui --backend-store-uri postgresql://***@db/mlflow"
+    assert ui_link("databricks", "1") is None
+
+
+def test_review_and_the_quickstart_summary_print_the_experiment_link(tmp_path):
+    from click.testing import CliRunner
+
+    from distil.pretrain.cli import main
+    from distil.pretrain.quickstart import _experiment_link
+
+    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    cfg = TrackingConfig(tracking_uri=store, experiment="quickstart", system_metrics=False, **FAST)
+    tracker = create_tracker(cfg, rank=0, local_rank=0, world_size=1, run_dir=str(tmp_path / "teacher"),
+                             run_name="teacher-mlm")
+    tracker.log_params({"mode": "mlm"})
+    tracker.log_metrics({"loss": 2.0}, step=1)
+    tracker.finish("FINISHED")
+    experiment_id = mlflow.MlflowClient(store).get_experiment_by_name("quickstart").experiment_id
+    expected = (f"http://127.0.0.1:5000/#/experiments/{experiment_id}?workflowType=machine_learning "
+                f"(after: mlflow ui --backend-store-uri {store})")
+    result = CliRunner().invoke(main, ["review", "--experiment", "quickstart", "--tracking-uri", store,
+                                       "--output", str(tmp_path / "cmp.png")])
+    assert result.exit_code == 0, result.output
+    assert f"in the MLflow UI: {expected}" in result.output.replace("\n", "")
+    assert _experiment_link(store, "quickstart") == expected

@@ -63,8 +63,10 @@ def test_tracked_distillation_preempted_resumed_and_outage(shards, teacher, serv
     out = tmp_path / "student"
     client = server.client()
 
-    # 1. preempted after 6 steps: the run ends KILLED and its id is in the checkpoint
-    run(distill_command(shards, teacher, out, server, "run.stop_after_steps=6"))
+    # 1. preempted after 6 steps: the run ends KILLED (exit 3: more to do) and its id is in the checkpoint
+    stopped = subprocess.run(distill_command(shards, teacher, out, server, "run.stop_after_steps=6"), cwd=REPO,
+                             env=env(), capture_output=True, text=True, timeout=400)
+    assert stopped.returncode == 3, stopped.stdout[-3000:] + stopped.stderr[-5000:]
     experiment = client.get_experiment_by_name(EXPERIMENT)
     students = client.search_runs([experiment.experiment_id], "attributes.run_name = 'student'")
     assert len(students) == 1  # rank 1 created no run of its own
@@ -123,3 +125,18 @@ def check_tracked_runs(client, run_id: str, out: Path, server: MlflowServer, tmp
                   "--output", str(tmp_path / "cmp.png")])
     assert "teacher" in review.stdout and "student" in review.stdout
     assert (tmp_path / "cmp.png").is_file()
+    assert f"{server.uri}/#/experiments/{experiment.experiment_id}?workflowType=machine_learning" in review.stdout
+
+    # lineage: both trained on the same shard set (one dataset input, also after the resume); the student's
+    # teacher is the model the teacher's run logged
+    from distil.data_pipeline.manifest import Manifest
+    from distil.pretrain.tracking import manifest_digest
+
+    digest = manifest_digest(Manifest.from_dict(json.loads((out / "manifest.json").read_text())))
+    teacher_data = client.get_run(teacher_run.info.run_id)
+    for tracked in (data, teacher_data):
+        assert [(d.dataset.name, d.dataset.digest) for d in tracked.inputs.dataset_inputs] == [("shards", digest)]
+        assert tracked.data.tags["mlflow.source.name"] == "distil train"
+    teacher_model = teacher_data.data.tags["distil.student_model_uri"].split("/")[-1]
+    assert [m.model_id for m in data.inputs.model_inputs] == [teacher_model]
+    assert client.get_logged_model(teacher_model).experiment_id == experiment.experiment_id
