@@ -27,7 +27,7 @@ def _run(stage: str, args: list[str]) -> None:
     click.echo(f"== {stage} done in {time.perf_counter() - started:.0f} s")
 
 
-def _experiment_link(store: str, experiment: str) -> str:
+def experiment_link(store: str, experiment: str) -> str:
     """The experiment's page in the MLflow UI's model-training view, with the command that serves the store."""
     import mlflow
 
@@ -85,4 +85,4 @@ def quickstart(output: str, vocab_size: int, teacher_steps: int, student_steps: 
     click.secho(f"\nquickstart complete: student in {student_dir / 'export'}, runs in {out / 'mlflow.db'}",
                 fg="green")
     store = f"sqlite:///{out / 'mlflow.db'}"
-    click.echo(f"browse the runs: {_experiment_link(store, 'quickstart')}")
+    click.echo(f"browse the runs: {experiment_link(store, 'quickstart')}")

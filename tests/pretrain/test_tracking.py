@@ -515,7 +515,7 @@ def test_review_and_the_quickstart_summary_print_the_experiment_link(tmp_path):
     from click.testing import CliRunner
 
     from distil.pretrain.cli import main
-    from distil.pretrain.quickstart import _experiment_link
+    from distil.pretrain.quickstart import experiment_link
 
     store = f"sqlite:///{tmp_path / 'mlflow.db'}"
     cfg = TrackingConfig(tracking_uri=store, experiment="quickstart", system_metrics=False, **FAST)
@@ -531,4 +531,4 @@ def test_review_and_the_quickstart_summary_print_the_experiment_link(tmp_path):
                                        "--output", str(tmp_path / "cmp.png")])
     assert result.exit_code == 0, result.output
     assert f"in the MLflow UI: {expected}" in result.output.replace("\n", "")
-    assert _experiment_link(store, "quickstart") == expected
+    assert experiment_link(store, "quickstart") == expected
