@@ -196,7 +196,8 @@ class _ShardReader:
         self._samples = iter(dataset)
 
     def _on_error(self, exn: BaseException) -> bool:
-        log.warning("shard %s: %s (skipping what cannot be read)", self.url, exn)
+        # A damaged tar can raise at every member: the shard is named once (warn_once), all is counted.
+        warn_once(self.url, f"{type(exn).__name__}: {exn}; skipping what cannot be read")
         return True  # keep going: webdataset moves past what it can
 
     def take(self, index: int) -> dict[str, Any] | None:
@@ -284,16 +285,41 @@ def load_npy(data: bytes) -> np.ndarray:
     return np.load(io.BytesIO(data), allow_pickle=False)
 
 
+_warned_shards: set[str] = set()  # shards already named in a warning (per process)
+
+
+def warn_once(url: str, what: str) -> None:
+    """One warning per damaged shard and process; every skipped sample is counted in the stream's stats."""
+    if url not in _warned_shards:
+        _warned_shards.add(url)
+        log.warning("shard %s is damaged (%s); its damaged samples are skipped and counted in "
+                    "skipped_samples / skipped_shards, this warning is not repeated", url, what)
+
+
+def _warn_bad_sample(sample: dict[str, Any], why: str) -> None:
+    warn_once(str(sample.get("__url__", "?")), f"sample {sample.get('__key__', '?')} {why}")
+
+
 def decode_sample(sample: dict[str, Any] | None, vocab_size: int, max_len: int) -> np.ndarray | None:
-    """Token ids of a raw sample, or None when it is missing, undecodable or out of range."""
-    if sample is None or SAMPLE_KEY not in sample:
+    """Token ids of a raw sample, or None when it is missing, undecodable or out of range.
+
+    Damaged bytes can make numpy's header parser raise almost anything (ValueError, SyntaxError,
+    tokenize.TokenError, MemoryError, ...): every exception from decoding is a skipped sample, never a
+    traceback. The first bad sample of a shard is named in a warning."""
+    if sample is None:
+        return None
+    if SAMPLE_KEY not in sample:
+        _warn_bad_sample(sample, f"has no {SAMPLE_KEY} member")
         return None
     try:
         ids = load_npy(sample[SAMPLE_KEY])
-    except (ValueError, OSError, EOFError):
-        return None
-    if ids.ndim != 1 or ids.dtype.kind not in "iu" or not 2 <= ids.shape[0] <= max_len:
-        return None
-    if int(ids.max()) >= vocab_size or int(ids.min()) < 0:
+        if ids.ndim != 1 or ids.dtype.kind not in "iu" or not 2 <= ids.shape[0] <= max_len:
+            _warn_bad_sample(sample, f"is not a 1-D integer sequence of 2..{max_len} ids")
+            return None
+        if int(ids.max()) >= vocab_size or int(ids.min()) < 0:
+            _warn_bad_sample(sample, f"holds ids outside the vocabulary of {vocab_size}")
+            return None
+    except Exception as e:  # noqa: BLE001 - any decoding failure of damaged bytes is a skipped sample
+        _warn_bad_sample(sample, f"cannot be decoded ({type(e).__name__}: {e})")
         return None
     return ids

@@ -500,8 +500,9 @@ class Trainer:
         if self.peak:
             metrics["mfu"] = flops / dt / (self.peak * 1e12 * self.dist.world_size)
         stats = self.stream.stats() if hasattr(self.stream, "stats") else {}
-        if "skipped_samples" in stats:
-            metrics["skipped_samples"] = float(stats["skipped_samples"])
+        for key in ("skipped_samples", "skipped_shards"):  # damaged input, skipped and counted (read.py)
+            if key in stats:
+                metrics[key] = float(stats[key])
         sink.write(c.step, metrics)
 
     # ------------------------------------------------------------------------------------ checkpoint/export
