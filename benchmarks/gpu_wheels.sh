@@ -9,7 +9,8 @@
 # click, tqdm, rich, pyarrow, matplotlib, psutil, packaging, einops, msgpack, ninja, py-cpuinfo,
 # nvidia-ml-py (device KINDS.md). Missing there, and carried:
 #   deepspeed (+ hjson, pydantic, pydantic-core, annotated-types, typing-inspection),
-#   webdataset (+ braceexpand), omegaconf, zstandard, tenacity, typing-extensions (pydantic needs a recent one).
+#   webdataset (+ braceexpand), omegaconf, zstandard, tenacity, typing-extensions (pydantic needs a recent one),
+#   pytest (+ pluggy, iniconfig, pytest-timeout) for the kernel tests on CUDA.
 # Left out: mlflow (tens of MiB with its dependencies): the GPU run sets tracking.enabled=false.
 # deepspeed publishes no wheel: a pure-Python one is built here with DS_BUILD_OPS=0 (ops would be
 # JIT-built at use; the trainer uses none: torch AdamW, no fused ops).
@@ -17,7 +18,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 py="${PYTHON:-.venv/bin/python}"
 dest=.whl
-packages=(hjson pydantic pydantic-core annotated-types typing-inspection typing-extensions
+packages=(hjson pydantic pydantic-core annotated-types typing-inspection typing-extensions pytest pluggy iniconfig pytest-timeout
           webdataset braceexpand omegaconf zstandard tenacity)
 
 version_of() {  # the version installed in .venv, or fail

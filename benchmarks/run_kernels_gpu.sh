@@ -14,7 +14,7 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 out="${OUT:-/tmp/distil_kernels_gpu}"
 py="${PYTHON:-python3}"
-bench_args=(--device cuda)
+bench_args=(--device cuda --rows "${KERNELS_ROWS:-4096,16384,65536}")
 sweep_args=(--device cuda --rows 16384 --methods ours)
 sweep_chunks=(512 8192)
 if [ "${1:-}" = "--cpu-smoke" ]; then
@@ -22,7 +22,8 @@ if [ "${1:-}" = "--cpu-smoke" ]; then
   sweep_args=(--device cpu --tiny --rows 128 --methods ours --repeats 2)
   sweep_chunks=(32 64)
 fi
-export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 TRITON_INTERPRET=0
+. benchmarks/source_path.sh
+export PYTHONUNBUFFERED=1 TRITON_INTERPRET=0
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 
 if compgen -G ".whl/*.whl" >/dev/null; then
@@ -36,6 +37,7 @@ fi
 mkdir -p "$out"
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv 2>&1 | tee "$out/kernels_gpu_device.txt"
 
+"$py" -c "import pytest" 2>/dev/null || echo "pytest is not importable: carry its wheel (benchmarks/gpu_wheels.sh)"
 timeout 180 "$py" -m pytest -q -p no:cacheprovider tests/kernels -k cuda -rs 2>&1 | tee "$out/kernels_cuda_tests.txt"
 tests_rc=${PIPESTATUS[0]}
 

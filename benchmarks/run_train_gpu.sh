@@ -54,7 +54,8 @@ else
 fi
 budget="${TRAIN_GPU_BUDGET_S:-480}"  # seconds for the whole script, wheel install included
 started=$SECONDS
-export PYTHONPATH="$repo${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 TRITON_INTERPRET=0
+. benchmarks/source_path.sh
+export PYTHONUNBUFFERED=1 TRITON_INTERPRET=0
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 mkdir -p "$out"
 rm -rf "$work" && mkdir -p "$work"
@@ -69,7 +70,7 @@ if compgen -G ".whl/*.whl" >/dev/null; then
   rm -rf "$site"
   if "$py" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$site" \
       "${wheels[@]}"; then
-    export PYTHONPATH="$repo:$site${PYTHONPATH#"$repo"}"
+    export PYTHONPATH="$distil_src:$site${PYTHONPATH#"$distil_src"}"
     note "installed ${#wheels[@]} carried wheels into $site"
   else
     note "error: installing the carried wheels failed"
@@ -156,8 +157,14 @@ run_step "teacher MLM bf16" 150 "$out/e2e_teacher.log" "$py" -m distil.pretrain.
 run_step "student distillation bf16" 150 "$out/e2e_student.log" "$py" -m distil.pretrain.train \
   --config configs/distilbert_bf16.yaml data.shards="$shards" teacher.path="$teacher/export" \
   run.output_dir="$student" engine.global_batch_size=null "${common[@]}" "${student_extra[@]}"
+if [ "$device" = cuda ]; then  # the recipe's fp16 path: fp16 teacher, fp16 student under a dynamic loss scale
+  run_step "student distillation fp16" 150 "$out/e2e_student_fp16.log" "$py" -m distil.pretrain.train \
+    --config configs/distilbert_base_uncased.yaml data.shards="$shards" teacher.path="$teacher/export" \
+    run.output_dir="$student-fp16" engine.global_batch_size=null "${common[@]}" "${student_extra[@]}"
+fi
 {
-  for run in "$teacher" "$student"; do
+  for run in "$teacher" "$student" "$student-fp16"; do
+    [ -d "$run" ] || continue
     echo "== $run/metrics.jsonl (last 4 lines of $(wc -l <"$run/metrics.jsonl" 2>/dev/null || echo 0))"
     tail -n 4 "$run/metrics.jsonl" 2>&1
     echo "== $run/export"

@@ -16,15 +16,24 @@ import math
 
 import pytest
 import torch
-from kernels_test_utils import BACKENDS
+from kernels_test_utils import needs_interpreter
 
 from distil.kernels import cosine_embedding_loss, distillation_kl_ce, fused_linear_distillation_kl_ce
+from distil.kernels.dispatch import interpreter_requested
 from distil.kernels.reference import recipe_cosine, recipe_kl_ce
 
 # Per dtype: (rtol, atol) on rows normalised to a largest |value| of 1. fp16 keeps 11 significant bits
 # (eps 9.8e-4), bf16 8 (eps 7.8e-3): about two units in the last place.
 TOLERANCES = {torch.float16: (1e-2, 2e-3), torch.bfloat16: (5e-2, 1.6e-2)}
 DTYPES = [pytest.param(torch.float16, id="fp16"), pytest.param(torch.bfloat16, id="bf16")]
+# (backend, device): Triton runs under the interpreter on CPU tensors, compiled on a GPU.
+BACKENDS = [
+    pytest.param(("torch", "cpu"), id="torch"),
+    pytest.param(("triton", "cpu"), id="triton-interpreted", marks=needs_interpreter),
+    pytest.param(("triton", "cuda"), id="triton-cuda", marks=pytest.mark.skipif(
+        not torch.cuda.is_available() or interpreter_requested(),
+        reason="compiled Triton needs a CUDA device and TRITON_INTERPRET=0")),
+]
 T, ALPHA_KL, ALPHA_CE = 2.0, 5.0, 2.0
 
 
@@ -56,14 +65,15 @@ def _assert_rows_close(ours: torch.Tensor, ref: torch.Tensor, autograd: torch.Te
                              f"mixed-precision autograd (seed {seed})")
 
 
-def _near_teacher_case(n_rows: int, vocab: int, label_fraction: float = 0.15):
+def _near_teacher_case(n_rows: int, vocab: int, device: str = "cpu", label_fraction: float = 0.15):
     """A student close to its teacher (1 % logit noise), KL on every row, labels on a few rows only."""
     teacher = torch.randn(n_rows, vocab, dtype=torch.float64) * 3.0
     student = teacher + 0.01 * torch.randn(n_rows, vocab, dtype=torch.float64)
     labels = torch.randint(0, vocab, (n_rows,))
     labels[torch.rand(n_rows) >= label_fraction] = -100
     labels[0] = 1  # at least one labelled row, and most rows KL-only
-    return student, teacher, labels, torch.ones(n_rows, dtype=torch.bool)
+    kl_mask = torch.ones(n_rows, dtype=torch.bool)
+    return student.to(device), teacher.to(device), labels.to(device), kl_mask.to(device)
 
 
 def _grads_under_scale(inputs: list[torch.Tensor], loss_fn, scale: float) -> list[torch.Tensor]:
@@ -75,7 +85,8 @@ def _grads_under_scale(inputs: list[torch.Tensor], loss_fn, scale: float) -> lis
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_kl_ce_gradient_survives_the_loss_scale(seed, dtype, backend):
-    student64, teacher64, labels, kl_mask = _near_teacher_case(48, 2003)
+    backend, device = backend
+    student64, teacher64, labels, kl_mask = _near_teacher_case(48, 2003, device)
     student, teacher = student64.to(dtype), teacher64.to(dtype)
     ref_x = student.double().requires_grad_(True)  # the same (rounded) inputs, exact arithmetic
     recipe_kl_ce(ref_x, teacher.double(), labels, kl_mask, T, ALPHA_KL, ALPHA_CE)[0].backward()
@@ -103,12 +114,14 @@ def test_kl_ce_inplace_backward_matches_the_copying_one(seed, dtype):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_fused_linear_gradients_survive_the_loss_scale(seed, dtype, backend):
+    backend, device = backend
     n_rows, hidden, vocab = 40, 32, 1501
-    h, w, b = (torch.randn(n_rows, hidden, dtype=torch.float64).to(dtype),
-               (torch.randn(vocab, hidden, dtype=torch.float64) * 0.3).to(dtype),
-               (torch.randn(vocab, dtype=torch.float64) * 0.1).to(dtype))
-    t_h = (h.double() + 0.01 * torch.randn(n_rows, hidden, dtype=torch.float64)).to(dtype)  # a nearby teacher
-    _, _, labels, kl_mask = _near_teacher_case(n_rows, vocab)
+    h, w, b = (torch.randn(n_rows, hidden, dtype=torch.float64).to(device, dtype),
+               (torch.randn(vocab, hidden, dtype=torch.float64) * 0.3).to(device, dtype),
+               (torch.randn(vocab, dtype=torch.float64) * 0.1).to(device, dtype))
+    noise = 0.01 * torch.randn(n_rows, hidden, dtype=torch.float64).to(device)
+    t_h = (h.double() + noise).to(dtype)  # a nearby teacher
+    _, _, labels, kl_mask = _near_teacher_case(n_rows, vocab, device)
     # The reference: exact arithmetic from the logits as computed in the low precision (the forward's
     # rounding is the dtype's, the same for every method; what is compared is the gradient's precision).
     logits = torch.addmm(b, h, w.t()).double().requires_grad_(True)
@@ -132,8 +145,9 @@ def test_fused_linear_gradients_survive_the_loss_scale(seed, dtype, backend):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_cosine_gradient_survives_the_loss_scale(seed, dtype, backend):
-    n_rows = 512 if backend == "torch" else 96  # the interpreter runs one row per program
-    t64 = torch.randn(n_rows, 64, dtype=torch.float64) * 4.0
+    backend, device = backend
+    n_rows = 96 if device == "cpu" and backend == "triton" else 512  # the interpreter: one row per program
+    t64 = (torch.randn(n_rows, 64, dtype=torch.float64) * 4.0).to(device)
     s, t = (t64 + 0.01 * torch.randn_like(t64)).to(dtype), t64.to(dtype)
     ref_x = s.double().requires_grad_(True)
     recipe_cosine(ref_x, t.double()).backward()
@@ -145,12 +159,14 @@ def test_cosine_gradient_survives_the_loss_scale(seed, dtype, backend):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_out_of_range_labels_are_refused_on_every_backend(backend):
-    student = torch.randn(4, 50, requires_grad=True)
-    no_kl = torch.zeros(4, dtype=torch.bool)
+    backend, device = backend
+    student = torch.randn(4, 50, device=device, requires_grad=True)
+    no_kl = torch.zeros(4, dtype=torch.bool, device=device)
     for bad in (50, -2):
-        labels = torch.tensor([1, -100, bad, 3])
+        labels = torch.tensor([1, -100, bad, 3], device=device)
         with pytest.raises(ValueError, match=r"labels must be in \[0, 50\) or -100"):
             distillation_kl_ce(student, None, labels, no_kl, 1.0, 0.0, 1.0, backend=backend)
         with pytest.raises(ValueError, match=r"labels must be in \[0, 50\) or -100"):
-            fused_linear_distillation_kl_ce(torch.randn(4, 8), torch.randn(50, 8), None, None, labels, no_kl,
+            fused_linear_distillation_kl_ce(torch.randn(4, 8, device=device), torch.randn(50, 8, device=device),
+                                            None, None, labels, no_kl,
                                             1.0, 0.0, 1.0, backend=backend)
