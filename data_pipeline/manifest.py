@@ -84,9 +84,41 @@ class Manifest:
             d["shards"] = [ShardInfo(**s) for s in d["shards"]]
             d["holdout_shards"] = [ShardInfo(**s) for s in d.get("holdout_shards", [])]
             d["special_tokens"] = SpecialTokens(**d["special_tokens"])
-            return cls(**d)
-        except (KeyError, TypeError) as e:
+            manifest = cls(**d)
+        except (KeyError, TypeError, AttributeError) as e:
             raise UserError(f"{where}: not a distil shard manifest ({type(e).__name__}: {e})") from None
+        problem = manifest.problem()
+        if problem:
+            raise UserError(f"{where} is damaged ({problem}): re-run `distil prepare` or restore the file")
+        return manifest
+
+    def problem(self) -> str | None:
+        """What is inconsistent in a loaded manifest (a damaged file), or None."""
+
+        def is_int(x: Any, low: int = 0, high: float = float("inf")) -> bool:
+            return type(x) is int and low <= x <= high
+
+        if not is_int(self.vocab_size, 1, 2**31 - 1) or not is_int(self.max_len, 2, 2**20):
+            return f"vocab_size {self.vocab_size!r} / max_len {self.max_len!r}"
+        if self.dtype not in ("uint16", "int32"):
+            return f"dtype {self.dtype!r} is not uint16 or int32"
+        if not all(is_int(i, 0, self.vocab_size - 1) for i in self.special_tokens.ids()):
+            return f"special_tokens {self.special_tokens} are not ids below vocab_size {self.vocab_size}"
+        for s in [*self.shards, *self.holdout_shards]:
+            if not isinstance(s.path, str) or not s.path or not is_int(s.samples) or not is_int(s.tokens):
+                return f"shard entry {s} is not a path with sample and token counts"
+            if not 2 * s.samples <= s.tokens <= s.samples * self.max_len:
+                return f"shard {s.path}: {s.tokens} tokens cannot be {s.samples} samples of 2..{self.max_len}"
+        for name in ("tokenizer_name", "tokenizer_sha256"):
+            if not isinstance(getattr(self, name), str):
+                return f"{name} is not a string"
+        if self.tokenizer_dir is not None and not isinstance(self.tokenizer_dir, str):
+            return "tokenizer_dir is not a string"
+        if not isinstance(self.sources, list) or not isinstance(self.command, list):
+            return "sources / command are not lists"
+        if not isinstance(self.stats, dict):
+            return "stats is not a mapping"
+        return None
 
 
 def is_remote(location: str) -> bool:
@@ -119,12 +151,16 @@ def load_manifest(location: str | os.PathLike) -> tuple[Manifest, str]:
                 raw = r.read().decode("utf-8")
         else:
             raw = Path(loc).read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise UserError(f"{loc} is not UTF-8 text ({e.reason} at byte {e.start}); re-run `distil prepare`") from None
     except FileNotFoundError:
         raise UserError(f"no shard manifest at {loc}: point --shards at a folder made by `distil prepare`") from None
     except OSError as e:
         raise UserError(f"cannot read shard manifest {loc}: {e}") from None
     try:
         data = json.loads(raw)
+        if not isinstance(data, dict):
+            raise json.JSONDecodeError("not a JSON object", raw, 0)
     except json.JSONDecodeError as e:
         raise UserError(f"{loc} is not valid JSON ({e}); re-run `distil prepare`") from None
     return Manifest.from_dict(data, where=loc), base_of(loc)

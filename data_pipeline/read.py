@@ -140,14 +140,22 @@ def open_shard_set(shards: str) -> ShardSet:
 
 def load_token_counts(shard_set: ShardSet) -> np.ndarray:
     raw = shard_set.read_file(TOKEN_COUNTS_NAME)
+    where = shard_set.url(TOKEN_COUNTS_NAME)
     try:
         counts = np.load(io.BytesIO(raw), allow_pickle=False)
-    except (ValueError, OSError) as e:
+    except Exception as e:  # noqa: BLE001 - damaged bytes make numpy's parser raise almost anything
+        first = str(e).splitlines()[0] if str(e) else ""
         raise UserError(
-            f"{shard_set.url(TOKEN_COUNTS_NAME)} is not a valid .npy array ({e}); re-run `distil prepare`"
+            f"{where} is not a valid .npy array ({type(e).__name__}: {first}); re-run `distil prepare`"
         ) from None
-    if counts.ndim != 1:
-        raise UserError(f"{shard_set.url(TOKEN_COUNTS_NAME)} must be a 1-D array of counts per vocab id")
+    vocab = shard_set.manifest.vocab_size
+    if not isinstance(counts, np.ndarray) or counts.ndim != 1 or counts.dtype.kind not in "iu":
+        raise UserError(f"{where} must be a 1-D integer array of counts per vocab id; re-run `distil prepare`")
+    if counts.shape[0] != vocab or (counts.size and int(counts.min()) < 0):
+        raise UserError(
+            f"{where} holds {counts.shape[0]} counts (negative ones?) for a vocabulary of {vocab}: the file is "
+            "damaged; re-run `distil prepare`"
+        )
     return counts
 
 
