@@ -38,8 +38,11 @@ def test_checkpoint_loads_refuse_arbitrary_objects(tmp_path):
 
 
 def _fake(root: Path, step: int, complete: bool = True) -> None:
+    """A checkpoint folder with the structure resume checks (one rank), no engine files."""
     d = root / ckpt.tag_for(step)
     d.mkdir(parents=True)
+    (d / ckpt.TRAINER_STATE).write_text('{"world_size": 1}')
+    ckpt.rank_file(d, 0).write_text("{}")
     if complete:
         (d / ckpt.COMPLETE).write_text("x")
 
@@ -52,7 +55,7 @@ def test_resume_auto_reads_latest_and_rotation_keeps_k(tmp_path):
     (tmp_path / ckpt.LATEST).write_text(ckpt.tag_for(30))
     assert ckpt.resolve_resume("auto", tmp_path) == tmp_path / ckpt.tag_for(30)
     assert ckpt.resolve_resume(str(tmp_path), tmp_path) == tmp_path / ckpt.tag_for(30)
-    with pytest.raises(UserError, match="not a complete"):
+    with pytest.raises(UserError, match="no COMPLETE marker"):
         ckpt.resolve_resume(str(tmp_path / ckpt.tag_for(15)), tmp_path)
     ckpt.rotate(tmp_path, keep=2)
     assert sorted(p.name for p in tmp_path.glob("step_*")) == [ckpt.tag_for(20), ckpt.tag_for(30)]
