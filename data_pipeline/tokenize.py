@@ -47,8 +47,8 @@ def load_tokenizer(name_or_dir: str):
 
     try:
         tokenizer = AutoTokenizer.from_pretrained(name_or_dir)
-    except (OSError, ValueError, KeyError) as e:
-        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    except Exception as e:  # noqa: BLE001 - damaged files raise anything from the tokenizers library
+        first_line = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
         raise UserError(
             f"cannot load tokenizer {name_or_dir!r} ({first_line}); pass a local tokenizer folder, "
             "a cached hub name, or --train-tokenizer VOCAB_SIZE"

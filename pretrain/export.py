@@ -34,8 +34,9 @@ def check_tokenizer_source(source: str | None) -> None:
                         "(it saves tokenizer/) or set run.export=false")
     try:
         AutoTokenizer.from_pretrained(source)
-    except Exception as e:
-        raise UserError(f"cannot load the tokenizer from {source} for export: {str(e).splitlines()[0]}; "
+    except Exception as e:  # damaged files raise anything from the tokenizers library
+        first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+        raise UserError(f"cannot load the tokenizer from {source} for export: {first}; "
                         "set run.export=false to train without exporting") from None
 
 

@@ -1,4 +1,4 @@
-"""The fuzz tests share tests/data_pipeline's shard-set builder (shardset.py)."""
+"""The fuzz tests share tests/data_pipeline's builders (shardset.py, conftest_prepare.py)."""
 
 import sys
 from pathlib import Path
