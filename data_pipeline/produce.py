@@ -14,6 +14,10 @@ chunks a worker reads the chunk whole (read.PartitionReader), then:
 Each batch is sent as an Item tagged with its chunk and index, followed by an end marker per chunk; the
 main process (stream.py) puts the workers' output back in chunk order, so the batch sequence does not
 depend on num_workers.
+
+With a BatchSelection (the global layout of stream.py: one batch sequence for every world size, its
+batches dealt to ranks), a rank produces only its own batches: a chunk holding none of them is not read
+at all, and only the mask groups holding one are masked (masks stay those of the whole sequence).
 """
 
 from __future__ import annotations
@@ -47,6 +51,32 @@ class BatchingConfig:
     chunk_size: int
 
 
+@dataclass(frozen=True)
+class BatchSelection:
+    """Which batches of the global batch sequence are this rank's: the sequence is cut into updates of
+    world_size x per_update batches, rank r taking the r-th run of per_update consecutive batches of each.
+    `counts`: the batches each chunk of one pass makes (exact with a fixed batch size)."""
+
+    rank: int
+    world_size: int
+    per_update: int
+    counts: tuple[int, ...]
+
+    def start(self, chunk_index: int) -> int:
+        """Global index of the first batch of chunk `chunk_index` (passes continue the sequence)."""
+        passes, i = divmod(chunk_index, len(self.counts))
+        return passes * sum(self.counts) + sum(self.counts[:i])
+
+    def owner(self, index: int) -> int:
+        return (index // self.per_update) % self.world_size
+
+    def wanted(self, chunk_index: int) -> list[int]:
+        """This rank's batches of the chunk, as indices within the chunk."""
+        first = self.start(chunk_index)
+        n = self.counts[chunk_index % len(self.counts)]
+        return [b for b in range(n) if self.owner(first + b) == self.rank]
+
+
 @dataclass
 class Item:
     """What a worker sends: a batch of chunk `chunk`, or (batch is None) the end of that chunk."""
@@ -54,7 +84,7 @@ class Item:
     chunk: int
     index: int  # batch index within the chunk; for an end marker: the chunk's batch count
     batch: dict[str, torch.Tensor] | None
-    stats: ChunkStats | None  # the chunk's read stats, sent once (first batch, or the end if it has none)
+    stats: ChunkStats | None  # the chunk's read stats, on its end marker (not on a resumed chunk's: counted)
 
 
 class ChunkProducer(IterableDataset):
@@ -74,11 +104,13 @@ class ChunkProducer(IterableDataset):
         pad_id: int,
         vocab_size: int,
         max_len: int,
+        select: BatchSelection | None = None,
     ) -> None:
         self.plan, self.urls = plan, urls
         self.first_chunk, self.skip_batches = first_chunk, skip_batches
         self.key, self.batching, self.masker = key, batching, masker
         self.pad_id, self.vocab_size, self.max_len = pad_id, vocab_size, max_len
+        self.select = select
 
     def __iter__(self) -> Iterator[Item]:
         info = get_worker_info()
@@ -91,16 +123,25 @@ class ChunkProducer(IterableDataset):
             while True:
                 chunk = self.plan.chunk(index)
                 if chunk.partition % workers == worker:
+                    skip = self.skip_batches if index == self.first_chunk else 0
+                    wanted = None
+                    if self.select is not None:
+                        wanted = [b for b in self.select.wanted(index) if b >= skip]
+                        if not wanted:  # none of this rank's batches: not read at all
+                            n = self.select.counts[index % len(self.select.counts)]
+                            yield Item(chunk.index, n, None, None)
+                            index += 1
+                            continue
                     if chunk.partition not in readers:
                         readers[chunk.partition] = PartitionReader(self.plan, self.urls)
-                    skip = self.skip_batches if index == self.first_chunk else 0
-                    yield from self._chunk_items(chunk, readers[chunk.partition], skip)
+                    yield from self._chunk_items(chunk, readers[chunk.partition], skip, wanted)
                 index += 1
         finally:
             for reader in readers.values():
                 reader.close()
 
-    def _chunk_items(self, chunk: Chunk, reader: PartitionReader, skip: int) -> Iterator[Item]:
+    def _chunk_items(self, chunk: Chunk, reader: PartitionReader, skip: int,
+                     wanted: list[int] | None = None) -> Iterator[Item]:
         stats = ChunkStats()
         seqs = []
         for _, raw in reader.read(chunk.start, chunk.stop, stats):
@@ -113,14 +154,18 @@ class ChunkProducer(IterableDataset):
         chunk_key = [*self.key, chunk.pass_, chunk.partition, chunk.number]
         groups = self._group(seqs, np.random.default_rng([*chunk_key, _GROUPING]))
         # Batches are built and masked MASK_GROUP at a time, each group from its own seed: memory stays
-        # bounded for large shuffle buffers, and a resumed chunk skips whole groups without masking them.
+        # bounded for large shuffle buffers, and a resumed chunk skips whole groups without masking them
+        # (so does a rank for the groups holding none of its batches).
+        mine = None if wanted is None else set(wanted)
         for first in range(skip - skip % MASK_GROUP, len(groups), MASK_GROUP):
+            if mine is not None and not any(first <= b < first + MASK_GROUP for b in mine):
+                continue
             seed = mix_seed([*chunk_key, first, _MASKING])
             batches = self._make_batches(seqs, groups[first : first + MASK_GROUP], seed)
             for j, batch in enumerate(batches, start=first):
-                if j >= skip:
-                    yield Item(chunk.index, j, batch, stats if j == 0 else None)
-        yield Item(chunk.index, len(groups), None, stats if not groups and skip == 0 else None)
+                if j >= skip and (mine is None or j in mine):
+                    yield Item(chunk.index, j, batch, None)
+        yield Item(chunk.index, len(groups), None, stats if skip == 0 else None)
 
     def _group(self, seqs: list[np.ndarray], rng: np.random.Generator) -> list[np.ndarray]:
         if not seqs:

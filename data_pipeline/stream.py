@@ -14,8 +14,23 @@ on num_workers.
 The position in the stream is (epoch, chunk index, batches already taken from that chunk): state_dict()
 is that, and a resumed stream re-reads the current chunk and skips the batches already taken.
 
-batches_per_epoch() is exact with batch_size (sum over chunks of ceil(chunk / batch_size)). With a
-token budget (max_tokens) the count depends on lengths nobody knows up front, so it is estimated from
+Layouts. By default (layout="per_rank") each rank plans its own contiguous range of the epoch (plan.py),
+so a position resumes only on the same world size. With layout="global" (the trainer's, with batch_size:
+fixed-size batches) every rank plans the epoch as one process would (world size 1) and the resulting
+batch sequence is dealt to the ranks, update by update:
+of each run of world_size x micro_batches_per_update batches, rank r takes the r-th run of
+micro_batches_per_update (produce.BatchSelection). So the samples of an update, and their masks, do not
+depend on the world size (1 process x accumulation 2 trains on what 2 processes x 1 do), and the position
+is global: a stream saved at an update boundary by W processes resumes on W' processes with the same
+world_size x micro_batches_per_update ("elastic" resume; load_state_dict with the saved ranks' states).
+A rank reads only the chunks that hold one of its batches. The global layout needs batch_size: with
+max_tokens, batch counts are unknown before reading. Evening out the ranks costs whole batches there
+(fewer than world_size x micro_batches_per_update per epoch, from a further pass) where the per-rank
+layout repeats fewer than world_size samples.
+
+batches_per_epoch() is exact with batch_size (sum over chunks of ceil(chunk / batch_size); in the global
+layout the epoch's batches are rounded up to whole updates, the last one filled with batches of a further
+pass, freshly shuffled and masked). With a token budget (max_tokens) the count depends on lengths nobody knows up front, so it is estimated from
 the manifest's token counts and every rank yields exactly that many: when a rank's data runs out early it
 starts another pass over its own range (fresh shuffle and masks); when data is left at the end it waits
 for the next epoch. Corrupt data that shrinks a rank's batches is made up the same way; what was skipped
@@ -40,12 +55,14 @@ from distil.data_pipeline.batching import padded_length
 from distil.data_pipeline.manifest import Manifest, ShardInfo
 from distil.data_pipeline.masking import Masker, MaskingConfig
 from distil.data_pipeline.plan import ChunkStats, EpochPlan
-from distil.data_pipeline.produce import BatchingConfig, ChunkProducer, Item
+from distil.data_pipeline.produce import BatchingConfig, BatchSelection, ChunkProducer, Item
 from distil.data_pipeline.read import check_shards_exist, load_token_counts, open_shard_set
 
 log = logging.getLogger(__name__)
 
-STATE_VERSION = 1
+STATE_VERSION = 2  # 2: layouts (1: per-rank ranges only)
+LAYOUTS = ("per_rank", "global")
+ELASTIC_KEYS = ("rank", "world_size", "per_update")  # may change between save and load (global layout)
 
 
 def _check_arguments(
@@ -58,7 +75,16 @@ def _check_arguments(
     num_workers: int,
     shuffle_buffer: int,
     pad_multiple: int,
+    per_update: int = 1,
+    layout: str = "per_rank",
 ) -> None:
+    if per_update < 1:
+        raise UserError(f"micro_batches_per_update {per_update} must be >= 1")
+    if layout not in LAYOUTS:
+        raise UserError(f"layout {layout!r}: choose one of {', '.join(LAYOUTS)}")
+    if layout == "global" and batch_size is None:
+        raise UserError("the global layout needs a batch_size (with max_tokens batch counts are unknown before "
+                        "reading)")
     if (batch_size is None) == (max_tokens is None):
         raise UserError("give the loader exactly one of batch_size or max_tokens")
     if batch_size is not None and batch_size < 1:
@@ -99,7 +125,7 @@ class _Position:
     chunk: int = 0
     batch_in_chunk: int = 0
     batches: int = 0  # batches yielded in this epoch
-    pass_batches: dict[int, int] = field(default_factory=dict)  # batches yielded per pass (hang guard)
+    pass_batches: dict[int, int] = field(default_factory=dict)  # batches made per pass (hang guard)
 
 
 class PretrainStream:
@@ -129,6 +155,8 @@ class PretrainStream:
         prefetch_factor: int = 4,
         pin_memory: bool = False,
         check_shards: bool = True,
+        micro_batches_per_update: int = 1,
+        layout: str = "per_rank",
     ) -> None:
         _check_arguments(
             batch_size=batch_size,
@@ -139,6 +167,8 @@ class PretrainStream:
             num_workers=num_workers,
             shuffle_buffer=shuffle_buffer,
             pad_multiple=pad_multiple,
+            per_update=micro_batches_per_update,
+            layout=layout,
         )
         self.shard_set = open_shard_set(shards)
         self.manifest: Manifest = self.shard_set.manifest
@@ -146,6 +176,8 @@ class PretrainStream:
         self._shards = self._split_shards(shards, split, check_shards)
         _check_token_budget(max_tokens, self.manifest.max_len, pad_multiple)
         self.rank, self.world_size, self.seed = rank, world_size, seed
+        self.per_update = micro_batches_per_update
+        self.global_layout = layout == "global"  # see the module docstring
         self.num_workers, self.prefetch_factor, self.pin_memory = num_workers, prefetch_factor, pin_memory
         self._partitions_given = partitions is not None
         self.partitions = partitions if partitions is not None else max(1, num_workers)
@@ -180,24 +212,39 @@ class PretrainStream:
 
     def _plan(self, epoch: int) -> EpochPlan:
         if self._plan_cache is None or self._plan_cache[0] != epoch:
+            rank, world_size = (0, 1) if self.global_layout else (self.rank, self.world_size)
             plan = EpochPlan(
                 [s.samples for s in self._shards],
                 seed=self.seed,
                 epoch=epoch,
-                rank=self.rank,
-                world_size=self.world_size,
+                rank=rank,
+                world_size=world_size,
                 partitions=self.partitions,
                 chunk_size=self.batching.chunk_size,
             )
             self._plan_cache = (epoch, plan)
         return self._plan_cache[1]
 
+    def _chunk_batches(self, plan: EpochPlan) -> tuple[int, ...]:
+        """Batches each chunk of one pass makes (global layout: a fixed batch size)."""
+        assert self.batching.batch_size is not None
+        return tuple(-(-n // self.batching.batch_size) for n in plan.chunk_lengths())
+
+    def _selection(self, plan: EpochPlan) -> BatchSelection | None:
+        if not self.global_layout or self.world_size == 1:
+            return None  # one process takes every batch
+        return BatchSelection(self.rank, self.world_size, self.per_update, self._chunk_batches(plan))
+
     def batches_per_epoch(self) -> int:
         """The same on every rank; exact with batch_size, an estimate every rank sticks to with max_tokens."""
         plan = self._plan(self._position.epoch)
         b = self.batching
         if b.batch_size is not None:
-            return sum(-(-n // b.batch_size) for n in plan.chunk_lengths())
+            batches = sum(self._chunk_batches(plan))
+            if not self.global_layout:
+                return batches
+            updates = -(-batches // (self.world_size * self.per_update))  # whole updates, the last filled
+            return updates * self.per_update
         tokens = sum(s.tokens for s in self._shards)
         mean_len = tokens / sum(s.samples for s in self._shards)
         # Per chunk: its padded tokens over the budget a batch really fills (it closes about half a
@@ -226,12 +273,14 @@ class PretrainStream:
     def _producer(self) -> ChunkProducer:
         pos = self._position
         special = self.manifest.special_tokens
+        plan = self._plan(pos.epoch)
         return ChunkProducer(
-            self._plan(pos.epoch),
+            plan,
             self._urls,
             first_chunk=pos.chunk,
             skip_batches=pos.batch_in_chunk,
-            key=(self.seed, pos.epoch, self.rank),
+            key=(self.seed, pos.epoch, 0 if self.global_layout else self.rank),
+            select=self._selection(plan),
             batching=self.batching,
             masker=self.masker,
             pad_id=special.pad,
@@ -266,12 +315,10 @@ class PretrainStream:
                 if item.stats is not None:
                     self._stats.add_chunk(item.stats)
                 if item.batch is None:
-                    self._finish_chunk(plan, pos)
+                    self._finish_chunk(plan, pos, item.index)
                     continue
                 pos.batch_in_chunk = item.index + 1
                 pos.batches += 1
-                pass_ = pos.chunk // plan.chunks_per_pass
-                pos.pass_batches[pass_] = pos.pass_batches.get(pass_, 0) + 1
                 batch = item.batch
                 if self.pin_memory:
                     batch = {k: v.pin_memory() for k, v in batch.items()}
@@ -295,7 +342,9 @@ class PretrainStream:
             del pending[want]
         return item
 
-    def _finish_chunk(self, plan: EpochPlan, pos: _Position) -> None:
+    def _finish_chunk(self, plan: EpochPlan, pos: _Position, made: int) -> None:
+        pass_ = pos.chunk // plan.chunks_per_pass
+        pos.pass_batches[pass_] = pos.pass_batches.get(pass_, 0) + made
         next_chunk = pos.chunk + 1
         if next_chunk % plan.chunks_per_pass == 0:  # a whole pass over the rank's range is done
             done_pass = pos.chunk // plan.chunks_per_pass
@@ -314,6 +363,8 @@ class PretrainStream:
             "split": self.split,
             "rank": self.rank,
             "world_size": self.world_size,
+            "per_update": self.per_update,
+            "layout": "global" if self.global_layout else "per_rank",
             "seed": self.seed,
             "partitions": self.partitions,
             "samples": sum(s.samples for s in self._shards),
@@ -323,21 +374,25 @@ class PretrainStream:
 
     def state_dict(self) -> dict[str, Any]:
         pos = self._position
+        at_boundary = self.global_layout and pos.batches % self.per_update == 0
         return {
             "version": STATE_VERSION,
             "epoch": pos.epoch,
             "chunk": pos.chunk,
             "batch_in_chunk": pos.batch_in_chunk,
             "batches": pos.batches,
+            # batches of the epoch's global sequence taken by all ranks together (at an update boundary)
+            "global_batches": pos.batches * self.world_size if at_boundary else None,
             "pass_batches": {str(k): v for k, v in pos.pass_batches.items()},
             "stats": asdict(self._stats),
             "config": self._fingerprint(),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restores a position saved by state_dict(); ask batches_per_epoch() after this, not before."""
-        if state.get("version") != STATE_VERSION:
-            raise UserError(f"data loader state version {state.get('version')!r} is not {STATE_VERSION}")
+        """Restores a position saved by state_dict() (global layout: saved by any rank of any world size
+        with the same world_size x micro_batches_per_update, at an update boundary); ask
+        batches_per_epoch() after this, not before."""
+        state = self._upgrade(state)
         saved = state["config"]
         if not self._partitions_given and saved.get("partitions") != self.partitions:
             # partitions defaulted to num_workers: keep the saved layout, so the batch sequence goes on
@@ -347,6 +402,9 @@ class PretrainStream:
             self._plan_cache = None
         current = self._fingerprint()
         changed = [k for k in current if saved.get(k) != current[k]]
+        if changed and self.global_layout and saved.get("layout") == "global" and set(changed) <= set(ELASTIC_KEYS):
+            self._load_elsewhere(state)
+            return
         if changed:
             details = ", ".join(f"{k}: saved {saved.get(k)!r}, now {current[k]!r}" for k in changed)
             raise UserError(f"cannot resume the data position ({details}): resume with the saved settings")
@@ -357,6 +415,56 @@ class PretrainStream:
             batches=int(state["batches"]),
             pass_batches={int(k): int(v) for k, v in state["pass_batches"].items()},
         )
+        self._stats = StreamStats(**state["stats"])
+
+    def load_resharded(self, states: list[dict[str, Any]]) -> None:
+        """The position saved by another number of ranks (CheckpointManager, one state per saved rank): the
+        global position is the same in each; the global layout continues from it."""
+        if not self.global_layout:
+            raise UserError(f"the data position was saved by {len(states)} processes and this stream has "
+                            f"{self.world_size}: with data.max_tokens resume with {len(states)} processes")
+        self.load_state_dict(states[0])
+
+    def _upgrade(self, state: dict[str, Any]) -> dict[str, Any]:
+        """Version 1 states hold per-rank ranges: the per-rank layout, or the global one for a single process
+        (where both layouts are one)."""
+        version = state.get("version")
+        alone = state["config"].get("world_size") == 1 and self.world_size == 1
+        if version == 1 and (alone or not self.global_layout):
+            config = {**state["config"], "per_update": self.per_update,
+                      "layout": "global" if self.global_layout else "per_rank"}
+            return {**state, "version": STATE_VERSION, "config": config,
+                    "global_batches": state["batches"] if self.per_update == 1 else None}
+        if version != STATE_VERSION:
+            raise UserError(f"data loader state version {version!r} is not {STATE_VERSION} (written by another "
+                            "version of distil with another data layout): resume with that version, or start over")
+        return state
+
+    def _load_elsewhere(self, state: dict[str, Any]) -> None:
+        """The global position of a stream saved by another rank / world size, mapped onto this rank."""
+        saved = state["config"]
+        group = self.world_size * self.per_update
+        if saved["world_size"] * saved["per_update"] != group:
+            raise UserError(
+                f"the data position was saved with {saved['world_size']} processes x {saved['per_update']} "
+                f"micro-batches per update = {saved['world_size'] * saved['per_update']} batches per update; this "
+                f"run takes {self.world_size} x {self.per_update} = {group}: keep the global batch (set "
+                "engine.gradient_accumulation_steps)")
+        position = state.get("global_batches")
+        if position is None or position % group:
+            raise UserError("the data position was not saved at an update boundary: resume with the saved number "
+                            f"of processes ({saved['world_size']})")
+        epoch = int(state["epoch"])
+        plan = self._plan(epoch)
+        counts = self._chunk_batches(plan)
+        first = position + self.rank * self.per_update  # this rank's next batch in the global sequence
+        passes, within = divmod(first, sum(counts))
+        chunk = 0
+        while within >= counts[chunk]:
+            within -= counts[chunk]
+            chunk += 1
+        self._position = _Position(epoch=epoch, chunk=passes * len(counts) + chunk, batch_in_chunk=within,
+                                   batches=position // group * self.per_update)
         self._stats = StreamStats(**state["stats"])
 
     def stats(self) -> dict[str, int]:

@@ -22,19 +22,30 @@ damaged ones it passed over, and leaves those as they are; a damaged checkpoint 
 renamed aside (`damaged-step_...`), never deleted. Loading never unpickles arbitrary objects: every torch
 file is read with `weights_only=True`, DeepSpeed's loss-scaler and fragment-address classes (plain records) being the only
 allow-listed globals.
+
+Resuming on another number of processes ("elastic"): `load` then hands each PER_RANK part the states of
+every saved rank (`load_resharded(states)`) and each OWN_FILES part the folder and the saved world size
+(`load_files_resharded`); a part without that method stops the resume with one error naming it. The
+DeepSpeed engine re-partitions ZeRO-1/2 optimizer state through DeepSpeed's universal checkpoint: rank 0
+converts the checkpoint once (deepspeed.checkpoint.ds_to_universal, torch.load held to weights_only) into
+`<dir>/.universal/<tag>` (beside the checkpoint, whose files checksums.json lists; only the newest
+conversion is kept), and every rank loads it with the engine built with `checkpoint.load_universal`.
 """
 
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import logging
 import os
 import random
 import shutil
+import subprocess
+import sys
 import time
 import zlib
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any, ClassVar, Protocol
 
@@ -53,6 +64,7 @@ PREFIX = "step_"
 DAMAGED_PREFIX = "damaged-"  # a damaged checkpoint set aside when its step is saved again
 log = logging.getLogger("distil.train")
 WORLD_SIZE_KEY = "world_size"  # kept in trainer_state.json beside the shared parts; resume checks it
+UNIVERSAL_DIR = ".universal"  # <dir>/.universal/<tag>: DeepSpeed's universal form, for an elastic resume
 
 SHARED = "shared"
 PER_RANK = "rank"
@@ -119,6 +131,18 @@ class RNGState:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         set_rng_state(state)
 
+    def load_resharded(self, states: list[dict[str, Any]]) -> None:
+        """Another world size: generators seeded from the saved rank 0's torch state and this rank, so each
+        rank draws its own dropout masks (the same ones again on a rerun)."""
+        from distil.common.hashing import mix_seed
+
+        rank = dist.get_rank() if dist.is_initialized() else 0
+        base = int.from_bytes(base64.b64decode(states[0]["torch"])[-8:], "little")
+        seed = mix_seed([base % 2**63, rank, len(states)])
+        random.seed(seed)
+        np.random.seed(seed % 2**32)
+        torch.manual_seed(seed)
+
 
 # ---------------------------------------------------------------------------------------- DeepSpeed engine
 def _safe_globals() -> list[Any]:
@@ -133,6 +157,64 @@ def _safe_globals() -> list[Any]:
     except ImportError:
         pass
     return allowed
+
+
+@contextlib.contextmanager
+def weights_only_torch_load() -> Iterator[None]:
+    """Every torch.load inside the block reads weights-only (DeepSpeed's universal-checkpoint code asks for
+    weights_only=False), with the allow-list of install_weights_only_loading."""
+    original = torch.load
+
+    def load(f: Any, *args: Any, **kwargs: Any) -> Any:
+        kwargs["weights_only"] = True
+        with torch.serialization.safe_globals(_safe_globals()):
+            try:
+                return original(f, *args, **kwargs)
+            except Exception as e:  # pickle.UnpicklingError and friends
+                raise UserError(f"checkpoint file {f} holds objects a weights-only load refuses "
+                                f"({str(e).splitlines()[-1][:200]}); it was not written by distil") from None
+
+    torch.load = load
+    try:
+        yield
+    finally:
+        torch.load = original
+
+
+def convert_main() -> None:
+    """`python -c 'from distil.pretrain.checkpoint import convert_main; convert_main()' IN OUT`: DeepSpeed's
+    ds_to_universal on a checkpoint folder, torch.load held to weights_only."""
+    import argparse
+
+    from deepspeed.checkpoint import ds_to_universal
+
+    folder, out = sys.argv[1:3]
+    args = argparse.Namespace(input_folder=folder, output_folder=out, num_extract_workers=1, num_merge_workers=1,
+                              keep_temp_folder=False, strict=True, inject_missing_state=True)
+    with weights_only_torch_load():
+        ds_to_universal.main(args)
+
+
+def to_universal(folder: Path) -> Path:
+    """The universal form of the checkpoint `folder`, converted now unless an earlier resume did (written
+    beside, then renamed; older conversions are removed)."""
+    root = folder.parent / UNIVERSAL_DIR
+    target = root / folder.name
+    if (target / COMPLETE).is_file():
+        return target
+    if root.is_dir():
+        shutil.rmtree(root)
+    root.mkdir(parents=True)
+    tmp = root / f".{folder.name}.tmp"
+    p = subprocess.run([sys.executable, "-c", "from distil.pretrain.checkpoint import convert_main; convert_main()",
+                        str(folder), str(tmp)], capture_output=True, text=True, env=dict(os.environ))
+    if p.returncode != 0:
+        shutil.rmtree(root, ignore_errors=True)
+        tail = (p.stderr.strip().splitlines() or ["no output"])[-1][:300]
+        raise RuntimeError(f"DeepSpeed's universal-checkpoint conversion of {folder} failed: {tail}")
+    (tmp / COMPLETE).write_text(folder.name + "\n")
+    tmp.rename(target)
+    return target
 
 
 def install_weights_only_loading(engine: Any) -> None:
@@ -172,6 +254,25 @@ class EngineCheckpoint:
                             "checkpoint with --resume PATH, or start a new run") from None
         if load_path is None:
             raise UserError(f"DeepSpeed could not load the checkpoint in {folder}")
+
+    def load_files_resharded(self, folder: Path, saved_world_size: int) -> None:
+        """Another data-parallel size. Without ZeRO the optimizer state is whole in the model file: the plain
+        load. ZeRO-1/2: DeepSpeed's universal checkpoint (the engine must be built with load_universal)."""
+        if self.engine.zero_optimization_stage() == 0:
+            self.load_files(folder)
+            return
+        if not self.engine.load_universal_checkpoint():
+            raise RuntimeError("the engine must be built with checkpoint.load_universal for this resume")
+        if (dist.get_rank() if dist.is_initialized() else 0) == 0:
+            to_universal(folder)
+        _barrier()
+        universal = folder.parent / UNIVERSAL_DIR / folder.name
+        install_weights_only_loading(self.engine)
+        with weights_only_torch_load():
+            load_path, _ = self.engine.load_checkpoint(str(universal.parent), tag=universal.name,
+                                                       load_optimizer_states=True, load_lr_scheduler_states=True)
+        if load_path is None:
+            raise UserError(f"DeepSpeed could not load the universal checkpoint in {universal}")
 
 
 # ----------------------------------------------------------------------------------- finding checkpoints
@@ -386,8 +487,8 @@ class CheckpointManager:
         """Restores every part from the complete checkpoint at `path` (per-rank parts: this rank's share)."""
         shared = read_trainer_state(path)
         if shared[WORLD_SIZE_KEY] != self.world_size:
-            raise UserError(f"checkpoint {path} was written by {shared[WORLD_SIZE_KEY]} processes, this run "
-                            f"has {self.world_size}: resume with the same number of GPUs/processes")
+            self._load_resharded(path, shared)
+            return
         per_rank: dict[str, Any] | None = None
         for name, part in self.parts.items():
             scope = self.scopes[name]
@@ -403,6 +504,29 @@ class CheckpointManager:
                 raise UserError(f"checkpoint {path} has no {name!r} state in {where}: it was written by "
                                 "another version of distil; start a new run or resume with that version")
             part.load_state_dict(states[name])
+
+    def _load_resharded(self, path: Path, shared: dict[str, Any]) -> None:
+        """A checkpoint of another world size: every part must know how to take it (see the docstring)."""
+        saved = shared[WORLD_SIZE_KEY]
+        for name, part in self.parts.items():
+            method = {OWN_FILES: "load_files_resharded", PER_RANK: "load_resharded"}.get(self.scopes[name])
+            if method is not None and not hasattr(part, method):
+                raise UserError(f"checkpoint {path} was written by {saved} processes, this run has "
+                                f"{self.world_size}, and its {name!r} state cannot be re-partitioned: resume "
+                                f"with {saved} processes")
+        per_rank = [json.loads(rank_file(path, r).read_text()) for r in range(saved)]
+        for name, part in self.parts.items():
+            scope = self.scopes[name]
+            if scope == OWN_FILES:
+                part.load_files_resharded(path, saved)
+            elif scope == PER_RANK:
+                part.load_resharded([states[name] for states in per_rank])
+            else:
+                part.load_state_dict(shared[name])
+
+
+def saved_world_size(path: Path) -> int:
+    return int(read_trainer_state(path)[WORLD_SIZE_KEY])
 
 
 def _barrier() -> None:

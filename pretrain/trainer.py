@@ -11,7 +11,8 @@ config), flops.py (FLOP model), metrics.py (window and sink), checkpoint.py (Che
 Cluster life (docs/cluster.md): global rank 0 locks run.output_dir before anything is written; a resume of
 a run that already finished stops before anything is touched; SIGTERM/SIGINT (even during set-up),
 run.stop_after_steps and run.time_limit_minutes stop at an update boundary with a checkpoint; a collective
-that times out names the rank that went silent.
+that times out names the rank that went silent; a checkpoint of W processes resumes on W' (the global
+batch kept through the accumulation, the data position global, ZeRO state re-partitioned by DeepSpeed).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from typing import Any, ClassVar
 import torch
 import torch.distributed as dist
 
+from distil.common.errors import UserError
 from distil.common.files import atomic_write_json
 from distil.pretrain import stopsignal
 from distil.pretrain.checkpoint import (
@@ -34,8 +36,10 @@ from distil.pretrain.checkpoint import (
     CheckpointManager,
     EngineCheckpoint,
     RNGState,
+    rank_file,
     read_trainer_state,
     resolve_resume,
+    saved_world_size,
 )
 from distil.pretrain.config import TrainConfig, check_batch_arithmetic, flatten, to_container, to_yaml
 from distil.pretrain.distributed import (
@@ -155,13 +159,17 @@ class Trainer:
         rank, world_size = launcher_rank_and_world()
         self.run_dir = Path(cfg.run.output_dir)
         self.ckpt_dir = Path(cfg.checkpoint.dir) if cfg.checkpoint.dir else self.run_dir / "checkpoints"
-        self.global_batch = check_batch_arithmetic(cfg, world_size)
         resume_path = resolve_resume(self.resume, self.ckpt_dir)
+        self.elastic_from = self._keep_global_batch(resume_path, world_size)
+        self.global_batch = check_batch_arithmetic(cfg, world_size)
+        # With a fixed batch size the data layout is global (one batch sequence dealt to the ranks update by
+        # update): what an update trains on does not depend on the world size, and a run resumes on another.
         self.stream = PretrainStream(
             cfg.data.shards, split="train", rank=rank, world_size=world_size, seed=cfg.run.seed,
             batch_size=cfg.data.batch_size, max_tokens=cfg.data.max_tokens, group_by_size=cfg.data.group_by_size,
             num_workers=cfg.data.num_workers, shuffle_buffer=cfg.data.shuffle_buffer, masking=cfg.data.masking,
-            pad_multiple=cfg.data.pad_multiple,
+            pad_multiple=cfg.data.pad_multiple, micro_batches_per_update=cfg.engine.gradient_accumulation_steps,
+            layout="global" if cfg.data.batch_size is not None else "per_rank",
         )
         self.updates_per_epoch = max(1, self.stream.batches_per_epoch() // cfg.engine.gradient_accumulation_steps)
         self.total_steps = cfg.run.max_steps or cfg.run.epochs * self.updates_per_epoch
@@ -177,6 +185,37 @@ class Trainer:
         self._start_tracker()
         self.peak = peak_tflops(cfg, d.device)
         barrier(self.dist.world_size)
+
+    def _keep_global_batch(self, resume_path: Path | None, world_size: int) -> int | None:
+        """A checkpoint of another world size: sets the accumulation that keeps its global batch (or stops
+        with the key to set). Returns the checkpoint's world size, or None when it is this run's."""
+        if resume_path is None:
+            return None
+        saved = saved_world_size(resume_path)
+        if saved == world_size:
+            return None
+        try:
+            stream = json.loads(rank_file(resume_path, 0).read_text())["stream"]["config"]
+            per_update, layout = int(stream["per_update"]), stream["layout"]
+        except (OSError, ValueError, KeyError, TypeError):
+            per_update, layout = 0, None
+        if layout != "global":
+            raise UserError(f"checkpoint {resume_path} was written by {saved} processes, this run has {world_size}, "
+                            "and its data position is per process (data.max_tokens, or an older distil): resume "
+                            f"with {saved} processes")
+        micro_batches = saved * per_update  # per update, all ranks together
+        e = self.cfg.engine
+        if micro_batches % world_size:
+            raise UserError(f"checkpoint {resume_path} takes {saved} processes x {per_update} micro-batches = "
+                            f"{micro_batches} micro-batches per update, which {world_size} processes cannot share "
+                            f"evenly: resume on a number of processes that divides {micro_batches}")
+        accumulation = micro_batches // world_size
+        if accumulation != e.gradient_accumulation_steps:
+            if os.environ.get("RANK", "0") == "0":
+                log.info("resuming a checkpoint of %d processes on %d: engine.gradient_accumulation_steps %d -> %d "
+                         "keeps the global batch", saved, world_size, e.gradient_accumulation_steps, accumulation)
+            e.gradient_accumulation_steps = accumulation
+        return saved
 
     def _check_not_finished(self, resume_path: Path | None) -> None:
         """Raises AlreadyFinished when resume_path is the checkpoint a finished run ended with (and the
@@ -248,6 +287,9 @@ class Trainer:
 
         cfg = self.cfg
         self.ds_config = build_ds_config(cfg, self.total_steps, self.dist.world_size)
+        if self.elastic_from is not None and cfg.engine.zero_stage > 0:
+            # ZeRO-1/2 optimizer state of another data-parallel size: DeepSpeed's universal checkpoint
+            self.ds_config.setdefault("checkpoint", {})["load_universal"] = True
         self.engine, _, _, _ = deepspeed.initialize(
             model=objective, model_parameters=param_groups(objective, cfg.optim.weight_decay), config=self.ds_config,
         )
@@ -272,6 +314,8 @@ class Trainer:
         if resume_path is not None:
             self.checkpoints.load(resume_path)  # the data position includes its epoch
             self.counters.restarts += 1
+            if self.elastic_from is not None:  # updates now take another number of micro-steps
+                self.counters.micro_steps = self.counters.step * self.cfg.engine.gradient_accumulation_steps
         else:
             seed_everything(self.cfg.run.seed + self.dist.rank)  # dropout differs across ranks
             self.stream.set_epoch(0)
