@@ -97,8 +97,8 @@ def load_for_task(path: str, task: TaskSpec, seed: int) -> torch.nn.Module:
         kwargs["label2id"] = {name: i for i, name in kwargs["id2label"].items()}
     try:
         with quiet():
-            model, info = AutoModelForSequenceClassification.from_pretrained(path, output_loading_info=True,
-                                                                             **kwargs)
+            model, info = AutoModelForSequenceClassification.from_pretrained(
+                path, output_loading_info=True, ignore_mismatched_sizes=True, **kwargs)  # another task's head: new
     except (OSError, ValueError, KeyError, RuntimeError) as error:
         first = str(error).strip().splitlines()[0][:200] if str(error).strip() else type(error).__name__
         raise UserError(f"--model {path} cannot be loaded as a sequence classifier: {first}") from None

@@ -378,3 +378,75 @@ def test_inference_timing_is_one_full_pass_at_the_given_batch_size():
     model.shapes.clear()
     timing = time_inference(model, features, collator, torch.device("cpu"), 2, max_examples=4)
     assert model.shapes == [(2, 5), (2, 5), (2, 7)] and timing["examples"] == 4
+
+
+def test_any_encoder_folder_gets_a_fresh_head_but_missing_encoder_weights_are_refused(models, tmp_path):
+    """A bare BertModel and a classifier fine-tuned on another task (3 labels) load with a new head; a folder
+    whose encoder weights are partly missing is an error, not a silently random encoder."""
+    from safetensors.torch import load_file, save_file
+    from transformers import AutoModel, AutoModelForSequenceClassification, AutoTokenizer
+
+    from distil.common.errors import UserError
+    from distil.pretrain.finetune.model import load_for_task
+
+    tokenizer = AutoTokenizer.from_pretrained(models["teacher"])
+    bare = AutoModel.from_pretrained(models["teacher"])
+    bare.save_pretrained(str(tmp_path / "bare"))
+    three = AutoModelForSequenceClassification.from_pretrained(models["teacher"], num_labels=3)
+    three.save_pretrained(str(tmp_path / "three"))
+    for name in ("bare", "three"):
+        tokenizer.save_pretrained(str(tmp_path / name))
+        model = load_for_task(str(tmp_path / name), GLUE_TASKS["sst2"], seed=0)
+        assert model.num_labels == 2 and model.classifier.out_features == 2
+        assert torch.equal(model.bert.encoder.layer[1].output.dense.weight, bare.encoder.layer[1].output.dense.weight)
+    partial = tmp_path / "partial"
+    bare.save_pretrained(str(partial))
+    weights = load_file(str(partial / "model.safetensors"))
+    save_file({k: v for k, v in weights.items() if ".layer.1." not in k}, str(partial / "model.safetensors"),
+              metadata={"format": "pt"})
+    with pytest.raises(UserError, match="encoder's weights are missing"):
+        load_for_task(str(partial), GLUE_TASKS["sst2"], seed=0)
+
+
+
+def test_the_opening_sentence_sample_task(tmp_path):
+    """The quickstart's task: a paragraph's first sentence is `opening`, another of its sentences `later`;
+    one example per paragraph, train and dev from disjoint paragraphs; the same corpus and seed give the
+    same files."""
+    from distil.pretrain.finetune.sample_task import paragraph_sentences, write_opening_sentence_task
+
+    lines = [f"Topic {i} opens here with several words. Then topic {i} goes on for a while. It ends at {i} now."
+             for i in range(80)] + ["One short sentence only, not used at all here."]
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n".join(lines) + "\n")
+    assert len(paragraph_sentences(corpus)) == 80
+    paths = write_opening_sentence_task(corpus, tmp_path / "a", n_train=1000, n_dev=15, seed=3)
+    rows = {k: [json.loads(line) for line in p.read_text().splitlines()] for k, p in paths.items()}
+    assert len(rows["train"]) == 65 and len(rows["dev"]) == 15  # one per paragraph
+
+    def topic(sentence: str) -> str:
+        return next(word for word in sentence.replace(".", " ").split() if word.isdigit())
+
+    for split in ("train", "dev"):
+        for row in rows[split]:
+            assert row["label"] == ("opening" if " opens here " in row["text"] else "later")
+        assert {r["label"] for r in rows[split]} == {"opening", "later"}
+        assert len({topic(r["text"]) for r in rows[split]}) == len(rows[split])
+    assert {topic(r["text"]) for r in rows["train"]}.isdisjoint(topic(r["text"]) for r in rows["dev"])
+    again = write_opening_sentence_task(corpus, tmp_path / "b", n_train=1000, n_dev=15, seed=3)
+    assert all(again[k].read_text() == paths[k].read_text() for k in paths)
+
+
+def test_settings_come_from_the_config_file_then_options_then_key_value(tmp_path):
+    from distil.pretrain.finetune.run import load_finetune_config
+
+    config = tmp_path / "ft.yaml"
+    config.write_text("task: rte\nseeds: 3\nlr: 1.0e-4\nepochs: 2\nwarmup_ratio: 0.1\noutput: from-file\n")
+    options = {"model": "m", "task": None, "train": "t.tsv", "dev": "d.tsv", "dev_mismatched": None, "test": None,
+               "test_mismatched": None, "output": None, "seeds": 4, "epochs": None, "lr": None, "batch_size": None,
+               "max_seq_len": None, "name": None, "teacher": None, "device": None, "overwrite": False,
+               "tracking_uri": None, "experiment": None, "no_tracking": True}
+    cfg = load_finetune_config(str(config), ("lr=3e-4", "inference_threads=2"), options)
+    assert (cfg.task, cfg.seeds, cfg.lr, cfg.epochs, cfg.warmup_ratio) == ("rte", 4, 3e-4, 2, 0.1)
+    assert (cfg.output, cfg.inference_threads, cfg.tracking, cfg.batch_size) == ("from-file", 2, False, 32)
+    assert cfg.seed_list == [42, 43, 44, 45]
