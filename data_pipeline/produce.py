@@ -84,7 +84,7 @@ class Item:
     chunk: int
     index: int  # batch index within the chunk; for an end marker: the chunk's batch count
     batch: dict[str, torch.Tensor] | None
-    stats: ChunkStats | None  # the chunk's read stats, on its end marker (not on a resumed chunk's: counted)
+    stats: ChunkStats | None  # the chunk's read stats, on its first item (not on a resumed chunk's: counted)
 
 
 class ChunkProducer(IterableDataset):
@@ -157,6 +157,10 @@ class ChunkProducer(IterableDataset):
         # bounded for large shuffle buffers, and a resumed chunk skips whole groups without masking them
         # (so does a rank for the groups holding none of its batches).
         mine = None if wanted is None else set(wanted)
+        # The chunk's read stats travel with its first item (a resumed chunk's were counted before the
+        # checkpoint): on the first batch, so that a stream stopped right after its last batch still has
+        # them, else on the end marker.
+        unsent = stats if skip == 0 else None
         for first in range(skip - skip % MASK_GROUP, len(groups), MASK_GROUP):
             if mine is not None and not any(first <= b < first + MASK_GROUP for b in mine):
                 continue
@@ -164,8 +168,9 @@ class ChunkProducer(IterableDataset):
             batches = self._make_batches(seqs, groups[first : first + MASK_GROUP], seed)
             for j, batch in enumerate(batches, start=first):
                 if j >= skip and (mine is None or j in mine):
-                    yield Item(chunk.index, j, batch, None)
-        yield Item(chunk.index, len(groups), None, stats if skip == 0 else None)
+                    yield Item(chunk.index, j, batch, unsent)
+                    unsent = None
+        yield Item(chunk.index, len(groups), None, unsent)
 
     def _group(self, seqs: list[np.ndarray], rng: np.random.Generator) -> list[np.ndarray]:
         if not seqs:
