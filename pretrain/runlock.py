@@ -9,7 +9,10 @@ ends normally, so a record found by the next holder means a run died holding the
 taken over). The file is never deleted: deleting a lock file races with a run opening it.
 
 A run that finds the lock held raises RunLocked: the CLI prints one `error:` line naming the holder and
-exits 75 (EX_TEMPFAIL, "try again later") without having written anything.
+exits 75 (EX_TEMPFAIL, "try again later") without having written anything. Every rank first probes the
+lock (`probe`: a shared lock taken and dropped at once, creating nothing), before it reads the folder's
+checkpoints, so a live run's folder is refused before anything else is said about it; global rank 0
+then takes the exclusive lock once the process group exists.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import logging
 import os
 import socket
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -70,24 +74,51 @@ class RunLock:
             return None
         return info if isinstance(info, dict) else None
 
-    def acquire(self) -> dict[str, Any] | None:
+    def _locked(self, holder: dict[str, Any] | None) -> RunLocked:
+        return RunLocked(f"{self.path.parent} is in use by a live run ({describe(holder)}; lock file "
+                         f"{self.path}): wait for it to end, stop it, or set run.output_dir to another folder")
+
+    def _try(self, fd: int, mode: int) -> bool:
+        """True when the lock was taken; False when another process holds a conflicting one."""
+        try:
+            fcntl.lockf(fd, mode | fcntl.LOCK_NB)
+        except OSError as e:
+            if e.errno in (errno.EAGAIN, errno.EACCES):
+                return False
+            raise RuntimeError(f"cannot lock {self.path}: {e.strerror} (does this filesystem support POSIX "
+                               "locks? on Lustre mount with -o flock)") from e
+        return True
+
+    def probe(self) -> None:
+        """Raises RunLocked when a live run holds the lock. Creates nothing, writes nothing."""
+        try:
+            fd = os.open(self.path, os.O_RDWR | os.O_CLOEXEC)
+        except OSError:
+            return  # no lock file (no run yet) or none readable: acquire() decides
+        try:
+            if not self._try(fd, fcntl.LOCK_SH):
+                raise self._locked(self._read(fd))
+            fcntl.lockf(fd, fcntl.LOCK_UN)
+        finally:
+            os.close(fd)
+
+    def acquire(self, sleep: Callable[[float], None] = time.sleep) -> dict[str, Any] | None:
         """Takes the lock; returns the previous holder's record when one was left behind (taken over)."""
         if self.fd is not None:
             return None
         self.path.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
         try:
-            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as e:
-            if e.errno not in (errno.EAGAIN, errno.EACCES):
-                os.close(fd)
-                raise RuntimeError(f"cannot lock {self.path}: {e.strerror} (does this filesystem support "
-                                   "POSIX locks? on Lustre mount with -o flock)") from e
-            holder = self._read(fd)
+            for attempt in range(6):
+                if self._try(fd, fcntl.LOCK_EX):
+                    break
+                holder = self._read(fd)
+                if holder or attempt == 5:  # a named holder; or no record yet after a second: a starting run
+                    raise self._locked(holder)
+                sleep(0.2)  # held without a record: another run's probe, which lets go at once
+        except BaseException:
             os.close(fd)
-            raise RunLocked(f"{self.path.parent} is in use by a live run ({describe(holder)}; lock file "
-                            f"{self.path}): wait for it to end, stop it, or set run.output_dir to another "
-                            "folder") from None
+            raise
         previous = self._read(fd)
         os.ftruncate(fd, 0)
         os.pwrite(fd, (json.dumps(holder_info()) + "\n").encode("utf-8"), 0)

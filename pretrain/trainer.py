@@ -159,6 +159,7 @@ class Trainer:
         rank, world_size = launcher_rank_and_world()
         self.run_dir = Path(cfg.run.output_dir)
         self.ckpt_dir = Path(cfg.checkpoint.dir) if cfg.checkpoint.dir else self.run_dir / "checkpoints"
+        RunLock(self.run_dir).probe()  # a live run's folder: refused on every rank before its files are read
         resume_path = resolve_resume(self.resume, self.ckpt_dir)
         self.elastic_from = self._keep_global_batch(resume_path, world_size)
         self.global_batch = check_batch_arithmetic(cfg, world_size)

@@ -41,10 +41,17 @@ def test_lock_names_its_holder_and_is_free_once_the_holder_is_gone(tmp_path):
     held = RunLock(tmp_path)
     assert held.acquire() is None
     holder = subprocess.run(
-        [sys.executable, "-c", "import sys; from distil.pretrain.runlock import RunLock\n"
+        [sys.executable, "-c", "import sys; from distil.pretrain.runlock import RunLock, RunLocked\n"
          f"try: RunLock({str(tmp_path)!r}).acquire()\nexcept RunLocked as e: print(e); sys.exit(75)"],
         env=env(), capture_output=True, text=True, timeout=60)
     assert holder.returncode == 75 and f"pid {os.getpid()}" in holder.stdout and "started" in holder.stdout
+    probe = subprocess.run(
+        [sys.executable, "-c", "import sys; from distil.pretrain.runlock import RunLock, RunLocked\n"
+         f"try: RunLock({str(tmp_path)!r}).probe()\nexcept RunLocked as e: print(e); sys.exit(75)"],
+        env=env(), capture_output=True, text=True, timeout=60)
+    assert probe.returncode == 75 and f"pid {os.getpid()}" in probe.stdout
+    RunLock(tmp_path / "nothing_here").probe()  # no lock file: nothing to refuse, nothing created
+    assert not (tmp_path / "nothing_here").exists()
     held.release()
     assert (tmp_path / "run.lock").read_text() == ""  # a clean release leaves no record behind
     dead = subprocess.run([sys.executable, "-c", f"import os; from distil.pretrain.runlock import RunLock\n"
