@@ -2,7 +2,8 @@
 
 sample corpus (stdlib docstrings) -> `distil prepare` (trains a WordPiece tokenizer) -> `distil train` in MLM
 mode (a small BERT teacher) -> `distil train` in distillation mode (its DistilBERT student) -> `distil evaluate`
-of both on the held-out split -> `distil review` of the MLflow runs. Each stage is the real CLI in a subprocess, so what works here works by hand.
+of both on the held-out split -> `distil finetune` of both on a small labelled task made from the corpus ->
+`distil review` of the MLflow runs (with the GLUE-style table). Each stage is the real CLI in a subprocess, so what works here works by hand.
 """
 
 from __future__ import annotations
@@ -38,6 +39,24 @@ def experiment_link(store: str, experiment: str) -> str:
     return describe_link(store, found.experiment_id) if found else str(serve_command(store))
 
 
+def _finetune_stage(corpus: Path, out: Path, teacher: Path, student: Path) -> None:
+    """Teacher and student fine-tuned on a small labelled task made from the sample corpus (is this sentence
+    the opening sentence of its paragraph?), so that review shows the GLUE-style table."""
+    from distil.pretrain.finetune.sample_task import write_opening_sentence_task
+
+    task = write_opening_sentence_task(corpus, out / "task", n_train=1200, n_dev=300)
+    click.echo(f"\nsample task: is this sentence the opening sentence of its paragraph? ({task['train']}, "
+               f"{task['dev']})")
+    common = ["--task", "custom", "--train", str(task["train"]), "--dev", str(task["dev"]), "--seeds", "1",
+              "--epochs", "3", "--lr", "5e-4", "--batch-size", "16", "--max-seq-len", "48", "--experiment",
+              "quickstart", "--tracking-uri", f"sqlite:///{out / 'mlflow.db'}", "warmup_ratio=0.1",
+              "inference_max_examples=100"]
+    _run("fine-tune teacher", ["finetune", "--model", str(teacher), "--output", str(out / "finetune" / "teacher"),
+                               *common])
+    _run("fine-tune student", ["finetune", "--model", str(student), "--teacher", str(teacher), "--output",
+                               str(out / "finetune" / "student"), *common])
+
+
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--output", "output", type=click.Path(file_okay=False), default="quickstart", show_default=True,
               help="Folder for the corpus, shards, runs and the MLflow store.")
@@ -48,7 +67,8 @@ def experiment_link(store: str, experiment: str) -> str:
 @click.option("--overwrite", is_flag=True, help="Start over in an --output folder that holds a previous quickstart.")
 def quickstart(output: str, vocab_size: int, teacher_steps: int, student_steps: int, corpus_mb: float,
                overwrite: bool) -> None:
-    """Sample corpus -> shards -> MLM teacher -> distilled student -> evaluation -> review, offline on CPU."""
+    """Sample corpus -> shards -> MLM teacher -> distilled student -> evaluation -> fine-tuning -> review,
+    offline on CPU."""
     from distil.data_pipeline.sample_corpus import write_sample_corpus
 
     out = Path(output).resolve()
@@ -80,6 +100,7 @@ def quickstart(output: str, vocab_size: int, teacher_steps: int, student_steps: 
                       "--shards", str(shards), "--max-batches", "20", "--mask-smoothing", "0",
                       "--output", str(out / "eval_report.json"),
                       "--experiment", "quickstart", "--tracking-uri", f"sqlite:///{out / 'mlflow.db'}"])
+    _finetune_stage(corpus, out, teacher_dir / "export", student_dir / "export")
     _run("review", ["review", "--experiment", "quickstart", "--tracking-uri", f"sqlite:///{out / 'mlflow.db'}",
                     "--output", str(out / "comparison.png")])
     click.secho(f"\nquickstart complete: student in {student_dir / 'export'}, runs in {out / 'mlflow.db'}",
