@@ -4,7 +4,7 @@ to change; nothing is tokenised here.
 
 GLUE's TSV files are read as the GLUE loaders read them: tab-separated, no quoting (quotes are part of the
 text), header row by name except CoLA's train/dev files; rows too short for the task's columns are skipped
-and counted (QQP's train file has a few), as `huggingface/datasets`' glue builder skips them.
+and counted (QQP's train file has a few), as transformers' GLUE processors skip them.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """The GLUE tasks as their files lay them out, and the custom task.
 
 Each GLUE task is known by name with the layout of its TSV files as distributed by the GLUE benchmark
-(gluebenchmark.com; the same files as `huggingface/datasets`' `glue` builder read): which column holds the
+(gluebenchmark.com; the files transformers' GLUE processors read): which column holds the
 text, the second text of a pair and the label, whether the file has a header row, and which label strings it
 uses. Metrics are GLUE's: Matthews correlation for CoLA, F1 and accuracy for MRPC and QQP, Pearson and
 Spearman correlation for STS-B, accuracy elsewhere. A task's score is the mean of its metrics (the GLUE
