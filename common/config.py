@@ -82,3 +82,25 @@ def to_container(cfg: Any) -> dict[str, Any]:
 def to_yaml(cfg: Any) -> str:
     return OmegaConf.to_yaml(OmegaConf.structured(cfg))
 
+
+def only_overrides(args: Iterable[str], example: str) -> list[str]:
+    """The `key=value` arguments of a command that takes no other positional ones; anything else is one
+    error line."""
+    args = list(args)
+    bad = [a for a in args if not is_override(a)]
+    if bad:
+        raise UserError(f"unexpected argument {bad[0]!r}: settings go as key=value (e.g. {example}) or options")
+    return args
+
+
+def flag(given: bool, value: bool) -> bool | None:
+    """A click flag as a shortcut: `value` when the flag was given, else None (the file's setting stands)."""
+    return value if given else None
+
+
+def load_command_config(schema: type[T], path: str | os.PathLike | None, overrides: Iterable[str],
+                        shortcuts: Mapping[str, Any], example: str) -> T:
+    """`load_structured`, then the command's own `validate()`: what every command's CLI calls."""
+    cfg = load_structured(schema, path, overrides, shortcuts=shortcuts, example=example)
+    cfg.validate()  # type: ignore[attr-defined]
+    return cfg

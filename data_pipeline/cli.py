@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from distil.common.config import is_override, load_structured
+from distil.common.config import flag, is_override, load_command_config
 from distil.data_pipeline import prepare as stage
 from distil.data_pipeline.corpus import DOC_SEPARATORS
 
@@ -38,15 +38,12 @@ def load_prepare_config(config_path: str | None, args: tuple[str, ...], options:
     paths = [a for a in args if not is_override(a)]
     inputs = list(options.pop("inputs")) + paths
     shortcuts = {"inputs": inputs or None, **{k: v for k, v in options.items() if v is not None}}
-    shortcuts["pack"] = True if options["pack"] else None
-    shortcuts["overwrite"] = True if options["overwrite"] else None
-    shortcuts["shuffle"] = False if shortcuts.pop("no_shuffle") else None
+    shortcuts["pack"] = flag(options["pack"], True)
+    shortcuts["overwrite"] = flag(options["overwrite"], True)
+    shortcuts["shuffle"] = flag(shortcuts.pop("no_shuffle"), False)
     if "output" in shortcuts:
         shortcuts["output"] = str(shortcuts["output"])
-    config = load_structured(stage.PrepareConfig, config_path, overrides, shortcuts=shortcuts,
-                             example="max_seq_len=128")
-    config.validate()
-    return config
+    return load_command_config(stage.PrepareConfig, config_path, overrides, shortcuts, "max_seq_len=128")
 
 
 @click.command("prepare", context_settings={"help_option_names": ["-h", "--help"]})

@@ -11,7 +11,7 @@ Owns the on-disk layout (a shared filesystem when multi-node, as DeepSpeed requi
 
 Each part is named and has state_dict()/load_state_dict(); its `checkpoint_scope` says where its state goes:
 SHARED (the same on every rank: rank 0 writes it into trainer_state.json under its name), PER_RANK (the
-default: every rank writes it into its rank_XXXXX.json) or OWN_FILES (the part writes its own files into
+default: every rank writes it into its own rank_<rank, 5 digits>.json) or OWN_FILES (the part writes its own files into
 the checkpoint folder with save_files/load_files: the DeepSpeed engine). A new piece of state is one more
 entry in the mapping.
 

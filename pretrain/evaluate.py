@@ -31,7 +31,7 @@ from typing import Any
 import click
 import torch
 
-from distil.common.config import is_override, load_structured
+from distil.common.config import flag, load_command_config, only_overrides
 from distil.common.errors import UserError
 from distil.common.files import atomic_write_json
 from distil.common.formatting import fmt_count, fmt_number
@@ -222,15 +222,11 @@ def evaluate_models(cfg: EvaluateConfig) -> tuple[dict[str, Any], list[ModelResu
 
 def load_evaluate_config(config_path: str | None, overrides: tuple[str, ...], options: dict) -> EvaluateConfig:
     """`--config` file < options < `key=value` arguments."""
-    bad = [a for a in overrides if not is_override(a)]
-    if bad:
-        raise UserError(f"unexpected argument {bad[0]!r}: settings go as key=value (e.g. batch_size=16) or options")
     shortcuts = dict(options)
     shortcuts["models"] = list(shortcuts["models"]) or None
-    shortcuts["tracking"] = False if shortcuts.pop("no_tracking") else None
-    cfg = load_structured(EvaluateConfig, config_path, overrides, shortcuts=shortcuts, example="batch_size=16")
-    cfg.validate()
-    return cfg
+    shortcuts["tracking"] = flag(shortcuts.pop("no_tracking"), False)
+    return load_command_config(EvaluateConfig, config_path, only_overrides(overrides, "batch_size=16"), shortcuts,
+                               "batch_size=16")
 
 
 @click.command("evaluate", context_settings={"help_option_names": ["-h", "--help"]})

@@ -24,7 +24,7 @@ from typing import Any
 import click
 import torch
 
-from distil.common.config import is_override, load_structured
+from distil.common.config import flag, load_command_config, only_overrides
 from distil.common.errors import UserError
 from distil.common.files import atomic_write_folder, atomic_write_json
 from distil.pretrain.finetune.data import Split, check_pairs, encode_labels, infer_custom_task, read_split
@@ -393,15 +393,11 @@ def finetune_run(cfg: FinetuneConfig) -> dict[str, Any]:
 
 def load_finetune_config(config_path: str | None, overrides: tuple[str, ...], options: dict) -> FinetuneConfig:
     """`--config` file < options < `key=value` arguments."""
-    bad = [a for a in overrides if not is_override(a)]
-    if bad:
-        raise UserError(f"unexpected argument {bad[0]!r}: settings go as key=value (e.g. seeds=3) or options")
     shortcuts = dict(options)
-    shortcuts["tracking"] = False if shortcuts.pop("no_tracking") else None
-    shortcuts["overwrite"] = True if shortcuts["overwrite"] else None
-    cfg = load_structured(FinetuneConfig, config_path, overrides, shortcuts=shortcuts, example="seeds=3")
-    cfg.validate()
-    return cfg
+    shortcuts["tracking"] = flag(shortcuts.pop("no_tracking"), False)
+    shortcuts["overwrite"] = flag(shortcuts["overwrite"], True)
+    return load_command_config(FinetuneConfig, config_path, only_overrides(overrides, "seeds=3"), shortcuts,
+                               "seeds=3")
 
 
 @click.command("finetune", context_settings={"help_option_names": ["-h", "--help"]})
