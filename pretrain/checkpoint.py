@@ -455,16 +455,17 @@ class CheckpointManager:
     def save(self, step: int) -> Path:
         """The checkpoint of `step`, once it is complete and named by `latest` (at once if it already is)."""
         path = self.path_for(step)
-        if (path / COMPLETE).is_file() and damage(path) is None:
+        why = damage(path) if (path / COMPLETE).is_file() else None
+        if (path / COMPLETE).is_file() and why is None:
             return path
         rank = self.rank
         if rank == 0:
             self.ckpt_dir.mkdir(parents=True, exist_ok=True)
-            if (path / COMPLETE).is_file():  # a damaged checkpoint of this step: kept, under another name
+            if why is not None:  # a damaged checkpoint of this step: kept, under another name
                 aside = path.with_name(f"{DAMAGED_PREFIX}{path.name}-{int(time.time())}")
                 path.rename(aside)
-                log.warning("checkpoint %s was damaged (%s): moved to %s, saving step %d anew", path,
-                            damage(aside), aside, step)
+                log.warning("checkpoint %s was damaged (%s): moved to %s, saving step %d anew", path, why,
+                            aside, step)
             elif path.exists():  # a stale, incomplete folder from a crashed attempt at this step
                 shutil.rmtree(path)
         _barrier()
