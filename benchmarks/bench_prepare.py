@@ -10,7 +10,11 @@ write shards (globally shuffled, the default), token counts and manifest; `--no-
 runs in corpus order. All run in this process, one after the other, in interleaved
 rounds; the table gives medians, and the ratio to the original of each round.
 
-    python benchmarks/bench_prepare.py [--mb 20] [--workers 2] [--rounds 3] [--no-ablation] [--no-shuffle-rows]
+`--corpus docs` takes real English text instead: this machine's documentation (benchmarks/real_text.py), with
+bert-base-uncased's real vocabulary.
+
+    python benchmarks/bench_prepare.py [--mb 20] [--corpus generated|docs] [--tokenizer trained|bert-uncased]
+                                       [--workers 2] [--rounds 3] [--no-ablation] [--no-shuffle-rows]
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import numpy as np  # noqa: E402
+import real_text  # noqa: E402 - benchmarks/real_text.py, beside this script
 
 NON_ASCII_WORDS = ["café", "naïve", "Zürich", "–", "résumé", "“quoted”", "São", "Ångström", "façade", "coöperate"]
 
@@ -127,9 +132,9 @@ def ours(
     from distil.data_pipeline import prepare as stage
     from distil.data_pipeline import tokenize as tk
 
-    original = tk._word_cache_spec
+    original = tk._chunk_cache_spec
     if not word_cache:  # only meaningful in-process (workers=1): spawned workers re-import the module
-        tk._word_cache_spec = lambda config: None
+        tk._chunk_cache_spec = lambda config: None
     try:
         config = stage.PrepareConfig(
             inputs=[str(corpus)], output=out, tokenizer=str(tokenizer_dir), workers=workers, progress=False,
@@ -139,7 +144,7 @@ def ours(
         manifest = stage.prepare(config)
         elapsed, cpu = time.perf_counter() - start, _cpu_seconds() - cpu
     finally:
-        tk._word_cache_spec = original
+        tk._chunk_cache_spec = original
     return manifest.total_tokens + sum(s.tokens for s in manifest.holdout_shards), elapsed, cpu
 
 
@@ -189,6 +194,11 @@ def main() -> None:
     parser.add_argument("--vocab", type=int, default=30522)
     parser.add_argument("--rounds", type=int, default=3, help="rounds of all approaches, interleaved")
     parser.add_argument("--no-ablation", action="store_true", help="skip the library-batch-encode-only row")
+    parser.add_argument("--corpus", choices=["generated", "docs"], default="generated",
+                        help="generated (default) or docs: this machine's real documentation text (real_text.py)")
+    parser.add_argument("--tokenizer", choices=["trained", "bert-uncased"], default=None,
+                        help="WordPiece trained on the corpus (generated's default) or bert-base-uncased's real "
+                             "vocabulary (docs' default)")
     parser.add_argument("--no-shuffle-rows", action="store_true",
                         help="add rows of prepare --no-shuffle (corpus order), to see what the shuffle costs")
     args = parser.parse_args()
@@ -202,10 +212,17 @@ def main() -> None:
         tmp_path = Path(tmp)
         corpus, tokenizer_dir, out = tmp_path / "corpus.txt", tmp_path / "tokenizer", tmp_path / "out"
         t0 = time.perf_counter()
-        lines = generate_corpus(corpus, args.mb)
-        vocab = train_tokenizer(corpus, tokenizer_dir, args.vocab)
-        print(f"corpus: {corpus.stat().st_size / 1e6:.1f} MB, {lines} lines; WordPiece vocab {vocab} "
-              f"(asked {args.vocab}); setup {time.perf_counter() - t0:.0f} s", flush=True)
+        if args.corpus == "docs":
+            stats = real_text.gather_documentation(corpus, args.mb)
+            lines, what = stats["lines"], f"real documentation text from {stats['files']} files of {real_text.DOC_ROOTS}"
+        else:
+            lines, what = generate_corpus(corpus, args.mb), "generated"
+        if (args.tokenizer or ("bert-uncased" if args.corpus == "docs" else "trained")) == "bert-uncased":
+            vocab, how = real_text.bert_uncased_tokenizer(tokenizer_dir), "bert-base-uncased's WordPiece"
+        else:
+            vocab, how = train_tokenizer(corpus, tokenizer_dir, args.vocab), f"WordPiece trained (asked {args.vocab})"
+        print(f"corpus: {what}, {corpus.stat().st_size / 1e6:.1f} MB, {lines} lines; {how}, vocab {vocab}; "
+              f"setup {time.perf_counter() - t0:.0f} s", flush=True)
         approaches = {"original: encode one line at a time (1 process)": lambda: baseline(corpus, tokenizer_dir)}
         if not args.no_ablation:
             approaches["distil prepare --workers 1, library batch encode only"] = lambda: ours(

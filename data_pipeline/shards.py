@@ -63,20 +63,29 @@ def _header_template() -> bytes:
     return bytes(header)
 
 
+@lru_cache(maxsize=1)
+def _template_sum() -> int:
+    """The checksum of the template less its size field (name empty; the checksum field counts as spaces)."""
+    template = _header_template()
+    return sum(template) - sum(template[124:136])
+
+
 def tar_member(key: str, payload: bytes) -> bytes:
     """One sample `{key}.ids.npy` as tar member bytes (header + payload padded to whole blocks).
 
     tarfile's header with only the name, size and checksum fields filled in per sample, four times faster
     than building each header with tarfile (the bytes are the same; tested against webdataset's
-    ShardWriter).
+    ShardWriter). The checksum (the sum of the header's bytes, its own field as spaces) is the template's
+    plus what the name and size fields add, not a sum over all 512 bytes.
     """
     name = f"{key}.{SAMPLE_KEY}".encode("ascii")
     if len(name) > 100 or len(payload) >= 8**11:
         raise ValueError(f"tar member {name!r} of {len(payload)} bytes does not fit a plain ustar header")
+    size = b"%011o\0" % len(payload)
     header = bytearray(_header_template())
     header[: len(name)] = name
-    header[124:136] = b"%011o\0" % len(payload)
-    header[148:155] = b"%06o\0" % sum(header)  # checksum: sum of the header bytes, its own field as spaces
+    header[124:136] = size
+    header[148:155] = b"%06o\0" % (_template_sum() + sum(name) + sum(size))
     return bytes(header) + payload + b"\0" * (-len(payload) % TAR_BLOCK)
 
 
@@ -93,6 +102,69 @@ class Members:
         """From (key, .npy bytes, tokens) per sample."""
         parts = [tar_member(key, payload) for key, payload, _ in samples]
         return cls(b"".join(parts), [len(p) for p in parts], [t for _, _, t in samples])
+
+    @classmethod
+    def of_sequences(cls, batch_number: int, numbers: np.ndarray, ids: np.ndarray, lengths: np.ndarray) -> Members:
+        """The members `{batch_number:010d}-{number:07d}.ids.npy` of sequences laid end to end in `ids` (their
+        dtype is the .npy's), built for the whole batch at once with array operations: the same bytes as
+        `build` over `npy_bytes` of each sequence (tested), without Python work per sample. Short sequences
+        (text with one line per document) made building members one by one the slowest step of prepare."""
+        count = len(lengths)
+        if count == 0:
+            return cls()
+        lengths = np.asarray(lengths, dtype=np.int64)
+        itemsize = ids.dtype.itemsize
+        # The .npy header of each distinct length (np.save pads it to a multiple of 64 bytes: 128 in practice).
+        distinct, which = np.unique(lengths, return_inverse=True)
+        npy_headers = [_npy_header(int(n), ids.dtype.str) for n in distinct]
+        header_len = np.array([len(h) for h in npy_headers], dtype=np.int64)[which]
+        payload = header_len + lengths * itemsize
+        if int(payload.max()) >= 8**11:
+            raise ValueError("a sequence too long for a plain ustar header")
+        sizes = TAR_BLOCK + -(-payload // TAR_BLOCK) * TAR_BLOCK
+        offsets = np.cumsum(sizes) - sizes
+        buffer = np.zeros(int(sizes.sum()), dtype=np.uint8)
+
+        # tar headers: the template, then name, size and checksum fields per row
+        headers = np.tile(np.frombuffer(_header_template(), dtype=np.uint8), (count, 1))
+        prefix = f"{batch_number:010d}-".encode("ascii")
+        width = 7
+        if int(numbers.max()) >= 10**width:  # names of varying width: one by one (never in practice)
+            starts = np.cumsum(lengths) - lengths
+            return cls.build([(f"{prefix.decode()}{k:07d}", npy_bytes(ids[a : a + n]), int(n))
+                              for k, a, n in zip(numbers.tolist(), starts.tolist(), lengths.tolist(), strict=True)])
+        suffix = f".{SAMPLE_KEY}".encode("ascii")
+        name_len = len(prefix) + width + len(suffix)
+        if name_len > 100:
+            raise ValueError(f"tar member names of {name_len} bytes do not fit a plain ustar header")
+        headers[:, : len(prefix)] = np.frombuffer(prefix, dtype=np.uint8)
+        headers[:, len(prefix) : len(prefix) + width] = _digits(numbers, 10, width)
+        headers[:, len(prefix) + width : name_len] = np.frombuffer(suffix, dtype=np.uint8)
+        headers[:, 124:135] = _digits(payload, 8, 11)
+        headers[:, 135] = 0
+        checksum = headers.sum(axis=1, dtype=np.int64)  # the checksum field still holds spaces
+        headers[:, 148:154] = _digits(checksum, 8, 6)
+        headers[:, 154] = 0
+        blocks = buffer.reshape(-1, TAR_BLOCK)  # every member starts on a block
+        first_block = offsets // TAR_BLOCK
+        blocks[first_block] = headers
+
+        # .npy headers (one block at most), per distinct length
+        for k, npy_header in enumerate(npy_headers):
+            blocks[first_block[which == k] + 1, : len(npy_header)] = np.frombuffer(npy_header, np.uint8)
+
+        # payloads: byte j of sequence i goes to its member's data start + j
+        data_bytes = lengths * itemsize
+        data_start = offsets + TAR_BLOCK + header_len
+        within = np.arange(int(data_bytes.sum())) - np.repeat(np.cumsum(data_bytes) - data_bytes, data_bytes)
+        buffer[np.repeat(data_start, data_bytes) + within] = np.ascontiguousarray(ids).view(np.uint8)
+        return cls(buffer.tobytes(), sizes.tolist(), lengths.tolist())
+
+
+def _digits(values: np.ndarray, base: int, width: int) -> np.ndarray:
+    """ASCII digits of each value in `base`, zero-padded to `width` columns (the values must fit)."""
+    powers = base ** np.arange(width - 1, -1, -1, dtype=np.int64)
+    return (np.asarray(values, dtype=np.int64)[:, None] // powers % base + 48).astype(np.uint8)
 
 
 class ShardSetWriter:

@@ -7,11 +7,13 @@ are >= 50 % [UNK] are dropped. `pack` fills a sequence with consecutive segments
 
 Encoding: special-token strings that occur in the corpus (a literal "[SEP]" in some text) are encoded as
 text, never as the special ids, so a corpus cannot inject structure. For BERT-style WordPiece tokenizers
-the work goes through per-process caches keyed by whitespace-delimited chunk: a printable-ASCII chunk is
-split like the pre-tokenizer with one regex and its words tokenised by the library's WordPiece model; any
-other chunk is encoded by the library's full pipeline. Each distinct chunk is tokenised once. Both give the ids of the library's
-pipeline on the whole text (tested against it) at several times its speed. Other tokenizers use the
-library's batched `encode_batch_fast`.
+the work goes through per-process caches keyed by whitespace-delimited chunk (lowercased first when the
+tokenizer is uncased), so a text's ids are its chunks' cached ids joined: a printable-ASCII chunk is split
+like the pre-tokenizer with one regex and its words tokenised by the library's WordPiece model (cached per
+word); any other chunk is encoded by the library's full pipeline. Text with other characters is cut where
+the BERT pipeline would cut it too (see _encode_mixed). This gives the ids of the library's pipeline on the
+whole text (tested against it) at several times its speed. Other tokenizers use the library's batched
+`encode_batch_fast`.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import re
 import unicodedata
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
+from itertools import chain
 from pathlib import Path
 
 from distil.common.errors import UserError
@@ -137,12 +140,12 @@ def save_tokenizer(tokenizer, folder: Path) -> None:
 
 
 @dataclass(frozen=True)
-class _WordCacheSpec:
+class _ChunkCacheSpec:
     lowercase: bool
     word: re.Pattern[str]
 
 
-def _word_cache_spec(config: dict) -> _WordCacheSpec | None:
+def _chunk_cache_spec(config: dict) -> _ChunkCacheSpec | None:
     """When the tokenizer is a plain BERT WordPiece pipeline, the regex that splits ASCII text like it."""
     normalizer, pre_tokenizer, model = config.get("normalizer"), config.get("pre_tokenizer"), config.get("model")
     if not (normalizer and pre_tokenizer and model):
@@ -156,7 +159,22 @@ def _word_cache_spec(config: dict) -> _WordCacheSpec | None:
     lowercase = bool(normalizer.get("lowercase", False))
     # BertPreTokenizer on ASCII: split on whitespace, every other non-alphanumeric char is punctuation.
     word = re.compile(r"[a-z0-9]+|[^\sa-z0-9]" if lowercase else r"[A-Za-z0-9]+|[^\sA-Za-z0-9]")
-    return _WordCacheSpec(lowercase, word)
+    return _ChunkCacheSpec(lowercase, word)
+
+
+class _Cache(dict):
+    """A dict that fills itself: a missing key's value comes from `compute`; cleared when it grows too big.
+    Lookups of known keys stay in C (dict subscription), which is what makes the ASCII path fast."""
+
+    def __init__(self, compute: Callable[[str], list[int]]) -> None:
+        super().__init__()
+        self.compute = compute
+
+    def __missing__(self, key: str) -> list[int]:
+        if len(self) >= _WORD_CACHE_LIMIT:
+            self.clear()
+        value = self[key] = self.compute(key)
+        return value
 
 
 class Encoder:
@@ -167,40 +185,27 @@ class Encoder:
 
         self.tokenizer = Tokenizer.from_str(tokenizer_json_str)
         self.tokenizer.encode_special_tokens = True  # literal "[SEP]" in text is text
-        self.spec = _word_cache_spec(json.loads(tokenizer_json_str))
-        self.ascii_cache: dict[str, list[int]] = {}  # printable-ASCII chunk (lowercased if uncased) -> ids
-        self.other_cache: dict[str, list[int]] = {}  # any other chunk -> ids
-        self.word_cache: dict[str, list[int]] = {}  # word of a printable-ASCII chunk -> ids
+        self.spec = _chunk_cache_spec(json.loads(tokenizer_json_str))
+        model = self.tokenizer.model
+        # word of a printable-ASCII chunk -> ids (the WordPiece model alone: the regex did the rest)
+        self.word_cache = _Cache(lambda word: [t.id for t in model.tokenize(word)])
+        # printable-ASCII chunk (lowercased if uncased) -> ids
+        self.ascii_cache = _Cache(self._ascii_chunk_ids)
+        # any other chunk -> ids (the library's whole pipeline)
+        self.other_cache = _Cache(lambda chunk: self.tokenizer.encode(chunk, add_special_tokens=False).ids)
 
     def _ascii_chunk_ids(self, chunk: str) -> list[int]:
         """A printable-ASCII chunk: split like the pre-tokenizer, each word through the WordPiece model
         (cached per word too: "word," and "word." share the work for "word")."""
         assert self.spec is not None
-        if len(self.ascii_cache) >= _WORD_CACHE_LIMIT:
-            self.ascii_cache.clear()
-        if len(self.word_cache) >= _WORD_CACHE_LIMIT:
-            self.word_cache.clear()
-        words, model = self.word_cache, self.tokenizer.model
-        ids: list[int] = []
-        for word in self.spec.word.findall(chunk):
-            piece = words.get(word)
-            if piece is None:
-                piece = words[word] = [t.id for t in model.tokenize(word)]
-            ids += piece
-        self.ascii_cache[chunk] = ids
-        return ids
+        return list(chain.from_iterable(map(self.word_cache.__getitem__, self.spec.word.findall(chunk))))
 
     def _encode_ascii(self, text: str) -> list[int]:
         """Printable ASCII (plus tab/newline/CR): str.split() cuts exactly where the pipeline does."""
         assert self.spec is not None
         if self.spec.lowercase:
             text = text.lower()
-        ids: list[int] = []
-        cache = self.ascii_cache
-        for chunk in text.split():
-            piece = cache.get(chunk)
-            ids += piece if piece is not None else self._ascii_chunk_ids(chunk)
-        return ids
+        return list(chain.from_iterable(map(self.ascii_cache.__getitem__, text.split())))
 
     def _encode_mixed(self, text: str) -> list[int]:
         """Text with non-ASCII or control characters: chunks holding them are encoded on their own by the
@@ -214,33 +219,17 @@ class Encoder:
         for match in _NON_ASCII_CHUNK.finditer(text):
             if match.start() > done:
                 ids += self._encode_ascii(text[done : match.start()])
-            chunk = match.group()
-            piece = self.other_cache.get(chunk)
-            if piece is None:
-                if len(self.other_cache) >= _WORD_CACHE_LIMIT:
-                    self.other_cache.clear()
-                piece = self.other_cache[chunk] = self.tokenizer.encode(chunk, add_special_tokens=False).ids
-            ids += piece
+            ids += self.other_cache[match.group()]
             done = match.end()
         if done < len(text):
             ids += self._encode_ascii(text[done:])
         return ids
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
-        out: list[list[int] | None] = [None] * len(texts)
-        rest: list[int] = []
-        for i, text in enumerate(texts):
-            if self.spec is None:
-                rest.append(i)
-            elif text.isascii() and not _ASCII_CONTROL.search(text):
-                out[i] = self._encode_ascii(text)
-            else:
-                out[i] = self._encode_mixed(text)
-        if rest:
-            encodings = self.tokenizer.encode_batch_fast([texts[i] for i in rest], add_special_tokens=False)
-            for i, encoding in zip(rest, encodings, strict=True):
-                out[i] = encoding.ids
-        return out  # type: ignore[return-value]
+        if self.spec is None:
+            return [e.ids for e in self.tokenizer.encode_batch_fast(texts, add_special_tokens=False)]
+        plain, mixed = self._encode_ascii, self._encode_mixed
+        return [plain(t) if t.isascii() and not _ASCII_CONTROL.search(t) else mixed(t) for t in texts]
 
 
 # ---------------------------------------------------------------- sequences

@@ -379,3 +379,21 @@ def test_short_and_mostly_unknown_lines_are_dropped_end_to_end(tmp_path, tokeniz
     stats = manifest_of(tmp_path / "out").stats
     assert (stats["train_sequences"], stats["dropped_short"], stats["dropped_unk"]) == (1, 1, 1)
     assert _ids(tmp_path / "out") == expected_sequences(tokenizer_dir, lines, MAX_LEN)
+
+
+def test_members_built_for_a_whole_batch_equal_those_built_one_by_one():
+    from distil.data_pipeline.shards import Members
+
+    rng = np.random.default_rng(7)
+    for dtype, vocab in ((np.uint16, 30522), (np.int32, 70000)):
+        for batch_number, first in ((0, 0), (3, 9_999_990), (12_345_678_901, 5)):  # keys wider than 10 / 7 digits
+            lengths = rng.integers(0, 700, size=40)
+            lengths[:3] = (0, 1, 512)
+            seqs = [rng.integers(0, vocab, size=n).astype(dtype) for n in lengths]
+            numbers = np.arange(first, first + 2 * len(seqs), 2)
+            fast = Members.of_sequences(batch_number, numbers, np.concatenate(seqs), lengths)
+            slow = Members.build([(f"{batch_number:010d}-{k:07d}", npy_bytes(ids), len(ids))
+                                  for k, ids in zip(numbers, seqs, strict=True)])
+            assert fast.sizes == slow.sizes and fast.tokens == slow.tokens
+            assert fast.data == slow.data, (dtype, batch_number, first)
+    assert Members.of_sequences(0, np.array([], dtype=np.int64), np.array([], np.uint16), np.array([])).data == b""
