@@ -75,9 +75,52 @@ def pad_sequences(
 ) -> tuple[np.ndarray, np.ndarray]:
     """(input_ids, attention_mask) as int64 arrays [B, L], L the longest length rounded up to pad_multiple."""
     lengths = np.fromiter((len(s) for s in seqs), dtype=np.int64, count=len(seqs))
+    starts = np.cumsum(lengths) - lengths
+    # one pad id at the end keeps every gather index valid, also for empty sequences
+    flat = np.concatenate([*(np.asarray(s, dtype=np.int64) for s in seqs), np.array([pad_id], dtype=np.int64)])
+    return pad_rows(flat, starts, lengths, np.arange(len(seqs)), pad_id, pad_multiple)
+
+
+def pad_rows(
+    flat: np.ndarray, starts: np.ndarray, lengths: np.ndarray, rows: np.ndarray, pad_id: int, pad_multiple: int = 8
+) -> tuple[np.ndarray, np.ndarray]:
+    """pad_sequences of the sequences `rows` of a chunk laid end to end in `flat` (sequence i is
+    flat[starts[i] : starts[i] + lengths[i]]), with one gather instead of a copy per sequence. `flat` must
+    not be empty."""
+    lengths = lengths[rows]
     width = padded_length(int(lengths.max()), pad_multiple)
-    ids = np.full((len(seqs), width), pad_id, dtype=np.int64)
-    for row, seq in zip(ids, seqs, strict=True):
-        row[: len(seq)] = seq
-    attention = (np.arange(width)[None, :] < lengths[:, None]).astype(np.int64)
-    return ids, attention
+    columns = np.arange(width)
+    attention = columns[None, :] < lengths[:, None]
+    # positions past a row's end read its last id (always in range) and are then overwritten with pad_id
+    gather = starts[rows][:, None] + np.minimum(columns[None, :], lengths[:, None] - 1)
+    ids = np.where(attention, flat[gather], pad_id).astype(np.int64, copy=False)
+    return ids, attention.astype(np.int64)
+
+
+def batch_rows(
+    flat: np.ndarray, starts: np.ndarray, lengths: np.ndarray, groups: list[np.ndarray], pad_id: int,
+    pad_multiple: int = 8,
+) -> tuple[np.ndarray, np.ndarray, list[tuple[int, int]]]:
+    """Several batches at once, each flattened into one row (the layout Masker.mask_rows masks).
+
+    Batch b (the sequences groups[b] of a chunk laid end to end in `flat`, as pad_rows) is padded to
+    [B_b, W_b], W_b its longest length rounded up to pad_multiple, and laid out row-major in row b of
+    int64 arrays [len(groups), max B_b x W_b] of ids and attention; cells past a batch's end hold pad_id
+    and 0. Returns (ids, attention, [(B_b, W_b)]). One set of array operations for all the batches, so
+    the cost per batch does not grow with their number (short sequences make many small batches).
+    Every length must be >= 1."""
+    sizes = np.array([len(g) for g in groups], dtype=np.int64)
+    longest = np.maximum.reduceat(lengths[np.concatenate(groups)], np.cumsum(sizes) - sizes)
+    widths = -(-longest // pad_multiple) * pad_multiple
+    cells = int((sizes * widths).max())
+    members = np.zeros((len(groups), int(sizes.max())), dtype=np.int64)  # sample index per batch row
+    members[np.repeat(np.arange(len(groups)), sizes), np.concatenate([np.arange(n) for n in sizes])] = (
+        np.concatenate(groups))
+    cell = np.arange(cells)[None, :]
+    row, column = cell // widths[:, None], cell % widths[:, None]
+    inside = row < sizes[:, None]
+    sample = np.take_along_axis(members, np.minimum(row, members.shape[1] - 1), axis=1)
+    length = lengths[sample]
+    real = inside & (column < length)
+    ids = np.where(real, flat[starts[sample] + np.minimum(column, length - 1)], pad_id).astype(np.int64, copy=False)
+    return ids, real.astype(np.int64), list(zip(sizes.tolist(), widths.tolist(), strict=True))

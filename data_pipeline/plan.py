@@ -100,6 +100,10 @@ class EpochPlan:
     def chunk_lengths(self) -> list[int]:
         return [stop - start for _, _, start, stop in self._one_pass]
 
+    def samples_in(self, k: int) -> int:
+        """Samples of the k-th shard in epoch order."""
+        return int(self.shard_starts[k + 1] - self.shard_starts[k])
+
     def locate(self, rank_position: int) -> tuple[int, int]:
         """(index into shard_order, sample offset in that shard) of a rank-range position."""
         q = (self.rank_start + rank_position) % self.total

@@ -30,10 +30,10 @@ import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from distil.common.hashing import mix_seed
-from distil.data_pipeline.batching import fixed_size_batches, pad_sequences, token_budget_batches
+from distil.data_pipeline.batching import batch_rows, fixed_size_batches, token_budget_batches
 from distil.data_pipeline.masking import Masker, unmasked_labels
 from distil.data_pipeline.plan import Chunk, ChunkStats, EpochPlan
-from distil.data_pipeline.read import PartitionReader, decode_sample
+from distil.data_pipeline.read import PartitionReader, decode_samples
 
 MASK_GROUP = 64  # batches masked together (Masker.mask_batches)
 # Tags of the grouping and masking seed streams; plan.py's shard order uses 3: keep them distinct.
@@ -143,16 +143,11 @@ class ChunkProducer(IterableDataset):
     def _chunk_items(self, chunk: Chunk, reader: PartitionReader, skip: int,
                      wanted: list[int] | None = None) -> Iterator[Item]:
         stats = ChunkStats()
-        seqs = []
-        for _, raw in reader.read(chunk.start, chunk.stop, stats):
-            ids = decode_sample(raw, self.vocab_size, self.max_len)
-            if ids is None:
-                if raw is not None:
-                    stats.skipped_samples += 1
-                continue
-            seqs.append(ids)
+        flat, lengths = decode_samples(reader.read(chunk.start, chunk.stop, stats), self.vocab_size, self.max_len,
+                                       stats)
+        seqs = (flat, np.cumsum(lengths) - lengths, lengths)
         chunk_key = [*self.key, chunk.pass_, chunk.partition, chunk.number]
-        groups = self._group(seqs, np.random.default_rng([*chunk_key, _GROUPING]))
+        groups = self._group(lengths, np.random.default_rng([*chunk_key, _GROUPING]))
         # Batches are built and masked MASK_GROUP at a time, each group from its own seed: memory stays
         # bounded for large shuffle buffers, and a resumed chunk skips whole groups without masking them
         # (so does a rank for the groups holding none of its batches).
@@ -172,10 +167,9 @@ class ChunkProducer(IterableDataset):
                     unsent = None
         yield Item(chunk.index, len(groups), None, unsent)
 
-    def _group(self, seqs: list[np.ndarray], rng: np.random.Generator) -> list[np.ndarray]:
-        if not seqs:
+    def _group(self, lengths: np.ndarray, rng: np.random.Generator) -> list[np.ndarray]:
+        if not len(lengths):
             return []
-        lengths = np.fromiter((len(s) for s in seqs), dtype=np.int64, count=len(seqs))
         b = self.batching
         if b.max_tokens is not None:
             return token_budget_batches(
@@ -186,22 +180,24 @@ class ChunkProducer(IterableDataset):
         )
 
     def _make_batches(
-        self, seqs: list[np.ndarray], groups: list[np.ndarray], mask_seed: int
+        self, seqs: tuple[np.ndarray, np.ndarray, np.ndarray], groups: list[np.ndarray], mask_seed: int
     ) -> list[dict[str, torch.Tensor]]:
-        """Pads batches and masks them all at once from one seeded generator."""
-        padded = []
-        for group in groups:
-            ids, attention = pad_sequences([seqs[i] for i in group], self.pad_id, self.batching.pad_multiple)
-            padded.append((torch.from_numpy(ids), torch.from_numpy(attention)))
-        if self.masker is None:
-            return [
-                {"input_ids": ids, "attention_mask": att, "labels": unmasked_labels(ids, att)}
-                for ids, att in padded
-            ]
-        if not padded:
+        """Pads batches (seqs: the chunk's ids end to end, starts, lengths) and masks them all at once from
+        one seeded generator: each batch is one row of the masked arrays (batching.batch_rows), so each
+        gets its own ceil(rate x its real tokens) positions, as if masked alone."""
+        if not groups:
             return []
-        masked = self.masker.mask_batches(padded, torch.Generator().manual_seed(mask_seed))
+        ids, attention, shapes = batch_rows(*seqs, groups, self.pad_id, self.batching.pad_multiple)
+        ids, attention = torch.from_numpy(ids), torch.from_numpy(attention)
+        if self.masker is None:
+            masked, labels = ids, unmasked_labels(ids, attention)
+        else:
+            masked, labels = self.masker.mask_rows(ids, attention, torch.Generator().manual_seed(mask_seed))
         return [
-            {"input_ids": m_ids, "attention_mask": att, "labels": labels}
-            for (_, att), (m_ids, labels) in zip(padded, masked, strict=True)
+            {
+                "input_ids": masked[row, : size * width].view(size, width),
+                "attention_mask": attention[row, : size * width].view(size, width),
+                "labels": labels[row, : size * width].view(size, width),
+            }
+            for row, (size, width) in enumerate(shapes)
         ]

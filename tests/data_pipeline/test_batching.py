@@ -3,6 +3,7 @@
 import numpy as np
 
 from distil.data_pipeline.batching import (
+    batch_rows,
     fixed_size_batches,
     pad_sequences,
     padded_length,
@@ -54,3 +55,20 @@ def test_pad_sequences_rounds_width_and_marks_real_tokens():
     assert ids.shape == (2, 16) and ids.dtype == np.int64
     assert attention.sum(axis=1).tolist() == [3, 11]
     assert ids[0, :3].tolist() == [2, 7, 3] and (ids[0, 3:] == 0).all()
+
+
+def test_batch_rows_lay_out_each_batch_as_pad_sequences_does():
+    rng = np.random.default_rng(3)
+    lengths = rng.integers(1, 70, size=300)
+    flat = rng.integers(5, 1000, size=int(lengths.sum()))
+    starts = np.cumsum(lengths) - lengths
+    order = rng.permutation(300)
+    groups = [order[i : i + n] for i, n in zip(range(0, 300, 37), [37, 1, 20, 37, 37, 37, 37, 37, 57], strict=False)]
+    ids, attention, shapes = batch_rows(flat, starts, lengths, groups, pad_id=0, pad_multiple=8)
+    assert ids.shape[0] == len(groups) == len(shapes)
+    for row, (group, (size, width)) in enumerate(zip(groups, shapes, strict=True)):
+        want_ids, want_attention = pad_sequences([flat[starts[i] : starts[i] + lengths[i]] for i in group], 0, 8)
+        assert (size, width) == want_ids.shape
+        assert np.array_equal(ids[row, : size * width].reshape(size, width), want_ids)
+        assert np.array_equal(attention[row, : size * width].reshape(size, width), want_attention)
+        assert not attention[row, size * width :].any() and (ids[row, size * width :] == 0).all()
