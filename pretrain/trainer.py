@@ -1,142 +1,73 @@
 """The training loop around the DeepSpeed engine: distillation (teacher -> student) or MLM pretraining.
 
-Owns `Trainer` (set-up, then the loop), the counters it checkpoints, the stop / non-finite exceptions and
-`run_training`. Read top to bottom: set up (process group, data, models, checks, engine, resume, tracker),
-then one loop of micro-steps; at each accumulation boundary one small all-reduce decides together whether
-the loss was finite and whether a stop was requested, then the engine steps, metrics are logged and
-checkpoints written. The pieces live beside it: distributed.py (process group), ds_config.py (DeepSpeed
-config), flops.py (FLOP model), metrics.py (window and sink), checkpoint.py (CheckpointManager), runlock.py
-(one run per output folder).
-
-Cluster life (docs/cluster.md): global rank 0 locks run.output_dir before anything is written; a resume of
-a run that already finished stops before anything is touched; SIGTERM/SIGINT (even during set-up),
-run.stop_after_steps and run.time_limit_minutes stop at an update boundary with a checkpoint; a collective
-that times out names the rank that went silent; a checkpoint of W processes resumes on W' (the global
-batch kept through the accumulation, the data position global, ZeRO state re-partitioned by DeepSpeed).
+Owns `Trainer` (set-up, then the loop) and `run_training`. Read top to bottom: set up (process group, data,
+models, checks, engine, resume, tracker), then one loop of micro-steps; at each accumulation boundary one
+small all-reduce decides together whether the loss was finite and whether a stop was requested, then the
+engine steps, metrics are logged and checkpoints written. The pieces live beside it: distributed.py
+(process group), ds_config.py (DeepSpeed config), flops.py (FLOP model), metrics.py (window and sink),
+reporting.py (what a metrics line holds), checkpoint.py (CheckpointManager), progress.py (the counters and
+tracker run id it checkpoints), lifecycle.py (the run's life on a cluster: exit statuses, the stop and
+non-finite exceptions, the output folder's lock, finished runs, resumes on another world size).
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import os
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar
 
 import torch
 import torch.distributed as dist
 
-from distil.common.errors import UserError
-from distil.common.files import atomic_write_json
 from distil.pretrain import stopsignal
-from distil.pretrain.checkpoint import (
-    SHARED,
-    CheckpointManager,
-    EngineCheckpoint,
-    RNGState,
-    rank_file,
-    read_trainer_state,
-    resolve_resume,
-    saved_world_size,
-)
+from distil.pretrain.checkpoint import CheckpointManager, EngineCheckpoint, RNGState
+from distil.pretrain.checkpoint_files import resolve_resume
 from distil.pretrain.config import TrainConfig, check_batch_arithmetic, flatten, to_container, to_yaml
 from distil.pretrain.distributed import (
-    any_rank,
     barrier,
     init_distributed,
     is_collective_timeout,
     launcher_rank_and_world,
     seed_everything,
-    silent_ranks,
 )
 from distil.pretrain.ds_config import build_ds_config, param_groups
 from distil.pretrain.flops import FlopModel, peak_tflops
-from distil.pretrain.losses import (
-    DistillationObjective,
-    MaskedLMObjective,
-    projection_rows,
-    teacher_outputs,
-    uses_kl,
+from distil.pretrain.lifecycle import (
+    EXIT_BAD_INPUT,
+    EXIT_FAILED,
+    EXIT_FINISHED,
+    EXIT_LOCKED,
+    EXIT_MORE_TO_DO,
+    FINISHED_MARKER,
+    AlreadyFinished,
+    CollectiveTimeout,
+    MoreToDo,
+    NonFiniteLossError,
+    OutputDirLock,
+    StopRequested,
+    check_not_finished,
+    keep_global_batch,
+    mark_finished,
+    nonfinite_message,
+    restart_tags,
+    timeout_message,
 )
+from distil.pretrain.losses import DistillationObjective, MaskedLMObjective, teacher_outputs, uses_kl
 from distil.pretrain.metrics import MetricsSink, Window
+from distil.pretrain.progress import Counters, TrackerRun
+from distil.pretrain.reporting import batch_counts, grad_norm, line_metrics
 from distil.pretrain.runlock import RunLock, RunLocked
 
 log = logging.getLogger("distil.train")
 
-FINISHED_MARKER = "finished.json"  # in run.output_dir: the checkpoint a finished run ended with
-
-# Exit statuses of `distil train` (docs/cluster.md has the table).
-EXIT_FINISHED = 0
-EXIT_FAILED = 1
-EXIT_BAD_INPUT = 2
-EXIT_MORE_TO_DO = 3  # stopped with a checkpoint at run.time_limit_minutes or run.stop_after_steps
-EXIT_LOCKED = 75  # EX_TEMPFAIL: run.output_dir is in use by a live run; nothing was touched
-
-
-class NonFiniteLossError(RuntimeError):
-    """The loss stayed NaN/inf for run.max_nonfinite_steps optimizer steps in a row."""
-
-
-class StopRequested(Exception):
-    """SIGTERM/SIGINT: checkpoint written, run ends KILLED."""
-
-
-class MoreToDo(StopRequested):
-    """run.time_limit_minutes or run.stop_after_steps: checkpoint written, more steps to go."""
-
-
-class AlreadyFinished(Exception):
-    """--resume of a run that has already finished: nothing to do, nothing touched."""
-
-
-class CollectiveTimeout(RuntimeError):
-    """A collective waited past engine.collective_timeout_s: a rank hung (the message names it if known)."""
-
-
-__all__ = ["AlreadyFinished", "CollectiveTimeout", "NonFiniteLossError", "RunLocked", "Trainer", "run_training"]
-
-
-@dataclass
-class Counters:
-    """Training progress, the same on every rank (trainer_state.json "counters")."""
-
-    checkpoint_scope: ClassVar[str] = SHARED
-
-    step: int = 0  # optimizer steps taken (applied or skipped by the loss scaler)
-    epoch: int = 0
-    micro_steps: int = 0
-    samples: int = 0  # sequences seen, all ranks
-    tokens: int = 0  # non-pad tokens seen, all ranks
-    skipped_steps: int = 0  # steps whose update was skipped (non-finite)
-    nonfinite_in_row: int = 0
-    elapsed_s: float = 0.0  # training wall time before this (re)start
-    restarts: int = 0  # times this run was resumed from a checkpoint
-
-    def state_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        loaded = Counters(**state)
-        for f in fields(self):
-            setattr(self, f.name, getattr(loaded, f.name))
-
-
-class TrackerRun:
-    """The tracker's run id (trainer_state.json "run_id"), so a resumed run appends to the same run."""
-
-    checkpoint_scope: ClassVar[str] = SHARED
-
-    def __init__(self) -> None:
-        self.resumed_id: str | None = None  # from the checkpoint, before the tracker exists
-        self.tracker: Any = None
-
-    def state_dict(self) -> str | None:
-        return self.tracker.run_id if self.tracker is not None else self.resumed_id
-
-    def load_state_dict(self, state: str | None) -> None:
-        self.resumed_id = state
+__all__ = [
+    "AlreadyFinished", "CollectiveTimeout", "NonFiniteLossError", "RunLocked", "Trainer", "run_training",
+    # defined in lifecycle.py and progress.py, importable from here as before
+    "EXIT_BAD_INPUT", "EXIT_FAILED", "EXIT_FINISHED", "EXIT_LOCKED", "EXIT_MORE_TO_DO", "FINISHED_MARKER",
+    "Counters", "MoreToDo", "StopRequested", "TrackerRun",
+]
 
 
 class Trainer:
@@ -144,7 +75,7 @@ class Trainer:
         self.cfg = cfg
         self.resume = resume
         self.started = time.monotonic()  # run.time_limit_minutes counts from here
-        self.lock: RunLock | None = None
+        self.lock: OutputDirLock | None = None
         self.finished = False
 
     # ---------------------------------------------------------------------------------------------- setup
@@ -161,7 +92,7 @@ class Trainer:
         self.ckpt_dir = Path(cfg.checkpoint.dir) if cfg.checkpoint.dir else self.run_dir / "checkpoints"
         RunLock(self.run_dir).probe()  # a live run's folder: refused on every rank before its files are read
         resume_path = resolve_resume(self.resume, self.ckpt_dir)
-        self.elastic_from = self._keep_global_batch(resume_path, world_size)
+        self.elastic_from = keep_global_batch(cfg, resume_path, world_size)
         self.global_batch = check_batch_arithmetic(cfg, world_size)
         # With a fixed batch size the data layout is global (one batch sequence dealt to the ranks update by
         # update): what an update trains on does not depend on the world size, and a run resumes on another.
@@ -174,11 +105,13 @@ class Trainer:
         )
         self.updates_per_epoch = max(1, self.stream.batches_per_epoch() // cfg.engine.gradient_accumulation_steps)
         self.total_steps = cfg.run.max_steps or cfg.run.epochs * self.updates_per_epoch
-        self._check_not_finished(resume_path)  # every rank reads the same files: all stop, nothing written
+        # every rank reads the same files: all stop, nothing written
+        check_not_finished(self.run_dir, resume_path, self.total_steps)
         self.dist = d = init_distributed(cfg.engine.collective_timeout_s)
         if (d.rank, d.world_size) != (rank, world_size):
             raise RuntimeError(f"process group rank/world {d.rank}/{d.world_size} != launcher's {rank}/{world_size}")
-        self._lock_output_dir()
+        self.lock = OutputDirLock(self.run_dir)
+        self.lock.acquire(self.dist)
         self.manifest = self.stream.manifest
         objective = self._build_models()
         self._build_engine(objective)
@@ -186,63 +119,6 @@ class Trainer:
         self._start_tracker()
         self.peak = peak_tflops(cfg, d.device)
         barrier(self.dist.world_size)
-
-    def _keep_global_batch(self, resume_path: Path | None, world_size: int) -> int | None:
-        """A checkpoint of another world size: sets the accumulation that keeps its global batch (or stops
-        with the key to set). Returns the checkpoint's world size, or None when it is this run's."""
-        if resume_path is None:
-            return None
-        saved = saved_world_size(resume_path)
-        if saved == world_size:
-            return None
-        try:
-            stream = json.loads(rank_file(resume_path, 0).read_text())["stream"]["config"]
-            per_update, layout = int(stream["per_update"]), stream["layout"]
-        except (OSError, ValueError, KeyError, TypeError):
-            per_update, layout = 0, None
-        if layout != "global":
-            raise UserError(f"checkpoint {resume_path} was written by {saved} processes, this run has {world_size}, "
-                            "and its data position is per process (data.max_tokens, or an older distil): resume "
-                            f"with {saved} processes")
-        micro_batches = saved * per_update  # per update, all ranks together
-        e = self.cfg.engine
-        if micro_batches % world_size:
-            raise UserError(f"checkpoint {resume_path} takes {saved} processes x {per_update} micro-batches = "
-                            f"{micro_batches} micro-batches per update, which {world_size} processes cannot share "
-                            f"evenly: resume on a number of processes that divides {micro_batches}")
-        accumulation = micro_batches // world_size
-        if accumulation != e.gradient_accumulation_steps:
-            if os.environ.get("RANK", "0") == "0":
-                log.info("resuming a checkpoint of %d processes on %d: engine.gradient_accumulation_steps %d -> %d "
-                         "keeps the global batch", saved, world_size, e.gradient_accumulation_steps, accumulation)
-            e.gradient_accumulation_steps = accumulation
-        return saved
-
-    def _check_not_finished(self, resume_path: Path | None) -> None:
-        """Raises AlreadyFinished when resume_path is the checkpoint a finished run ended with (and the
-        config asks for no more steps than it has)."""
-        marker = self.run_dir / FINISHED_MARKER
-        if resume_path is None or not marker.is_file():
-            return
-        try:
-            finished = json.loads(marker.read_text())
-        except ValueError:
-            return
-        step = read_trainer_state(resume_path)["counters"]["step"]
-        if finished.get("checkpoint") == resume_path.name and step >= self.total_steps:
-            raise AlreadyFinished(f"{self.run_dir} finished at step {step} (checkpoint {resume_path}); nothing to do")
-
-    def _lock_output_dir(self) -> None:
-        """Global rank 0 locks run.output_dir before anything is written; every rank stops if it cannot."""
-        message = None
-        if self.dist.rank == 0:
-            self.lock = RunLock(self.run_dir)
-            try:
-                self.lock.acquire()
-            except RunLocked as e:
-                self.lock, message = None, str(e)
-        if any_rank(message is not None, self.dist):
-            raise RunLocked(message or "run.output_dir is in use by a live run (see global rank 0's error)")
 
     def release_lock(self) -> None:
         if self.lock is not None:
@@ -336,13 +212,7 @@ class Trainer:
         if d.rank == 0:
             self._log_run_files(self.global_batch)
         if self.resumed_from is not None:
-            self._tag_restart()
-
-    def _tag_restart(self) -> None:
-        tags = {"distil.restarts": str(self.counters.restarts), "distil.resumed_at_step": str(self.counters.step)}
-        if os.environ.get("SLURM_RESTART_COUNT"):
-            tags["distil.slurm_restart_count"] = os.environ["SLURM_RESTART_COUNT"]
-        self.tracker.set_tags(tags)
+            self.tracker.set_tags(restart_tags(self.counters.restarts, self.counters.step))
 
     def _log_run_files(self, global_batch: int) -> None:
         (self.run_dir / "config.yaml").write_text(to_yaml(self.cfg))
@@ -379,14 +249,11 @@ class Trainer:
             except RuntimeError as e:
                 if not is_collective_timeout(e):
                     raise
-                raise CollectiveTimeout(self._timeout_message(e)) from e
+                raise CollectiveTimeout(timeout_message(self.dist, e, self.counters.step)) from e
             final = self.save_checkpoint()
             export_dir = self.export() if cfg.run.export else None
             if self.dist.rank == 0:
-                atomic_write_json(self.run_dir / FINISHED_MARKER, {
-                    "checkpoint": final.name, "step": c.step,
-                    "export": str(export_dir) if export_dir is not None else None,
-                    "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
+                mark_finished(self.run_dir, final, c.step, export_dir)
             self.finished = True
             status = "FINISHED"
             return export_dir
@@ -398,24 +265,8 @@ class Trainer:
             sink.close()
             self.tracker.finish(status)
 
-    def _timeout_message(self, error: RuntimeError) -> str:
-        d = self.dist
-        wait_s = min(d.timeout_s, 60.0)
-        who = silent_ranks(d, wait_s)
-        first = str(error).strip().splitlines()[0][:160] if str(error).strip() else type(error).__name__
-        return (f"rank {d.rank}: a collective waited more than engine.collective_timeout_s={d.timeout_s:g} s at "
-                f"step {self.counters.step}: {who} ({first}). The last checkpoint is intact: resume with "
-                "--resume auto once the node is healthy")
-
     def _logs_at(self, step: int) -> bool:
         return step % self.cfg.run.log_every == 0 or step == self.total_steps
-
-    def _grad_norm(self) -> float:
-        """2-norm of the (already all-reduced) gradients before the optimizer step, without ZeRO."""
-        grads = [p.grad.detach() for p in self.engine.module.parameters() if p.grad is not None]
-        if not grads:
-            return float("nan")
-        return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads])))
 
     def _out_of_time(self) -> bool:
         limit = self.cfg.run.time_limit_minutes
@@ -432,16 +283,16 @@ class Trainer:
             for batch in self.stream:
                 loss_out = self._micro_step(batch)
                 window_nonfinite |= ~torch.isfinite(loss_out.loss.detach())
-                window.add(loss_out.parts, *self._batch_counts(batch))
+                window.add(loss_out.parts, *batch_counts(batch, self.flop_model, cfg.loss, cfg.mode))
                 c.micro_steps += 1
                 boundary = c.micro_steps % accum == 0
                 if boundary:
                     nonfinite, stop, out_of_time = self._agree(window_nonfinite, self.stop_signal is not None,
                                                                self._out_of_time())
                     if nonfinite and not self.engine_skips_nonfinite:
-                        raise NonFiniteLossError(self._nonfinite_message(1))
+                        raise NonFiniteLossError(nonfinite_message(1, c.step, self.checkpoints.latest()))
                     if self.own_grad_norm and self._logs_at(c.step + 1):
-                        self.last_grad_norm = self._grad_norm()
+                        self.last_grad_norm = grad_norm(self.engine.module)
                 engine.step()
                 if not boundary:
                     continue
@@ -480,15 +331,6 @@ class Trainer:
         self.engine.backward(out.loss)
         return out
 
-    def _batch_counts(self, batch: dict[str, torch.Tensor]) -> tuple[int, int, int, float]:
-        """Sequences, real tokens, masked tokens and FLOPs, from the CPU copy of the batch (no device sync)."""
-        mask, labels = batch["attention_mask"], batch["labels"]
-        tokens = int(mask.sum())
-        masked = int((labels != -100).sum())
-        rows = int(projection_rows(mask, labels, self.cfg.loss, self.cfg.mode).sum())
-        flops = self.flop_model.micro_step(mask.numel(), mask.shape[1], rows)
-        return mask.shape[0], tokens, masked, flops
-
     def _agree(self, nonfinite: torch.Tensor, stop: bool, out_of_time: bool) -> tuple[bool, bool, bool]:
         """One all-reduce (max) per update: every rank skips and stops together, so no collective hangs.
         It is also the loop's only host-device synchronisation outside log steps."""
@@ -506,16 +348,9 @@ class Trainer:
         if nonfinite:
             c.nonfinite_in_row += 1
             if c.nonfinite_in_row >= self.cfg.run.max_nonfinite_steps:
-                raise NonFiniteLossError(self._nonfinite_message(c.nonfinite_in_row))
+                raise NonFiniteLossError(nonfinite_message(c.nonfinite_in_row, c.step, self.checkpoints.latest()))
         else:
             c.nonfinite_in_row = 0
-
-    def _nonfinite_message(self, n: int) -> str:
-        latest = self.checkpoints.latest()
-        where = f"{latest}" if latest is not None else "none written yet"
-        return (f"the loss was NaN/inf for {n} optimizer step(s) in a row at step {self.counters.step}; stopped "
-                f"without writing a checkpoint (last good checkpoint: {where}). Lower optim.lr, use "
-                "engine.precision=bf16, or check the data")
 
     def _log(self, w: Window, sink: MetricsSink) -> None:
         """Averages the window over ranks (one all-reduce) and writes one metrics line on rank 0."""
@@ -523,32 +358,9 @@ class Trainer:
         c = self.counters
         c.samples += int(totals.sequences)
         c.tokens += int(totals.tokens)
-        if self.dist.rank != 0:
-            return
-        dt, flops = totals.seconds, totals.flops
-        grad_norm = self.engine.get_global_grad_norm()
-        if grad_norm is None:
-            grad_norm = self.last_grad_norm
-        optimizer = self.engine.optimizer
-        metrics: dict[str, float] = {
-            **totals.losses,
-            "lr": float(self.engine.get_lr()[0]),
-            "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
-            "loss_scale": float(getattr(optimizer, "cur_scale", getattr(optimizer, "loss_scale", 1.0))),
-            "tokens_per_s": totals.tokens / dt,
-            "sequences_per_s": totals.sequences / dt,
-            "masked_tokens": totals.masked,
-            "tflops_per_s": flops / dt / 1e12,
-            "skipped_steps": float(c.skipped_steps),
-            "epoch": float(c.epoch),
-        }
-        if self.peak:
-            metrics["mfu"] = flops / dt / (self.peak * 1e12 * self.dist.world_size)
-        stats = self.stream.stats() if hasattr(self.stream, "stats") else {}
-        for key in ("skipped_samples", "skipped_shards"):  # damaged input, skipped and counted (read.py)
-            if key in stats:
-                metrics[key] = float(stats[key])
-        sink.write(c.step, metrics)
+        if self.dist.rank == 0:
+            sink.write(c.step, line_metrics(totals, self.engine, c, self.last_grad_norm, self.peak,
+                                            self.dist.world_size, self.stream))
 
     # ------------------------------------------------------------------------------------ checkpoint/export
     def save_checkpoint(self) -> Path:
