@@ -216,8 +216,11 @@ def _results(
     """Batch results in task order; at most 2 x workers batches in flight, so memory stays bounded."""
     if workers == 1:
         _init_worker(settings)
-        for task in tasks:
-            yield process_batch(task)
+        try:
+            for task in tasks:
+                yield process_batch(task)
+        finally:
+            gc.unfreeze()  # in this process: what process_batch froze goes back to the collector
         return
     context = mp.get_context("spawn")  # no fork of a process that may hold tokenizer/torch threads
     with context.Pool(workers, initializer=_init_worker, initargs=(settings,)) as pool:
