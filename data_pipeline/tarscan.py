@@ -18,7 +18,6 @@ is not (the caller counts the samples it was owed).
 from __future__ import annotations
 
 import re
-import tarfile
 from typing import BinaryIO
 
 import numpy as np
@@ -38,8 +37,11 @@ class ShardEnded(Exception):
 
 def _number(field: bytes) -> int:
     """A numeric header field: octal digits (NUL/space padded), or base-256 for large values (tarfile.nti)."""
-    if field and field[0] & 0x80:
-        return tarfile.nti(field)
+    if field and field[0] & 0x80:  # GNU base-256: 0x80 then a big-endian number, 0xff a negative one
+        if field[0] not in (0x80, 0xFF):
+            raise ShardEnded(f"invalid number {field!r} in a tar header")
+        value = int.from_bytes(field[1:], "big")
+        return value if field[0] == 0x80 else value - 256 ** (len(field) - 1)
     digits = field.split(b"\0", 1)[0].strip()
     try:
         return int(digits, 8) if digits else 0
@@ -85,7 +87,10 @@ def _first_bad_checksum(buf: bytes, starts: list[int]) -> int | None:
     plain = ((digits >= 0) & (digits < 8)).all(axis=1) & (field[:, 6] == 0)
     stored = (digits * (8 ** np.arange(5, -1, -1))).sum(axis=1)
     for i in np.flatnonzero(~(plain & (stored == computed))).tolist():
-        if not _checksum_ok(bytes(rows[i])):
+        try:
+            if not _checksum_ok(bytes(rows[i])):
+                return i
+        except ShardEnded:  # not even a number in the checksum field
             return i
     return None
 
@@ -196,6 +201,8 @@ class TarSamples:
         if not _checksum_ok(header):
             raise ShardEnded("a tar header with a wrong checksum")
         size = _number(header[124:136])
+        if size < 0:
+            raise ShardEnded("a tar header with a negative size")
         kind = header[156]
         name = header[:100].split(b"\0", 1)[0]
         if header[257:265] == _USTAR and header[345] != 0:
@@ -203,7 +210,9 @@ class TarSamples:
         if self._pax:
             name = self._pax.get(b"path", name)
             if b"size" in self._pax:
-                size = int(self._pax[b"size"])
+                size = int(self._pax[b"size"]) if self._pax[b"size"].isdigit() else -1
+                if size < 0:
+                    raise ShardEnded("a pax header with an invalid size")
         if self._long_name is not None:
             name = self._long_name
         data = None

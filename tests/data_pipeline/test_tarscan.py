@@ -134,3 +134,16 @@ def test_a_failing_stream_ends_the_shard_with_its_reason():
 
     reader = TarSamples(Failing(), SUFFIX)
     assert reader.read(5) == [] and reader.done and "connection reset" in reader.error
+
+
+@pytest.mark.parametrize("field", [124, 148])  # size, checksum
+@pytest.mark.parametrize("first", [0x80, 0xA0, 0xFF])
+def test_base256_numbers_in_damaged_headers_end_the_shard(field, first):
+    """GNU tar's base-256 form (first byte 0x80 or 0xff) and bytes that only look like it: tarfile raises
+    InvalidHeaderError from its parser for the latter; here the shard ends with a reason instead."""
+    data = bytearray(LAYOUTS["ustar, one member a sample"])
+    second = 512 + len(PLAIN[0][1]) + (-len(PLAIN[0][1]) % 512)  # the second member's header
+    data[second + field] = first
+    got, reader = scanned(bytes(data))
+    assert got == reference(bytes(data))
+    assert len(got) == 1 and reader.error is not None
