@@ -6,7 +6,8 @@ together:
 - plan.py: the epoch plan -- shard order, each rank's range, its partitions and chunks -- a pure
   function of the manifest's sample counts and (seed, epoch, rank, world_size);
 - read.py: where the shard set lives (folder, http(s), `pipe:` command) and reading its samples;
-- produce.py: turning chunks into shuffled, length-grouped, masked batches in DataLoader workers.
+- produce.py: turning chunks into shuffled, length-grouped, masked batches in DataLoader workers;
+- position.py: the position and the counts kept with it, their saved form and the checks on resume.
 
 The workers' output is put back in chunk order here, so the batch sequence depends on `partitions`, not
 on num_workers.
@@ -43,7 +44,7 @@ import logging
 import math
 from collections import defaultdict, deque
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from typing import Any
 
 import numpy as np
@@ -54,15 +55,28 @@ from distil.common.errors import UserError
 from distil.data_pipeline.batching import padded_length
 from distil.data_pipeline.manifest import Manifest, ShardInfo
 from distil.data_pipeline.masking import Masker, MaskingConfig
-from distil.data_pipeline.plan import ChunkStats, EpochPlan
+from distil.data_pipeline.plan import EpochPlan
+from distil.data_pipeline.position import (
+    ELASTIC_KEYS,
+    STATE_VERSION,
+    Position,
+    StreamStats,
+    global_batches_taken,
+    rank_position,
+    restored_position,
+    resumes_elsewhere,
+    saved_state,
+    upgrade_state,
+)
 from distil.data_pipeline.produce import BatchingConfig, BatchSelection, ChunkProducer, Item
 from distil.data_pipeline.read import check_shards_exist, load_token_counts, open_shard_set
 
 log = logging.getLogger(__name__)
 
-STATE_VERSION = 2  # 2: layouts (1: per-rank ranges only)
 LAYOUTS = ("per_rank", "global")
-ELASTIC_KEYS = ("rank", "world_size", "per_update")  # may change between save and load (global layout)
+
+# ELASTIC_KEYS, STATE_VERSION and StreamStats are defined in position.py, importable from here as before
+__all__ = ["ELASTIC_KEYS", "LAYOUTS", "STATE_VERSION", "PretrainStream", "StreamStats"]
 
 
 def _check_arguments(
@@ -103,29 +117,6 @@ def _check_token_budget(max_tokens: int | None, max_len: int, pad_multiple: int)
             f"max_tokens {max_tokens} cannot hold one sequence of max_len {max_len}: "
             f"use at least {padded_length(max_len, pad_multiple)}"
         )
-
-
-@dataclass
-class StreamStats:
-    samples: int = 0
-    tokens: int = 0
-    batches: int = 0
-    skipped_samples: int = 0
-    skipped_shards: int = 0
-    extra_passes: int = 0  # times a rank re-read its range to fill its batch count (max_tokens, corruption)
-
-    def add_chunk(self, chunk: ChunkStats) -> None:
-        self.skipped_samples += chunk.skipped_samples
-        self.skipped_shards += chunk.skipped_shards
-
-
-@dataclass
-class _Position:
-    epoch: int = 0
-    chunk: int = 0
-    batch_in_chunk: int = 0
-    batches: int = 0  # batches yielded in this epoch
-    pass_batches: dict[int, int] = field(default_factory=dict)  # batches made per pass (hang guard)
 
 
 class PretrainStream:
@@ -189,7 +180,7 @@ class PretrainStream:
         if masking is not None:
             self.token_counts, self.masker = self._make_masker(masking)
         self._urls = [self.shard_set.read_url(s.path) for s in self._shards]
-        self._position = _Position()
+        self._position = Position()
         self._stats = StreamStats()
         self._plan_cache: tuple[int, EpochPlan] | None = None
 
@@ -258,11 +249,11 @@ class PretrainStream:
         if epoch < 0:
             raise ValueError(f"epoch {epoch} must be >= 0")
         if epoch != self._position.epoch:
-            self._position = _Position(epoch=epoch)
+            self._position = Position(epoch=epoch)
 
     def rewind(self) -> None:
         """Back to the start of the current epoch (e.g. to evaluate on the same held-out batches again)."""
-        self._position = _Position(epoch=self._position.epoch)
+        self._position = Position(epoch=self._position.epoch)
 
     @property
     def epoch(self) -> int:
@@ -342,7 +333,7 @@ class PretrainStream:
             del pending[want]
         return item
 
-    def _finish_chunk(self, plan: EpochPlan, pos: _Position, made: int) -> None:
+    def _finish_chunk(self, plan: EpochPlan, pos: Position, made: int) -> None:
         pass_ = pos.chunk // plan.chunks_per_pass
         pos.pass_batches[pass_] = pos.pass_batches.get(pass_, 0) + made
         next_chunk = pos.chunk + 1
@@ -356,7 +347,7 @@ class PretrainStream:
             self._stats.extra_passes += 1
         pos.chunk, pos.batch_in_chunk = next_chunk, 0
 
-    # -- state ----------------------------------------------------------------------------------------
+    # -- state (position.py) --------------------------------------------------------------------------
 
     def _fingerprint(self) -> dict[str, Any]:
         return {
@@ -373,26 +364,15 @@ class PretrainStream:
         }
 
     def state_dict(self) -> dict[str, Any]:
-        pos = self._position
-        at_boundary = self.global_layout and pos.batches % self.per_update == 0
-        return {
-            "version": STATE_VERSION,
-            "epoch": pos.epoch,
-            "chunk": pos.chunk,
-            "batch_in_chunk": pos.batch_in_chunk,
-            "batches": pos.batches,
-            # batches of the epoch's global sequence taken by all ranks together (at an update boundary)
-            "global_batches": pos.batches * self.world_size if at_boundary else None,
-            "pass_batches": {str(k): v for k, v in pos.pass_batches.items()},
-            "stats": asdict(self._stats),
-            "config": self._fingerprint(),
-        }
+        return saved_state(self._position, world_size=self.world_size, per_update=self.per_update,
+                           global_layout=self.global_layout, stats=asdict(self._stats), config=self._fingerprint())
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restores a position saved by state_dict() (global layout: saved by any rank of any world size
         with the same world_size x micro_batches_per_update, at an update boundary); ask
         batches_per_epoch() after this, not before."""
-        state = self._upgrade(state)
+        state = upgrade_state(state, world_size=self.world_size, per_update=self.per_update,
+                              layout="global" if self.global_layout else "per_rank")
         saved = state["config"]
         if not self._partitions_given and saved.get("partitions") != self.partitions:
             # partitions defaulted to num_workers: keep the saved layout, so the batch sequence goes on
@@ -400,21 +380,14 @@ class PretrainStream:
             log.info("data loader: resuming with the saved %s partitions", saved.get("partitions"))
             self.partitions = int(saved["partitions"])
             self._plan_cache = None
-        current = self._fingerprint()
-        changed = [k for k in current if saved.get(k) != current[k]]
-        if changed and self.global_layout and saved.get("layout") == "global" and set(changed) <= set(ELASTIC_KEYS):
-            self._load_elsewhere(state)
-            return
-        if changed:
-            details = ", ".join(f"{k}: saved {saved.get(k)!r}, now {current[k]!r}" for k in changed)
-            raise UserError(f"cannot resume the data position ({details}): resume with the saved settings")
-        self._position = _Position(
-            epoch=int(state["epoch"]),
-            chunk=int(state["chunk"]),
-            batch_in_chunk=int(state["batch_in_chunk"]),
-            batches=int(state["batches"]),
-            pass_batches={int(k): int(v) for k, v in state["pass_batches"].items()},
-        )
+        if resumes_elsewhere(saved, self._fingerprint()):  # the global position, mapped onto this rank
+            taken = global_batches_taken(state, world_size=self.world_size, per_update=self.per_update)
+            epoch = int(state["epoch"])
+            self._position = rank_position(epoch, taken, rank=self.rank, world_size=self.world_size,
+                                           per_update=self.per_update,
+                                           chunk_batches=self._chunk_batches(self._plan(epoch)))
+        else:
+            self._position = restored_position(state)
         self._stats = StreamStats(**state["stats"])
 
     def load_resharded(self, states: list[dict[str, Any]]) -> None:
@@ -424,48 +397,6 @@ class PretrainStream:
             raise UserError(f"the data position was saved by {len(states)} processes and this stream has "
                             f"{self.world_size}: with data.max_tokens resume with {len(states)} processes")
         self.load_state_dict(states[0])
-
-    def _upgrade(self, state: dict[str, Any]) -> dict[str, Any]:
-        """Version 1 states hold per-rank ranges: the per-rank layout, or the global one for a single process
-        (where both layouts are one)."""
-        version = state.get("version")
-        alone = state["config"].get("world_size") == 1 and self.world_size == 1
-        if version == 1 and (alone or not self.global_layout):
-            config = {**state["config"], "per_update": self.per_update,
-                      "layout": "global" if self.global_layout else "per_rank"}
-            return {**state, "version": STATE_VERSION, "config": config,
-                    "global_batches": state["batches"] if self.per_update == 1 else None}
-        if version != STATE_VERSION:
-            raise UserError(f"data loader state version {version!r} is not {STATE_VERSION} (written by another "
-                            "version of distil with another data layout): resume with that version, or start over")
-        return state
-
-    def _load_elsewhere(self, state: dict[str, Any]) -> None:
-        """The global position of a stream saved by another rank / world size, mapped onto this rank."""
-        saved = state["config"]
-        group = self.world_size * self.per_update
-        if saved["world_size"] * saved["per_update"] != group:
-            raise UserError(
-                f"the data position was saved with {saved['world_size']} processes x {saved['per_update']} "
-                f"micro-batches per update = {saved['world_size'] * saved['per_update']} batches per update; this "
-                f"run takes {self.world_size} x {self.per_update} = {group}: keep the global batch (set "
-                "engine.gradient_accumulation_steps)")
-        position = state.get("global_batches")
-        if position is None or position % group:
-            raise UserError("the data position was not saved at an update boundary: resume with the saved number "
-                            f"of processes ({saved['world_size']})")
-        epoch = int(state["epoch"])
-        plan = self._plan(epoch)
-        counts = self._chunk_batches(plan)
-        first = position + self.rank * self.per_update  # this rank's next batch in the global sequence
-        passes, within = divmod(first, sum(counts))
-        chunk = 0
-        while within >= counts[chunk]:
-            within -= counts[chunk]
-            chunk += 1
-        self._position = _Position(epoch=epoch, chunk=passes * len(counts) + chunk, batch_in_chunk=within,
-                                   batches=position // group * self.per_update)
-        self._stats = StreamStats(**state["stats"])
 
     def stats(self) -> dict[str, int]:
         return asdict(self._stats)

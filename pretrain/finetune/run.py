@@ -3,7 +3,8 @@ and report the median of the dev metrics, as the paper's Table 1.
 
 Everything a user can get wrong is checked before any work (task, files, columns, labels, model folder,
 tokenizer, settings, tracking URI): one `error:` line, exit status 2, nothing written. The output folder is
-built beside its final place and renamed at the end, so it holds a finished report or nothing.
+built beside its final place and renamed at the end, so it holds a finished report or nothing. Each seed is
+one run of transformers' Trainer (seed_run.py); this module checks, loops over the seeds and reports.
 
 OUTPUT/report.json            settings, data, per seed: dev metrics per epoch and final, test metrics when the
                               test file has labels; the medians; parameters and inference time (Table 3)
@@ -14,8 +15,6 @@ OUTPUT/seed_<n>/              each seed's test predictions (and model/, with sav
 from __future__ import annotations
 
 import shutil
-import sys
-import time
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -28,17 +27,18 @@ from distil.common.config import flag, load_command_config, only_overrides
 from distil.common.errors import UserError
 from distil.common.files import atomic_write_folder, atomic_write_json
 from distil.pretrain.finetune.data import Split, check_pairs, encode_labels, infer_custom_task, read_split
-from distil.pretrain.finetune.metrics import (
-    compute_metrics,
-    median_metrics,
-    median_seed,
-    predictions_from_logits,
-)
+from distil.pretrain.finetune.metrics import median_metrics, median_seed
+from distil.pretrain.finetune.seed_run import run_seed, training_arguments, write_predictions
 from distil.pretrain.finetune.tasks import PROBLEMS, TaskSpec, glue_task, task_names
-from distil.pretrain.finetune.track import EpochLog, FinetuneTracking
+from distil.pretrain.finetune.track import FinetuneTracking
 
 PRECISIONS = ("fp32", "fp16", "bf16")
 DEVICES = ("auto", "cpu", "cuda")
+
+__all__ = ["DEVICES", "PRECISIONS", "FinetuneConfig", "Prepared", "check_output", "finetune", "finetune_run",
+           "load_finetune_config", "model_label", "prepare", "print_summary", "resolve_device",
+           # defined in seed_run.py, importable from here as before
+           "run_seed", "training_arguments", "write_predictions"]
 
 
 @dataclass
@@ -190,83 +190,6 @@ def prepare(cfg: FinetuneConfig) -> Prepared:
         labels[key] = encode_labels(task, split) if split.labels is not None else None
     model = load_for_task(cfg.model, task, cfg.seed_list[0])  # type: ignore[arg-type]
     return Prepared(task, device, tokenizer, info.model_type, model, splits, labels, forward_names(model))
-
-
-def training_arguments(cfg: FinetuneConfig, device: torch.device, output_dir: Path, seed: int):
-    from transformers import TrainingArguments
-
-    return TrainingArguments(
-        output_dir=str(output_dir), num_train_epochs=cfg.epochs, learning_rate=cfg.lr,
-        per_device_train_batch_size=cfg.batch_size, per_device_eval_batch_size=cfg.eval_batch_size,
-        weight_decay=cfg.weight_decay, warmup_steps=cfg.warmup_ratio, lr_scheduler_type="linear",
-        seed=seed, data_seed=seed, eval_strategy="epoch" if cfg.eval_every_epoch else "no",
-        logging_strategy="epoch", save_strategy="no", report_to="none", use_cpu=device.type == "cpu",
-        fp16=cfg.precision == "fp16", bf16=cfg.precision == "bf16", dataloader_num_workers=0,
-        disable_tqdm=not sys.stderr.isatty(), log_level="error")
-
-
-def write_predictions(path: Path, task: TaskSpec, split: Split, predictions) -> None:
-    """GLUE's submission layout: `index<TAB>prediction`, label strings (or the score for regression)."""
-    lines = ["index\tprediction"]
-    for index, value in zip(split.index, predictions, strict=True):
-        lines.append(f"{index}\t{float(value):.6g}" if task.is_regression else f"{index}\t{task.labels[int(value)]}")  # type: ignore[index]
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
-
-
-def run_seed(cfg: FinetuneConfig, prep: Prepared, seed: int, model, features: dict, folder: Path,
-             tracking: FinetuneTracking, run_name: str, params: dict[str, Any],
-             tags: dict[str, str]) -> tuple[dict[str, Any], torch.nn.Module]:
-    """One fine-tuning with transformers' Trainer; returns the seed's report entry and the trained model."""
-    from transformers import DataCollatorWithPadding, Trainer
-    from transformers.trainer_callback import PrinterCallback, ProgressCallback
-
-    task = prep.task
-    evals = {k: features[k] for k in ("dev", "dev_mm") if k in features}
-
-    def metrics_of(prediction) -> dict[str, float]:
-        return compute_metrics(task, predictions_from_logits(task, prediction.predictions), prediction.label_ids)
-
-    child = tracking.start_seed(f"{run_name}-seed{seed}", seed, params, tags)
-    log = EpochLog(child, seed)
-    status = "FAILED"
-    try:
-        trainer = Trainer(model=model, args=training_arguments(cfg, prep.device, folder / "trainer", seed),
-                          data_collator=DataCollatorWithPadding(prep.tokenizer), train_dataset=features["train"],
-                          eval_dataset=evals, compute_metrics=metrics_of, callbacks=[log])
-        trainer.remove_callback(PrinterCallback)  # EpochLog prints one line per epoch instead of raw dicts
-        if not sys.stderr.isatty():
-            trainer.remove_callback(ProgressCallback)
-        started = time.perf_counter()
-        trainer.train()
-        train_seconds = time.perf_counter() - started
-        if not cfg.eval_every_epoch:
-            for key, dataset in evals.items():
-                trainer.evaluate(dataset, metric_key_prefix=f"eval_{key}")
-        entry: dict[str, Any] = {"seed": seed, "dev": log.final(), "history": log.history,
-                                 "train_seconds": train_seconds, "test": None, "mlflow_run_id": child.run_id}
-        for key in ("test", "test_mm"):
-            if key in features:
-                output = trainer.predict(features[key])
-                predictions = predictions_from_logits(task, output.predictions)
-                write_predictions(folder / f"{key.replace('_mm', '_mismatched')}_predictions.tsv", task,
-                                  prep.splits[key], predictions)
-                if prep.labels.get(key) is not None:
-                    metrics = compute_metrics(task, predictions, prep.labels[key])
-                    entry["test"] = {**(entry["test"] or {}),
-                                     **{f"{key}_{k}": v for k, v in metrics.items()}}
-        if entry["test"]:
-            child.log_metrics(entry["test"], step=cfg.epochs)
-        if cfg.save_models:
-            trainer.save_model(str(folder / "model"))
-            prep.tokenizer.save_pretrained(str(folder / "model"))
-        status = "FINISHED"
-    finally:
-        child.finish(status)
-        shutil.rmtree(folder / "trainer", ignore_errors=True)
-        if folder.is_dir() and not any(folder.iterdir()):
-            folder.rmdir()  # nothing kept for this seed (no test file, no saved model)
-    return entry, trainer.model
 
 
 def print_summary(report: dict[str, Any]) -> None:

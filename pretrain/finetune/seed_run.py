@@ -1,0 +1,97 @@
+"""One seed of `distil finetune`: transformers' Trainer on the train split, dev metrics per epoch (EpochLog),
+test predictions in GLUE's submission layout, all under the seed's MLflow child run."""
+
+from __future__ import annotations
+
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from distil.pretrain.finetune.data import Split
+from distil.pretrain.finetune.metrics import compute_metrics, predictions_from_logits
+from distil.pretrain.finetune.tasks import TaskSpec
+from distil.pretrain.finetune.track import EpochLog, FinetuneTracking
+
+if TYPE_CHECKING:
+    from distil.pretrain.finetune.run import FinetuneConfig, Prepared
+
+
+def training_arguments(cfg: FinetuneConfig, device: torch.device, output_dir: Path, seed: int):
+    from transformers import TrainingArguments
+
+    return TrainingArguments(
+        output_dir=str(output_dir), num_train_epochs=cfg.epochs, learning_rate=cfg.lr,
+        per_device_train_batch_size=cfg.batch_size, per_device_eval_batch_size=cfg.eval_batch_size,
+        weight_decay=cfg.weight_decay, warmup_steps=cfg.warmup_ratio, lr_scheduler_type="linear",
+        seed=seed, data_seed=seed, eval_strategy="epoch" if cfg.eval_every_epoch else "no",
+        logging_strategy="epoch", save_strategy="no", report_to="none", use_cpu=device.type == "cpu",
+        fp16=cfg.precision == "fp16", bf16=cfg.precision == "bf16", dataloader_num_workers=0,
+        disable_tqdm=not sys.stderr.isatty(), log_level="error")
+
+
+def write_predictions(path: Path, task: TaskSpec, split: Split, predictions) -> None:
+    """GLUE's submission layout: `index<TAB>prediction`, label strings (or the score for regression)."""
+    lines = ["index\tprediction"]
+    for index, value in zip(split.index, predictions, strict=True):
+        lines.append(f"{index}\t{float(value):.6g}" if task.is_regression else f"{index}\t{task.labels[int(value)]}")  # type: ignore[index]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+
+def run_seed(cfg: FinetuneConfig, prep: Prepared, seed: int, model, features: dict, folder: Path,
+             tracking: FinetuneTracking, run_name: str, params: dict[str, Any],
+             tags: dict[str, str]) -> tuple[dict[str, Any], torch.nn.Module]:
+    """One fine-tuning with transformers' Trainer; returns the seed's report entry and the trained model."""
+    from transformers import DataCollatorWithPadding, Trainer
+    from transformers.trainer_callback import PrinterCallback, ProgressCallback
+
+    task = prep.task
+    evals = {k: features[k] for k in ("dev", "dev_mm") if k in features}
+
+    def metrics_of(prediction) -> dict[str, float]:
+        return compute_metrics(task, predictions_from_logits(task, prediction.predictions), prediction.label_ids)
+
+    child = tracking.start_seed(f"{run_name}-seed{seed}", seed, params, tags)
+    log = EpochLog(child, seed)
+    status = "FAILED"
+    try:
+        trainer = Trainer(model=model, args=training_arguments(cfg, prep.device, folder / "trainer", seed),
+                          data_collator=DataCollatorWithPadding(prep.tokenizer), train_dataset=features["train"],
+                          eval_dataset=evals, compute_metrics=metrics_of, callbacks=[log])
+        trainer.remove_callback(PrinterCallback)  # EpochLog prints one line per epoch instead of raw dicts
+        if not sys.stderr.isatty():
+            trainer.remove_callback(ProgressCallback)
+        started = time.perf_counter()
+        trainer.train()
+        train_seconds = time.perf_counter() - started
+        if not cfg.eval_every_epoch:
+            for key, dataset in evals.items():
+                trainer.evaluate(dataset, metric_key_prefix=f"eval_{key}")
+        entry: dict[str, Any] = {"seed": seed, "dev": log.final(), "history": log.history,
+                                 "train_seconds": train_seconds, "test": None, "mlflow_run_id": child.run_id}
+        for key in ("test", "test_mm"):
+            if key in features:
+                output = trainer.predict(features[key])
+                predictions = predictions_from_logits(task, output.predictions)
+                write_predictions(folder / f"{key.replace('_mm', '_mismatched')}_predictions.tsv", task,
+                                  prep.splits[key], predictions)
+                if prep.labels.get(key) is not None:
+                    metrics = compute_metrics(task, predictions, prep.labels[key])
+                    entry["test"] = {**(entry["test"] or {}),
+                                     **{f"{key}_{k}": v for k, v in metrics.items()}}
+        if entry["test"]:
+            child.log_metrics(entry["test"], step=cfg.epochs)
+        if cfg.save_models:
+            trainer.save_model(str(folder / "model"))
+            prep.tokenizer.save_pretrained(str(folder / "model"))
+        status = "FINISHED"
+    finally:
+        child.finish(status)
+        shutil.rmtree(folder / "trainer", ignore_errors=True)
+        if folder.is_dir() and not any(folder.iterdir()):
+            folder.rmdir()  # nothing kept for this seed (no test file, no saved model)
+    return entry, trainer.model
