@@ -6,10 +6,10 @@ manifest.json, token_counts.npy and each shard's relative path, and must write t
 (open_shard_set, ShardSet). Local and http(s) shards are checked at start (check_shards_exist).
 
 A partition of a rank's range (see plan.py) is read sequentially by one PartitionReader, which keeps one
-shard open and seeks forward in it; the tar stream itself is parsed by tarscan.TarSamples (the same samples
-as webdataset over tarfile, by test, at a fraction of the cost per sample), opened with webdataset's gopen. Corrupt input (a truncated tar, an undecodable or out-of-range
-sample) is skipped and counted in the chunk's ChunkStats; the positions it should have held stay empty,
-so resuming stays exact. Samples are decoded only from .npy with pickling disabled (see load_npy): shards
+shard open and seeks forward in it; the tar stream, opened with webdataset's gopen, is parsed by
+tarscan.TarSamples (the samples webdataset over tarfile yields, by test, at a fraction of the cost per
+sample). Corrupt input (a truncated tar, an undecodable or out-of-range sample) is skipped and counted in
+the chunk's ChunkStats; the positions it should have held stay empty, so resuming stays exact. Samples are decoded only from .npy with pickling disabled (see load_npy): shards
 are data, never code.
 """
 
