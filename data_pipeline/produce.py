@@ -6,8 +6,9 @@ chunks a worker reads the chunk whole (read.PartitionReader), then:
 
 - Shuffle buffer: the chunk's samples are shuffled and grouped by length into batches (batching.py),
   seeded by (seed, epoch, rank, chunk).
-- Masking: a chunk's batches are masked MASK_GROUP at a time (Masker.mask_batches: one set of tensor
-  ops, each batch still gets its own ceil(rate x its tokens) positions) with a generator seeded by
+- Masking: a chunk's batches are padded and masked MASK_GROUP at a time (batching.batch_rows lays each
+  batch out as one row, Masker.mask_rows masks the rows with one set of tensor ops, each batch still
+  getting its own ceil(rate x its tokens) positions, as Masker.mask_batches does) with a generator seeded by
   (seed, epoch, rank, chunk, group), so a sequence gets a fresh mask every epoch and a resumed run,
   which rebuilds the chunk, draws exactly the masks it would have drawn.
 
@@ -35,7 +36,7 @@ from distil.data_pipeline.masking import Masker, unmasked_labels
 from distil.data_pipeline.plan import Chunk, ChunkStats, EpochPlan
 from distil.data_pipeline.read import PartitionReader, decode_samples
 
-MASK_GROUP = 64  # batches masked together (Masker.mask_batches)
+MASK_GROUP = 64  # batches padded and masked together (batching.batch_rows, Masker.mask_rows)
 # Tags of the grouping and masking seed streams; plan.py's shard order uses 3: keep them distinct.
 _GROUPING, _MASKING = 1, 2
 
