@@ -73,28 +73,15 @@ def token_budget_batches(
 def pad_sequences(
     seqs: list[np.ndarray], pad_id: int, pad_multiple: int = 8
 ) -> tuple[np.ndarray, np.ndarray]:
-    """(input_ids, attention_mask) as int64 arrays [B, L], L the longest length rounded up to pad_multiple."""
+    """(input_ids, attention_mask) as int64 arrays [B, L], L the longest length rounded up to pad_multiple.
+    One batch, one row at a time: the plain form of what batch_rows does for many batches at once."""
     lengths = np.fromiter((len(s) for s in seqs), dtype=np.int64, count=len(seqs))
-    starts = np.cumsum(lengths) - lengths
-    # one pad id at the end keeps every gather index valid, also for empty sequences
-    flat = np.concatenate([*(np.asarray(s, dtype=np.int64) for s in seqs), np.array([pad_id], dtype=np.int64)])
-    return pad_rows(flat, starts, lengths, np.arange(len(seqs)), pad_id, pad_multiple)
-
-
-def pad_rows(
-    flat: np.ndarray, starts: np.ndarray, lengths: np.ndarray, rows: np.ndarray, pad_id: int, pad_multiple: int = 8
-) -> tuple[np.ndarray, np.ndarray]:
-    """pad_sequences of the sequences `rows` of a chunk laid end to end in `flat` (sequence i is
-    flat[starts[i] : starts[i] + lengths[i]]), with one gather instead of a copy per sequence. `flat` must
-    not be empty."""
-    lengths = lengths[rows]
     width = padded_length(int(lengths.max()), pad_multiple)
-    columns = np.arange(width)
-    attention = columns[None, :] < lengths[:, None]
-    # positions past a row's end read its last id (always in range) and are then overwritten with pad_id
-    gather = starts[rows][:, None] + np.minimum(columns[None, :], lengths[:, None] - 1)
-    ids = np.where(attention, flat[gather], pad_id).astype(np.int64, copy=False)
-    return ids, attention.astype(np.int64)
+    ids = np.full((len(seqs), width), pad_id, dtype=np.int64)
+    for row, seq in zip(ids, seqs, strict=True):
+        row[: len(seq)] = seq
+    attention = (np.arange(width)[None, :] < lengths[:, None]).astype(np.int64)
+    return ids, attention
 
 
 def batch_rows(
@@ -103,8 +90,9 @@ def batch_rows(
 ) -> tuple[np.ndarray, np.ndarray, list[tuple[int, int]]]:
     """Several batches at once, each flattened into one row (the layout Masker.mask_rows masks).
 
-    Batch b (the sequences groups[b] of a chunk laid end to end in `flat`, as pad_rows) is padded to
-    [B_b, W_b], W_b its longest length rounded up to pad_multiple, and laid out row-major in row b of
+    Batch b (the sequences groups[b] of a chunk laid end to end in `flat`: sequence i is
+    flat[starts[i] : starts[i] + lengths[i]]) is padded to [B_b, W_b], W_b its longest length rounded up
+    to pad_multiple, as pad_sequences pads one batch, and laid out row-major in row b of
     int64 arrays [len(groups), max B_b x W_b] of ids and attention; cells past a batch's end hold pad_id
     and 0. Returns (ids, attention, [(B_b, W_b)]). One set of array operations for all the batches, so
     the cost per batch does not grow with their number (short sequences make many small batches).
