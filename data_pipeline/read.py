@@ -202,6 +202,7 @@ class _ShardReader:
         self.next_index = 0  # index of the sample read next
         self.failed_at: int | None = None  # sample index where reading broke off early
         self._stream = self._tar = None
+        self._why: str | None = None  # why the shard could not be opened
         try:
             self._stream = gopen(url, "rb")
             self._tar = TarSamples(self._stream, SAMPLE_KEY)
