@@ -44,7 +44,7 @@ VARIANTS: dict[str, tuple[list[str], float]] = {
 def run_cli(args: list[str], log: Path) -> float:
     started = time.perf_counter()
     with log.open("w") as handle:
-        result = subprocess.run([sys.executable, "-m", "distil.pretrain.cli", *args], stdout=handle,
+        result = subprocess.run([sys.executable, "-P", "-m", "distil.pretrain.cli", *args], stdout=handle,
                                 stderr=subprocess.STDOUT)
     if result.returncode != 0:
         sys.exit(f"distil {args[0]} failed (exit {result.returncode}); see {log}")

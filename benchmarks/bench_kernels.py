@@ -45,8 +45,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from distil.kernels import fused_linear_distillation_kl_ce  # noqa: E402
+from distil.kernels import fused_linear_distillation_kl_ce
 
 TEMPERATURE = 2.0
 ALPHA_KL = 5.0

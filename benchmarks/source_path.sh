@@ -8,3 +8,6 @@ for part in common pretrain kernels data_pipeline configs ds_configs launch; do
   ln -s "$PWD/$part" "$distil_src/distil/$part"
 done
 export PYTHONPATH="$distil_src${PYTHONPATH:+:$PYTHONPATH}"
+# Python must not put the clone's root first on its path (`python -m` does): its kernels/ folder would
+# shadow the installed `kernels` package. Safe-path mode, inherited by every process started below.
+export PYTHONSAFEPATH=1

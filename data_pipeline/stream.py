@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import logging
 import math
+import signal
 from collections import defaultdict, deque
 from collections.abc import Iterator
 from dataclasses import asdict
@@ -117,6 +118,20 @@ def _check_token_budget(max_tokens: int | None, max_len: int, pad_multiple: int)
             f"max_tokens {max_tokens} cannot hold one sequence of max_len {max_len}: "
             f"use at least {padded_length(max_len, pad_multiple)}"
         )
+
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
+def _leave_stop_signals_to_the_main_process(_worker_id: int) -> None:
+    """A job's SIGTERM / SIGINT reaches every process of it: its process group (Ctrl-C, a pod's stop, `kill
+    -TERM -PGID`), every process of a SLURM step, the DeepSpeed launcher's passing-on to each rank's process
+    tree. PyTorch's workers die of it, and the main process then raises "DataLoader worker ... is killed by
+    signal" wherever it is, mid-stop included. The main process owns the stop (it finishes the update,
+    checkpoints, then closes the loader, which ends the workers); workers also end when it dies."""
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
 
 
 class PretrainStream:
@@ -289,8 +304,15 @@ class PretrainStream:
             num_workers=self.num_workers,
             prefetch_factor=self.prefetch_factor,
             persistent_workers=False,
+            worker_init_fn=_leave_stop_signals_to_the_main_process,
         )
-        return iter(loader)
+        # The workers start (fork) with the stop signals blocked, so one arriving while they start waits until
+        # each worker ignores it; the main process gets its own copy as soon as the mask is restored.
+        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+        try:
+            return iter(loader)
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         total = self.batches_per_epoch()

@@ -12,6 +12,9 @@
 #     (the launcher's --no_ssh --node_rank i). Each node then starts only its own processes.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# Python must not put the clone's root first on its path (`python -m` does): its kernels/ folder would
+# shadow the installed `kernels` package. Safe-path mode, inherited by every process started below.
+export PYTHONSAFEPATH=1
 usage="usage: [NODE_RANK=i] launch/hostfile.sh HOSTFILE CONFIG.yaml [key=value ...]"
 hostfile="${1:?$usage}"; shift
 config="${1:?$usage}"; shift
@@ -20,6 +23,7 @@ if [[ ! -f "$hostfile" ]]; then
 fi
 master="${MASTER_ADDR:-$(awk 'NF && $1 !~ /^#/ {print $1; exit}' "$hostfile")}"
 node_args=()
+supervise=()
 if [[ -n "${NODE_RANK:-}" ]]; then
   hosts=$(awk 'NF && $1 !~ /^#/' "$hostfile" | wc -l)
   if ! [[ "$NODE_RANK" =~ ^[0-9]+$ ]] || (( NODE_RANK >= hosts )); then
@@ -27,6 +31,10 @@ if [[ -n "${NODE_RANK:-}" ]]; then
     exit 2
   fi
   node_args=(--no_ssh --node_rank "$NODE_RANK")
+  # This node's ranks are this command's: it returns once they have ended, with their status (143 after a
+  # stop with its checkpoint), and passes a stop signal to them (pretrain/supervisor.py). With ssh, the
+  # launcher's own handling applies: docs/cluster.md.
+  supervise=(python -m distil.pretrain.supervisor --)
 fi
-exec deepspeed --hostfile "$hostfile" "${node_args[@]}" --master_addr "$master" \
+exec "${supervise[@]}" deepspeed --hostfile "$hostfile" "${node_args[@]}" --master_addr "$master" \
   --master_port "${MASTER_PORT:-29500}" --module distil.pretrain.train --config "$config" --resume auto "$@"

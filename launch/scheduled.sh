@@ -12,6 +12,9 @@
 # 75 the previous window's run still holds run.output_dir; the others as docs/cluster.md.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# Python must not put the clone's root first on its path (`python -m` does): its kernels/ folder would
+# shadow the installed `kernels` package. Safe-path mode, inherited by every process started below.
+export PYTHONSAFEPATH=1
 usage="usage: launch/scheduled.sh [--slurm] MINUTES CONFIG.yaml [key=value ...]"
 slurm=0
 if [[ "${1:-}" == "--slurm" ]]; then slurm=1; shift; fi

@@ -221,7 +221,7 @@ def to_universal(folder: Path) -> Path:
         shutil.rmtree(root)
     root.mkdir(parents=True)
     tmp = root / f".{folder.name}.tmp"
-    p = subprocess.run([sys.executable, "-c", "from distil.pretrain.checkpoint import convert_main; convert_main()",
+    p = subprocess.run([sys.executable, "-P", "-c", "from distil.pretrain.checkpoint import convert_main; convert_main()",
                         str(folder), str(tmp)], capture_output=True, text=True, env=dict(os.environ))
     if p.returncode != 0:
         shutil.rmtree(root, ignore_errors=True)

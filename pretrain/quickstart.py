@@ -22,7 +22,7 @@ from distil.common.errors import UserError
 def _run(stage: str, args: list[str]) -> None:
     click.secho(f"\n== {stage}: distil {' '.join(args)}", bold=True)
     started = time.perf_counter()
-    result = subprocess.run([sys.executable, "-m", "distil.pretrain.cli", *args])
+    result = subprocess.run([sys.executable, "-P", "-m", "distil.pretrain.cli", *args])  # -P: see launch/local.sh
     if result.returncode != 0:
         raise UserError(f"quickstart stage '{stage}' failed (exit {result.returncode}); see the output above")
     click.echo(f"== {stage} done in {time.perf_counter() - started:.0f} s")

@@ -41,9 +41,22 @@ def train(config_path: str, resume: str | None, local_rank: int | None, override
 
     Config keys, launchers (deepspeed, torchrun, SLURM) and outputs: docs/training.md.
     """
-    from distil.pretrain import stopsignal
+    from distil.pretrain import stopsignal, supervisor
 
     stopsignal.install()  # before anything heavy: a signal during set-up is kept, not fatal
+    supervisor.announce_ready()  # a launch script's supervisor passes its stop signals on from now on
+    status = 1  # an exception escaping below
+    try:
+        _train(config_path, resume, local_rank, overrides)
+        status = 0
+    except SystemExit as e:
+        status = supervisor.exit_status(e.code)
+        raise
+    finally:
+        supervisor.report_exit(status)
+
+
+def _train(config_path: str, resume: str | None, local_rank: int | None, overrides: tuple[str, ...]) -> None:
     if local_rank is not None:
         os.environ.setdefault("LOCAL_RANK", str(local_rank))
     logging.basicConfig(level=logging.INFO if _is_rank0() else logging.WARNING,
@@ -92,6 +105,9 @@ def train(config_path: str, resume: str | None, local_rank: int | None, override
 
 def _exit_now(status: int) -> None:
     """Exit without tearing down a process group whose peer hangs (that teardown could wait on it)."""
+    from distil.pretrain import supervisor
+
+    supervisor.report_exit(status)
     sys.stdout.flush()
     sys.stderr.flush()
     logging.shutdown()

@@ -1,10 +1,18 @@
 #!/usr/bin/env bash
-# Sets up .venv (if needed) and runs the whole test suite on CPU, offline.
+# Sets up .venv (if needed) and runs the whole test suite on CPU, offline. Arguments go to pytest
+# (e.g. -m "not slow" for the quick loop). VENV selects another environment; DISTIL_SKIP_SETUP=1 uses it as
+# it is (scripts/refresh_lock.sh does, after installing the newest versions there).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bash scripts/setup.sh
+VENV="${VENV:-.venv}"
+if [ "${DISTIL_SKIP_SETUP:-0}" != 1 ]; then
+  bash scripts/setup.sh
+fi
 bash scripts/system_packages.sh
-. .venv/bin/activate
+. "$VENV/bin/activate"
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 DS_ACCELERATOR="${DS_ACCELERATOR:-cpu}" TOKENIZERS_PARALLELISM=false
 ruff check common pretrain kernels data_pipeline tests benchmarks
-python -m pytest -q "$@"
+# -P: pytest itself runs in safe-path mode (the clone's root is not put first on sys.path, where kernels/
+# would shadow the installed `kernels` package); not exported, so the tests see how each launcher and
+# subprocess guards itself.
+python -P -m pytest -q "$@"

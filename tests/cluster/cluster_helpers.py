@@ -23,9 +23,11 @@ TINY_MLM = ["--config", "configs/tiny_mlm_cpu.yaml", "bert.hidden_size=32", "ber
 
 
 def env(**extra: str) -> dict[str, str]:
-    e = dict(os.environ)
+    """The environment of a user's shell with .venv active, in the clone's root: distil is the installed
+    package (no PYTHONPATH), and no safe-path mode unless the launcher under test sets it itself."""
+    e = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONSAFEPATH")}
     e.update(DS_ACCELERATOR="cpu", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
-             OMP_NUM_THREADS="1", PYTHONPATH=str(REPO), PATH=f"{BIN}:{e.get('PATH', '')}")
+             OMP_NUM_THREADS="1", PATH=f"{BIN}:{e.get('PATH', '')}")
     e.update(extra)
     return e
 
@@ -115,10 +117,24 @@ def start_ranks(args: list[str], world: int, **extra_env: str) -> list[subproces
     """`world` training processes started directly with the launchers' contract (RANK, LOCAL_RANK,
     WORLD_SIZE, MASTER_ADDR/PORT): the cheapest multi-process run, for reference runs."""
     port = str(free_port())
-    return [subprocess.Popen(train_cmd(*args), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                             env=env(RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
-                                     MASTER_PORT=port, **extra_env))
-            for r in range(world)]
+    procs = [subprocess.Popen(train_cmd(*args), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                              env=env(RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
+                                      MASTER_PORT=port, **extra_env))
+             for r in range(world)]
+    STARTED.extend(procs)
+    return procs
+
+
+STARTED: list[subprocess.Popen] = []  # every rank start_ranks started; tests/cluster/conftest.py ends leftovers
+
+
+def kill_leftover_ranks() -> None:
+    """Kills the ranks a test started and did not finish (it failed midway)."""
+    while STARTED:
+        p = STARTED.pop()
+        if p.poll() is None:
+            p.kill()
+            p.communicate(timeout=60)
 
 
 def finish_ranks(procs: list[subprocess.Popen], timeout: int = 600, expect: int = 0) -> str:

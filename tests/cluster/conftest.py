@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from cluster_helpers import make_shards, make_teacher
+from cluster_helpers import kill_leftover_ranks, make_shards, make_teacher
 
 
 @pytest.fixture(scope="session")
@@ -16,3 +16,9 @@ def shards(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def teacher(shards, tmp_path_factory) -> Path:
     return make_teacher(shards, tmp_path_factory.mktemp("cluster_teacher") / "teacher")
+
+
+@pytest.fixture(autouse=True)
+def _no_rank_outlives_its_test():
+    yield
+    kill_leftover_ranks()

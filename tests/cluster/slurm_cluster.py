@@ -24,7 +24,7 @@ DAEMONS = ("munged", "slurmctld", "slurmd")
 
 
 def missing_programs() -> list[str]:
-    names = [*DAEMONS, "sbatch", "squeue", "scontrol", "scancel", "srun"]
+    names = [*DAEMONS, "sbatch", "squeue", "scontrol", "scancel", "srun", "sinfo"]
     return [n for n in names if shutil.which(n) is None and not Path(f"/usr/sbin/{n}").exists()]
 
 
@@ -122,6 +122,21 @@ PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
         for f in sorted((self.root / "log").glob("*.log")):
             out.append(f"--- {f.name}\n" + "\n".join(f.read_text(errors="replace").splitlines()[-30:]))
         return "\n".join(out)
+
+    def cancel_jobs(self, timeout: float = 90) -> None:
+        """Cancels every job of the cluster and waits until none is left running (their processes ended)."""
+        p = subprocess.run(["squeue", "-h", "-o", "%i"], capture_output=True, text=True, env=self.env(), timeout=30)
+        jobs = p.stdout.split()
+        if not jobs:
+            return
+        subprocess.run(["scancel", *jobs], capture_output=True, env=self.env(), timeout=30)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            p = subprocess.run(["squeue", "-h", "-o", "%i"], capture_output=True, text=True, env=self.env(),
+                               timeout=30)
+            if not p.stdout.split():
+                return
+            time.sleep(0.5)
 
     def stop(self) -> None:
         for name in reversed(DAEMONS):

@@ -33,6 +33,7 @@ from cluster_helpers import (
     start_ranks,
 )
 from slurm_cluster import SlurmCluster, missing_programs
+from system_programs import skip_or_fail
 
 pytestmark = pytest.mark.slow
 
@@ -43,27 +44,27 @@ STEPS = 500
 def slurm(tmp_path_factory):
     missing = missing_programs()
     if missing:
-        pytest.skip(f"SLURM is not installed ({', '.join(missing)} missing); scripts/system_packages.sh installs "
-                    "slurmctld, slurmd, slurm-client and munge where apt-get runs as root")
+        skip_or_fail(f"SLURM is not installed ({', '.join(missing)} missing); scripts/system_packages.sh installs "
+                     "slurmctld, slurmd, slurm-client and munge where apt-get runs as root")
     if os.geteuid() != 0:
-        pytest.skip("the one-host test cluster runs slurmctld/slurmd as root (SlurmUser=root); not root here")
+        skip_or_fail("the one-host test cluster runs slurmctld/slurmd as root (SlurmUser=root); not root here")
     cluster = SlurmCluster(tmp_path_factory.mktemp("slurm"))
     try:
         cluster.start()
         yield cluster
     finally:
+        cluster.cancel_jobs()  # a test that failed midway leaves no job (nor its ranks) running
         cluster.stop()
 
 
 def distill_args(shards: Path, teacher: Path, out: Path, *extra: str) -> list[str]:
     return [f"data.shards={shards}", f"teacher.path={teacher}", f"run.output_dir={out}", f"run.max_steps={STEPS}",
-            "run.log_every=10", "checkpoint.every=50", "checkpoint.keep=2", *extra]  # later keys win
+            "run.log_every=10", "checkpoint.every=50", "checkpoint.keep=2",
+            "data.num_workers=2", *extra]  # loader workers as the recipe configs; later keys win
 
 
 def job_env(slurm: SlurmCluster) -> dict[str, str]:
-    e = slurm.env(env(MASTER_PORT=str(free_port())))
-    e.pop("PYTHONPATH", None)  # the job finds distil as a user would: the environment's installed package
-    return e
+    return slurm.env(env(MASTER_PORT=str(free_port())))
 
 
 def wait_job(slurm: SlurmCluster, job: str, condition, timeout: float, what: str) -> dict[str, str]:

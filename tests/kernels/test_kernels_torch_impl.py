@@ -37,7 +37,7 @@ def test_kl_ce_matches_kldivloss_and_crossentropy(seed, dtype, tol, draw):
 def test_sub_blocks_of_rows_match_the_recipe(seed, monkeypatch, temperature, form):
     """Rows in many small sub-blocks, some without any labelled row (their CE work is skipped): the
     losses and gradients still match the eager recipe computed in float64."""
-    import kernels.torch_impl as torch_impl
+    import distil.kernels.torch_impl as torch_impl
 
     n_rows, vocab, hidden = 23, 97, 16
     monkeypatch.setattr(torch_impl, "BLOCK_ELEMENTS", 3 * vocab)  # 3 rows per sub-block

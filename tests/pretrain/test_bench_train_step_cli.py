@@ -27,7 +27,7 @@ def _load_bench():
 
 
 def _run(args: list[str]) -> subprocess.CompletedProcess:
-    env = {**os.environ, "DS_ACCELERATOR": "cpu", "PYTHONPATH": str(REPO)}
+    env = {**os.environ, "DS_ACCELERATOR": "cpu"}
     return subprocess.run([sys.executable, str(BENCH), *args], cwd=REPO, env=env, capture_output=True,
                           text=True, timeout=600)  # a hang guard, not a speed check (18 s idle; over 180 s on a loaded box)
 

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 from mlflow_test_server import running_server
+from system_programs import skip_or_fail
 from test_train_distributed import BIN, shards  # noqa: F401 - shards is a fixture
 
 pytestmark = pytest.mark.slow
@@ -58,7 +59,7 @@ def link_after(prefix: str, output: str) -> str:
 
 def test_printed_links_open_the_runs_table_with_the_runs_name_and_dataset(shards, server, tmp_path):  # noqa: F811
     if CHROMIUM is None:
-        pytest.skip("chromium is not installed (scripts/system_packages.sh installs it where apt-get runs as root)")
+        skip_or_fail("chromium is not installed (scripts/system_packages.sh installs it where apt-get runs as root)")
     from distil.data_pipeline.manifest import load_manifest
     from distil.pretrain.tracking import manifest_digest
 

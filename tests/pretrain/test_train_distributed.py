@@ -33,9 +33,10 @@ WORDS = ("the a cat dog bird runs jumps sees big small red blue green house tree
 
 
 def env() -> dict[str, str]:
-    e = dict(os.environ)
+    # A user's shell in the clone's root: distil as installed, no PYTHONPATH, no safe-path mode of our own.
+    e = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONSAFEPATH")}
     e.update(DS_ACCELERATOR="cpu", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
-             OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+             OMP_NUM_THREADS="1")
     return e
 
 
