@@ -305,6 +305,11 @@ class PretrainStream:
             prefetch_factor=self.prefetch_factor,
             persistent_workers=False,
             worker_init_fn=_leave_stop_signals_to_the_main_process,
+            # Its own generator: starting workers draws their base seed from it, which would otherwise be a
+            # draw from torch's global RNG (the model's dropout) each time the loader starts, so a resumed run
+            # (one more start) would drop out differently from an uninterrupted one. Batches and masks
+            # do not depend on it (produce.py seeds by position).
+            generator=torch.Generator().manual_seed(self.seed),
         )
         # The workers start (fork) with the stop signals blocked, so one arriving while they start waits until
         # each worker ignores it; the main process gets its own copy as soon as the mask is restored.
