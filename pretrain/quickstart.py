@@ -57,6 +57,9 @@ def _finetune_stage(corpus: Path, out: Path, teacher: Path, student: Path) -> No
                                str(out / "finetune" / "student"), *common])
 
 
+STAGES = ("prepare", "teacher", "student", "evaluate", "finetune", "review")
+
+
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--output", "output", type=click.Path(file_okay=False), default="quickstart", show_default=True,
               help="Folder for the corpus, shards, runs and the MLflow store.")
@@ -65,8 +68,10 @@ def _finetune_stage(corpus: Path, out: Path, teacher: Path, student: Path) -> No
 @click.option("--student-steps", type=int, default=200, show_default=True)
 @click.option("--corpus-mb", type=float, default=3.0, show_default=True, help="Size of the sample corpus.")
 @click.option("--overwrite", is_flag=True, help="Start over in an --output folder that holds a previous quickstart.")
+@click.option("--stop-after", type=click.Choice(STAGES[:-1]), default=None,
+              help="End after this stage (e.g. teacher: shards and a pretrained teacher only).")
 def quickstart(output: str, vocab_size: int, teacher_steps: int, student_steps: int, corpus_mb: float,
-               overwrite: bool) -> None:
+               overwrite: bool, stop_after: str | None) -> None:
     """Sample corpus -> shards -> MLM teacher -> distilled student -> evaluation -> fine-tuning -> review,
     offline on CPU."""
     from distil.data_pipeline.sample_corpus import write_sample_corpus
@@ -84,23 +89,39 @@ def quickstart(output: str, vocab_size: int, teacher_steps: int, student_steps: 
     click.echo(f"sample corpus: {corpus} ({paragraphs} paragraphs, {corpus.stat().st_size / 1e6:.1f} MB "
                "of standard-library docstrings)")
 
+    def ends_after(stage: str) -> bool:
+        if stop_after == stage:
+            click.secho(f"\nquickstart stopped after its {stage} stage (--stop-after); everything is in {out}",
+                        fg="green")
+        return stop_after == stage
+
     shards = out / "shards"
     _run("prepare", ["prepare", "--input", str(corpus), "--output", str(shards), "--train-tokenizer",
                      str(vocab_size), "--max-seq-len", "128", "--holdout-fraction", "0.02", "--pack"])
+    if ends_after("prepare"):
+        return
     teacher_dir = out / "teacher"
     _run("teacher (MLM)", ["train", "--config", "quickstart_teacher",
                            f"data.shards={shards}", f"run.output_dir={teacher_dir}",
                            f"run.max_steps={teacher_steps}", *tracking])
+    if ends_after("teacher"):
+        return
     student_dir = out / "student"
     _run("student (distillation)", ["train", "--config", "quickstart_student",
                                     f"data.shards={shards}", f"teacher.path={teacher_dir / 'export'}",
                                     f"run.output_dir={student_dir}", f"run.max_steps={student_steps}",
                                     *tracking])
+    if ends_after("student"):
+        return
     _run("evaluate", ["evaluate", "--model", str(student_dir / "export"), "--teacher", str(teacher_dir / "export"),
                       "--shards", str(shards), "--max-batches", "20", "--mask-smoothing", "0",
                       "--output", str(out / "eval_report.json"),
                       "--experiment", "quickstart", "--tracking-uri", f"sqlite:///{out / 'mlflow.db'}"])
+    if ends_after("evaluate"):
+        return
     _finetune_stage(corpus, out, teacher_dir / "export", student_dir / "export")
+    if ends_after("finetune"):
+        return
     _run("review", ["review", "--experiment", "quickstart", "--tracking-uri", f"sqlite:///{out / 'mlflow.db'}",
                     "--output", str(out / "comparison.png")])
     click.secho(f"\nquickstart complete: student in {student_dir / 'export'}, runs in {out / 'mlflow.db'}",
