@@ -14,5 +14,6 @@ export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 DS_ACCELERATOR="${DS_ACCELERATOR:
 ruff check common pretrain kernels data_pipeline tests benchmarks
 # -P: pytest itself runs in safe-path mode (the clone's root is not put first on sys.path, where kernels/
 # would shadow the installed `kernels` package); not exported, so the tests see how each launcher and
-# subprocess guards itself.
-python -P -m pytest -q "$@"
+# subprocess guards itself. Two pytest workers (DISTIL_TEST_WORKERS; 0 for none), each test file in one
+# of them (its module fixtures, such as the SLURM test cluster, made once); the slow files start first.
+python -P -m pytest -q -n "${DISTIL_TEST_WORKERS:-2}" --dist loadfile "$@"

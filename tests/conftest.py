@@ -13,3 +13,9 @@ os.environ.setdefault("MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING", "false")
 # collected, so it is set here, before collection. It changes nothing else: on CPU tensors the kernels'
 # automatic backend choice is the torch implementation.
 os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+def pytest_collection_modifyitems(config, items):
+    """Slow (multi-process) tests first: with pytest-xdist (scripts/test.sh) the longest files then start
+    while the quick ones fill the other worker, instead of one long file running alone at the end."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
