@@ -2,6 +2,8 @@
 
 import os
 
+import pytest
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -19,3 +21,15 @@ def pytest_collection_modifyitems(config, items):
     """Slow (multi-process) tests first: with pytest-xdist (scripts/test.sh) the longest files then start
     while the quick ones fill the other worker, instead of one long file running alone at the end."""
     items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+
+
+@pytest.fixture(autouse=True)
+def _environment_restored_after_each_test():
+    """A test's changes to os.environ end with it. (mlflow.set_tracking_uri, for one, also exports
+    MLFLOW_TRACKING_URI: with two pytest workers, a later test's subprocesses then tracked into the store
+    of a test that ran before it in the same worker.)"""
+    saved = dict(os.environ)
+    yield
+    if os.environ != saved:
+        os.environ.clear()
+        os.environ.update(saved)

@@ -33,6 +33,7 @@ def log_student_model(client: Any, uri: str, run_id: str, export_dir: str,
     level = quiet.level
     quiet.setLevel(logging.ERROR)  # offline: "model card could not be retrieved from the hub", license notes
     previous_uri = mlflow.get_tracking_uri()
+    previous_env = os.environ.get("MLFLOW_TRACKING_URI")  # set_tracking_uri also exports it to child processes
     # log_model() and, with a local store, the registry's resolution of `models:/<id>` use the process-wide
     # tracking URI (the registry URI follows it unless a user set one): it points at this run's store until
     # the model is registered, then is restored.
@@ -55,6 +56,10 @@ def log_student_model(client: Any, uri: str, run_id: str, export_dir: str,
         _register_student(client, run_id, info, registered_model_name)
     finally:
         mlflow.set_tracking_uri(previous_uri)
+        if previous_env is None:
+            os.environ.pop("MLFLOW_TRACKING_URI", None)
+        else:
+            os.environ["MLFLOW_TRACKING_URI"] = previous_env
         quiet.setLevel(level)
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import time
 from pathlib import Path
 
@@ -357,11 +358,14 @@ def test_local_sqlite_store_logs_and_registers_the_student(student_dir, tmp_path
     run_dir = tmp_path / "run"
     run_dir.mkdir()
     process_wide = mlflow.get_tracking_uri()
+    exported = os.environ.get("MLFLOW_TRACKING_URI")
     tracker = create_tracker(cfg, rank=0, local_rank=0, world_size=1, run_dir=str(run_dir))
     tracker.log_metrics({"loss": 1.0}, step=1)
     tracker.log_student(str(student_dir))
     tracker.finish("FINISHED")
     assert mlflow.get_tracking_uri() == process_wide
+    # nor what child processes inherit (set_tracking_uri exports it; a later subprocess tracked elsewhere)
+    assert os.environ.get("MLFLOW_TRACKING_URI") == exported
     assert tracker_warnings(caplog) == []
     client = mlflow.MlflowClient(tracking_uri=uri, registry_uri=uri)
     assert client.get_run(tracker.run_id).info.status == "FINISHED"
