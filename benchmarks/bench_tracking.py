@@ -21,7 +21,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "pretrain
 
 from mlflow_test_server import MlflowServer, free_port  # noqa: E402
 
-from distil.pretrain.tracking import TrackingConfig, create_tracker  # noqa: E402
+from distil.pretrain.tracking.config import TrackingConfig
+from distil.pretrain.tracking.mlflow_tracker import create_tracker  # noqa: E402
 
 METRICS = [f"metric_{i}" for i in range(16)]
 

@@ -17,7 +17,7 @@ wall time and process CPU time (less sensitive to other load).
 CUDA: the variants run one after another (each built, warmed up, timed, then freed; --schedule sequential
 does this on CPU too), so that the peak GPU memory of each (torch.cuda.max_memory_allocated above what was allocated before it was built: its models,
 optimizer state and activations) is its own. Timed steps are bracketed by torch.cuda.synchronize(). MFU is
-each variant's FLOPs (pretrain.flops.FlopModel: the rows it projects) over an assumed peak
+each variant's FLOPs (pretrain.metrics.flops.FlopModel: the rows it projects) over an assumed peak
 (--peak-tflops, default 989: H100/H200 dense bf16).
 
 --dtype bf16: the eager reference runs its forward and losses under torch.autocast(bf16) with fp32 weights
@@ -304,7 +304,7 @@ def main(argv: list[str] | None = None) -> None:
 
     from distil.pretrain.config import StudentConfig
     from distil.pretrain.distributed import init_distributed
-    from distil.pretrain.flops import FlopModel
+    from distil.pretrain.metrics.flops import FlopModel
     from distil.pretrain.models import build_student
 
     torch.manual_seed(0)
@@ -346,7 +346,7 @@ def main(argv: list[str] | None = None) -> None:
           + (f" (teacher layers {layer_map})" if on_cuda else "") + f", vocab {args.vocab}, "
           f"{where}, ZeRO stage {args.zero_stage}, {args.steps} timed steps (median)"
           + (f", {args.dtype}" if args.dtype != "fp32" or on_cuda else ""))
-    # The FLOPs each variant must do (pretrain.flops.FlopModel): the vocabulary projection dominates.
+    # The FLOPs each variant must do (pretrain.metrics.flops.FlopModel): the vocabulary projection dominates.
     ffn = 4 * args.hidden
     fm = FlopModel((args.hidden, ffn, len(layer_map)), args.vocab, (args.hidden, ffn, args.teacher_layers))
     width = statistics.mean(b["input_ids"].shape[1] for b in timed)

@@ -58,8 +58,6 @@ from distil.data_pipeline.manifest import Manifest, ShardInfo
 from distil.data_pipeline.masking import Masker, MaskingConfig
 from distil.data_pipeline.plan import EpochPlan
 from distil.data_pipeline.position import (
-    ELASTIC_KEYS,
-    STATE_VERSION,
     Position,
     StreamStats,
     global_batches_taken,
@@ -75,9 +73,6 @@ from distil.data_pipeline.read import check_shards_exist, load_token_counts, ope
 log = logging.getLogger(__name__)
 
 LAYOUTS = ("per_rank", "global")
-
-# ELASTIC_KEYS, STATE_VERSION and StreamStats are defined in position.py, importable from here as before
-__all__ = ["ELASTIC_KEYS", "LAYOUTS", "STATE_VERSION", "PretrainStream", "StreamStats"]
 
 
 def _check_arguments(

@@ -32,9 +32,9 @@ if [[ -n "${NODE_RANK:-}" ]]; then
   fi
   node_args=(--no_ssh --node_rank "$NODE_RANK")
   # This node's ranks are this command's: it returns once they have ended, with their status (143 after a
-  # stop with its checkpoint), and passes a stop signal to them (pretrain/supervisor.py). With ssh, the
+  # stop with its checkpoint), and passes a stop signal to them (pretrain/run/supervisor.py). With ssh, the
   # launcher's own handling applies: docs/cluster.md.
-  supervise=(python -m distil.pretrain.supervisor --)
+  supervise=(python -m distil.pretrain.run.supervisor --)
 fi
 exec "${supervise[@]}" deepspeed --hostfile "$hostfile" "${node_args[@]}" --master_addr "$master" \
   --master_port "${MASTER_PORT:-29500}" --module distil.pretrain.train --config "$config" --resume auto "$@"

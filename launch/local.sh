@@ -16,6 +16,6 @@ if [[ "$NUM_GPUS" == 1 ]]; then  # one process: the launcher would add only its 
   exec python -m distil.pretrain.train --config "$config" --resume auto "$@"
 fi
 # The supervisor returns only once every rank has ended, with their status (143 after a stop with its
-# checkpoint); a stop signal goes to the ranks, not to the launcher (pretrain/supervisor.py says why).
-exec python -m distil.pretrain.supervisor -- deepspeed --num_gpus "$NUM_GPUS" --master_port "${MASTER_PORT:-29500}" \
+# checkpoint); a stop signal goes to the ranks, not to the launcher (pretrain/run/supervisor.py says why).
+exec python -m distil.pretrain.run.supervisor -- deepspeed --num_gpus "$NUM_GPUS" --master_port "${MASTER_PORT:-29500}" \
   --module distil.pretrain.train --config "$config" --resume auto "$@"

@@ -11,8 +11,8 @@ export PYTHONSAFEPATH=1
 config="${1:?usage: launch/torchrun.sh CONFIG.yaml [key=value ...]}"; shift
 nproc="${NPROC_PER_NODE:-$(python -c "import torch; print(max(torch.cuda.device_count(), 1))")}"
 # The supervisor returns only once every rank has ended, with their status (143 after a stop with its
-# checkpoint; torchrun alone reports 1 and kills slow ranks 30 s after a signal): pretrain/supervisor.py.
-supervise=(python -m distil.pretrain.supervisor --)
+# checkpoint; torchrun alone reports 1 and kills slow ranks 30 s after a signal): pretrain/run/supervisor.py.
+supervise=(python -m distil.pretrain.run.supervisor --)
 if [[ "${NNODES:-1}" == 1 ]]; then
   exec "${supervise[@]}" torchrun --standalone --nproc_per_node "$nproc" -m distil.pretrain.train --config "$config" --resume auto "$@"
 fi

@@ -11,10 +11,10 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from distil.common.config import load_structured, to_container, to_yaml  # noqa: F401 - re-exported
+from distil.common.config import load_structured
 from distil.common.errors import UserError
 from distil.data_pipeline.masking import MaskingConfig
-from distil.pretrain.tracking import TrackingConfig, flatten  # noqa: F401 - flatten: the one definition, re-exported
+from distil.pretrain.tracking.config import TrackingConfig
 
 MODES = ("distill", "mlm")
 PRECISIONS = ("fp32", "fp16", "bf16")

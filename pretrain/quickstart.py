@@ -32,7 +32,8 @@ def experiment_link(store: str, experiment: str) -> str:
     """The experiment's page in the MLflow UI's model-training view, with the command that serves the store."""
     import mlflow
 
-    from distil.pretrain.tracking import configure_http_client, describe_link, serve_command
+    from distil.pretrain.tracking.links import describe_link, serve_command
+    from distil.pretrain.tracking.transport import configure_http_client
 
     configure_http_client(timeout_s=20)
     found = mlflow.MlflowClient(tracking_uri=store).get_experiment_by_name(experiment)

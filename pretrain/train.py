@@ -41,7 +41,7 @@ def train(config_path: str, resume: str | None, local_rank: int | None, override
 
     Config keys, launchers (deepspeed, torchrun, SLURM) and outputs: docs/training.md.
     """
-    from distil.pretrain import stopsignal, supervisor
+    from distil.pretrain.run import stopsignal, supervisor
 
     stopsignal.install()  # before anything heavy: a signal during set-up is kept, not fatal
     supervisor.announce_ready()  # a launch script's supervisor passes its stop signals on from now on
@@ -65,14 +65,14 @@ def _train(config_path: str, resume: str | None, local_rank: int | None, overrid
         from distil.pretrain.config import load_config
 
         cfg = load_config(config_path, list(overrides))
-        from distil.pretrain.trainer import (
+        from distil.pretrain.run.lifecycle import (
             EXIT_FAILED,
             EXIT_LOCKED,
             CollectiveTimeout,
             NonFiniteLossError,
-            RunLocked,
-            run_training,
         )
+        from distil.pretrain.run.lock import RunLocked
+        from distil.pretrain.trainer import run_training
 
         try:
             result = run_training(cfg, resume)
@@ -105,7 +105,7 @@ def _train(config_path: str, resume: str | None, local_rank: int | None, overrid
 
 def _exit_now(status: int) -> None:
     """Exit without tearing down a process group whose peer hangs (that teardown could wait on it)."""
-    from distil.pretrain import supervisor
+    from distil.pretrain.run import supervisor
 
     supervisor.report_exit(status)
     sys.stdout.flush()

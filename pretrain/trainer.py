@@ -4,10 +4,10 @@ Owns `Trainer` (set-up, then the loop) and `run_training`. Read top to bottom: s
 models, checks, engine, resume, tracker), then one loop of micro-steps; at each accumulation boundary one
 small all-reduce decides together whether the loss was finite and whether a stop was requested, then the
 engine steps, metrics are logged and checkpoints written. The pieces live beside it: distributed.py
-(process group), ds_config.py (DeepSpeed config), flops.py (FLOP model), metrics.py (window and sink),
-reporting.py (what a metrics line holds), checkpoint.py (CheckpointManager), progress.py (the counters and
-tracker run id it checkpoints), lifecycle.py (the run's life on a cluster: exit statuses, the stop and
-non-finite exceptions, the output folder's lock, finished runs, resumes on another world size).
+(process group), ds_config.py (DeepSpeed config), metrics/ (FLOP model, the window and sink, what a metrics
+line holds), checkpoint/ (CheckpointManager, the folder on disk, the counters and tracker run id it
+checkpoints), run/ (the run's life on a cluster: exit statuses, the stop and non-finite exceptions, the
+output folder's lock, finished runs, resumes on another world size, stop signals).
 """
 
 from __future__ import annotations
@@ -17,14 +17,16 @@ import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
 
-from distil.pretrain import stopsignal
-from distil.pretrain.checkpoint import CheckpointManager, EngineCheckpoint, RNGState
-from distil.pretrain.checkpoint_files import resolve_resume
-from distil.pretrain.config import TrainConfig, check_batch_arithmetic, flatten, to_container, to_yaml
+from distil.common.config import flatten, to_container, to_yaml
+from distil.pretrain.checkpoint.files import resolve_resume
+from distil.pretrain.checkpoint.manager import CheckpointManager, EngineCheckpoint, RNGState
+from distil.pretrain.checkpoint.state import Counters, TrackerRun
+from distil.pretrain.config import TrainConfig, check_batch_arithmetic
 from distil.pretrain.distributed import (
     barrier,
     init_distributed,
@@ -33,14 +35,14 @@ from distil.pretrain.distributed import (
     seed_everything,
 )
 from distil.pretrain.ds_config import build_ds_config, param_groups
-from distil.pretrain.flops import FlopModel, peak_tflops
-from distil.pretrain.lifecycle import (
-    EXIT_BAD_INPUT,
-    EXIT_FAILED,
+from distil.pretrain.losses import DistillationObjective, MaskedLMObjective, teacher_outputs, uses_kl
+from distil.pretrain.metrics.flops import FlopModel, peak_tflops
+from distil.pretrain.metrics.line import batch_counts, grad_norm, line_metrics
+from distil.pretrain.metrics.window import MetricsSink, Window
+from distil.pretrain.run import stopsignal
+from distil.pretrain.run.lifecycle import (
     EXIT_FINISHED,
-    EXIT_LOCKED,
     EXIT_MORE_TO_DO,
-    FINISHED_MARKER,
     AlreadyFinished,
     CollectiveTimeout,
     MoreToDo,
@@ -54,23 +56,55 @@ from distil.pretrain.lifecycle import (
     restart_tags,
     timeout_message,
 )
-from distil.pretrain.losses import DistillationObjective, MaskedLMObjective, teacher_outputs, uses_kl
-from distil.pretrain.metrics import MetricsSink, Window
-from distil.pretrain.progress import Counters, TrackerRun
-from distil.pretrain.reporting import batch_counts, grad_norm, line_metrics
-from distil.pretrain.runlock import RunLock, RunLocked
+from distil.pretrain.run.lock import RunLock
+
+if TYPE_CHECKING:
+    from distil.data_pipeline.manifest import Manifest
+    from distil.data_pipeline.stream import PretrainStream
+    from distil.pretrain.distributed import Dist
+    from distil.pretrain.tracking.tracker import NullTracker
 
 log = logging.getLogger("distil.train")
 
-__all__ = [
-    "AlreadyFinished", "CollectiveTimeout", "NonFiniteLossError", "RunLocked", "Trainer", "run_training",
-    # defined in lifecycle.py and progress.py, importable from here as before
-    "EXIT_BAD_INPUT", "EXIT_FAILED", "EXIT_FINISHED", "EXIT_LOCKED", "EXIT_MORE_TO_DO", "FINISHED_MARKER",
-    "Counters", "MoreToDo", "StopRequested", "TrackerRun",
-]
-
 
 class Trainer:
+    """One training run: `setup()` fills in the state below, `train()` runs the loop to the end or a stop."""
+
+    # given
+    cfg: TrainConfig
+    resume: str | None
+    started: float  # time.monotonic() at construction: run.time_limit_minutes counts from here
+    # where, and with how many processes
+    run_dir: Path
+    ckpt_dir: Path
+    dist: Dist
+    lock: OutputDirLock | None
+    elastic_from: int | None  # the world size of the checkpoint, when resuming on another one
+    global_batch: int
+    # data
+    stream: PretrainStream
+    manifest: Manifest
+    updates_per_epoch: int
+    total_steps: int
+    # models and engine
+    teacher: torch.nn.Module | None  # distillation only
+    layer_map: list[int]  # student layer i <- teacher layer layer_map[i] (distillation only)
+    model: torch.nn.Module  # the model trained: the student, or the BERT of mlm mode
+    tokenizer_from: str | None  # where the export takes its tokenizer from
+    flop_model: FlopModel
+    peak: float | None  # the device's peak TFLOP/s, for MFU
+    ds_config: dict[str, Any]
+    engine: Any  # deepspeed.DeepSpeedEngine
+    engine_skips_nonfinite: bool
+    own_grad_norm: bool  # measured here on logged steps (stage 0: DeepSpeed keeps none)
+    last_grad_norm: float | None
+    # checkpointed progress
+    counters: Counters
+    run: TrackerRun
+    checkpoints: CheckpointManager
+    resumed_from: Path | None
+    tracker: NullTracker  # the interface; MlflowTracker on global rank 0 when tracking is on
+    finished: bool
     def __init__(self, cfg: TrainConfig, resume: str | None = None):
         self.cfg = cfg
         self.resume = resume
@@ -178,7 +212,6 @@ class Trainer:
         # (get_global_grad_norm() is None): measure it ourselves on the steps that are logged.
         self.own_grad_norm = cfg.engine.zero_stage == 0
         self.last_grad_norm: float | None = None
-        self.student_dtype = next(self.engine.module.parameters()).dtype
 
     def _restore(self, resume_path: Path | None) -> None:
         """The checkpointed parts, loaded from resume_path if given (else a fresh start)."""
@@ -199,7 +232,8 @@ class Trainer:
         self.resumed_from = resume_path
 
     def _start_tracker(self) -> None:
-        from distil.pretrain.tracking import create_tracker, default_run_name
+        from distil.pretrain.tracking.config import default_run_name
+        from distil.pretrain.tracking.mlflow_tracker import create_tracker
 
         d = self.dist
         if d.rank == 0:

@@ -28,17 +28,13 @@ from distil.common.errors import UserError
 from distil.common.files import atomic_write_folder, atomic_write_json
 from distil.pretrain.finetune.data import Split, check_pairs, encode_labels, infer_custom_task, read_split
 from distil.pretrain.finetune.metrics import median_metrics, median_seed
-from distil.pretrain.finetune.seed_run import run_seed, training_arguments, write_predictions
+from distil.pretrain.finetune.seed_run import run_seed
 from distil.pretrain.finetune.tasks import PROBLEMS, TaskSpec, glue_task, task_names
 from distil.pretrain.finetune.track import FinetuneTracking
 
 PRECISIONS = ("fp32", "fp16", "bf16")
 DEVICES = ("auto", "cpu", "cuda")
 
-__all__ = ["DEVICES", "PRECISIONS", "FinetuneConfig", "Prepared", "check_output", "finetune", "finetune_run",
-           "load_finetune_config", "model_label", "prepare", "print_summary", "resolve_device",
-           # defined in seed_run.py, importable from here as before
-           "run_seed", "training_arguments", "write_predictions"]
 
 
 @dataclass

@@ -18,7 +18,7 @@ from typing import Any
 import click
 from transformers import TrainerCallback
 
-from distil.pretrain.tracking import NullTracker
+from distil.pretrain.tracking.tracker import NullTracker
 
 DEFAULT_STORE_RUN_DIR = Path("runs") / "finetune"  # default store: runs/mlflow.db, as train / evaluate / review
 TRAINER_SUFFIXES = ("_runtime", "_samples_per_second", "_steps_per_second")
@@ -86,18 +86,18 @@ class FinetuneTracking:
     def _tracker(self, run_name: str) -> NullTracker:
         if not self.enabled:
             return NullTracker()
-        from distil.pretrain.evaluate import tracking_config
-        from distil.pretrain.tracking import create_tracker
+        from distil.pretrain.tracking.config import command_tracking_config
+        from distil.pretrain.tracking.mlflow_tracker import create_tracker
 
-        cfg = tracking_config(self.tracking_uri, self.experiment, run_name)
+        cfg = command_tracking_config(self.tracking_uri, self.experiment, run_name)
         return create_tracker(cfg, rank=0, local_rank=0, world_size=1, run_dir=str(DEFAULT_STORE_RUN_DIR))
 
     def check(self) -> None:
         """A bad --tracking-uri / --experiment fails before any work."""
         if self.enabled:
-            from distil.pretrain.evaluate import tracking_config
+            from distil.pretrain.tracking.config import command_tracking_config
 
-            tracking_config(self.tracking_uri, self.experiment)
+            command_tracking_config(self.tracking_uri, self.experiment)
 
     def start_parent(self, run_name: str, params: dict[str, Any], tags: dict[str, str]) -> None:
         self.parent = self._tracker(run_name)

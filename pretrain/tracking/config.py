@@ -7,6 +7,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from distil.common.errors import UserError
+
 
 @dataclass
 class TrackingConfig:
@@ -27,8 +29,6 @@ class TrackingConfig:
 
     def validate(self) -> None:
         """Value checks for the trainer's config validation; each failure names the key to change."""
-        from distil.common.errors import UserError
-
         if not self.experiment.strip():
             raise UserError("tracking.experiment must not be empty")
         if self.registered_model_name is not None and not self.registered_model_name.strip():
@@ -69,3 +69,17 @@ def default_run_name(run_dir: str | os.PathLike, mode: str | None = None) -> str
     if mode and mode not in name.split("-"):
         name = f"{name}-{mode}"
     return name
+
+
+def command_tracking_config(tracking_uri: str | None, experiment: str, run_name: str | None = None) -> TrackingConfig:
+    """The tracker settings of a one-off command's run (`distil evaluate`, `distil finetune`): no system
+    metrics, no model registration, short start and finish waits; validated, errors naming the options."""
+    cfg = TrackingConfig(tracking_uri=tracking_uri, experiment=experiment, run_name=run_name,
+                         registered_model_name=None, system_metrics=False, start_timeout_s=10.0, finish_timeout_s=120.0,
+                         finish_offline_wait_s=3.0)
+    try:
+        cfg.validate()
+    except UserError as error:
+        raise UserError(str(error).replace("tracking.tracking_uri", "--tracking-uri")
+                        .replace("tracking.experiment", "--experiment")) from None
+    return cfg

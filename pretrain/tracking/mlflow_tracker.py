@@ -343,7 +343,7 @@ class _RunWriter:
     def do_loss_curves(self) -> None:
         """The run folder's metrics.jsonl as a PNG under the run's plots/ artifacts."""
         try:
-            from distil.pretrain.plots import write_loss_curves
+            from distil.pretrain.metrics.plots import write_loss_curves
 
             png = write_loss_curves(self.run_dir)
         except Exception as error:  # noqa: BLE001 - a plot is never worth a failed run

@@ -12,6 +12,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from distil.common.config import flatten
+
 # MLflow's limits (mlflow.utils.validation); imported lazily there, restated here so NullTracker ranks never
 # import mlflow.
 MAX_PARAM_VALUE_LENGTH = 6000
@@ -20,18 +22,6 @@ MAX_KEY_LENGTH = 250
 SECRET_KEY_PATTERN = re.compile(r"(token|secret|passw|api[_-]?key|credential|auth|private[_-]?key)", re.I)
 URL_CREDENTIALS_PATTERN = re.compile(r"(?<=://)[^/@\s]+:[^/@\s]+@")
 INVALID_KEY_CHARS = re.compile(r"[^A-Za-z0-9_\-. :/]")
-
-
-def flatten(values: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    """Nested mappings -> dotted keys; lists and tuples stay one value."""
-    flat: dict[str, Any] = {}
-    for key, value in values.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, Mapping):
-            flat.update(flatten(value, name + "."))
-        else:
-            flat[name] = value
-    return flat
 
 
 def clean_key(key: str) -> str:

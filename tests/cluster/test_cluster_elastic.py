@@ -38,7 +38,7 @@ def close(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], what: str) -> 
 
 
 def module_at(run_dir, step: int) -> dict[str, torch.Tensor]:
-    from distil.pretrain.checkpoint import weights_only_torch_load
+    from distil.pretrain.checkpoint.manager import weights_only_torch_load
 
     with weights_only_torch_load():
         state = torch.load(run_dir / "checkpoints" / f"step_{step:08d}" / "mp_rank_00_model_states.pt",

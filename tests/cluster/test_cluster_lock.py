@@ -30,7 +30,7 @@ from cluster_helpers import (
     wait_for,
 )
 
-from distil.pretrain.runlock import RunLock
+from distil.pretrain.run.lock import RunLock
 
 pytestmark = pytest.mark.slow
 
@@ -41,12 +41,12 @@ def test_lock_names_its_holder_and_is_free_once_the_holder_is_gone(tmp_path):
     held = RunLock(tmp_path)
     assert held.acquire() is None
     holder = subprocess.run(
-        [sys.executable, "-c", "import sys; from distil.pretrain.runlock import RunLock, RunLocked\n"
+        [sys.executable, "-c", "import sys; from distil.pretrain.run.lock import RunLock, RunLocked\n"
          f"try: RunLock({str(tmp_path)!r}).acquire()\nexcept RunLocked as e: print(e); sys.exit(75)"],
         env=env(), capture_output=True, text=True, timeout=60)
     assert holder.returncode == 75 and f"pid {os.getpid()}" in holder.stdout and "started" in holder.stdout
     probe = subprocess.run(
-        [sys.executable, "-c", "import sys; from distil.pretrain.runlock import RunLock, RunLocked\n"
+        [sys.executable, "-c", "import sys; from distil.pretrain.run.lock import RunLock, RunLocked\n"
          f"try: RunLock({str(tmp_path)!r}).probe()\nexcept RunLocked as e: print(e); sys.exit(75)"],
         env=env(), capture_output=True, text=True, timeout=60)
     assert probe.returncode == 75 and f"pid {os.getpid()}" in probe.stdout
@@ -54,7 +54,7 @@ def test_lock_names_its_holder_and_is_free_once_the_holder_is_gone(tmp_path):
     assert not (tmp_path / "nothing_here").exists()
     held.release()
     assert (tmp_path / "run.lock").read_text() == ""  # a clean release leaves no record behind
-    dead = subprocess.run([sys.executable, "-c", f"import os; from distil.pretrain.runlock import RunLock\n"
+    dead = subprocess.run([sys.executable, "-c", f"import os; from distil.pretrain.run.lock import RunLock\n"
                            f"RunLock({str(tmp_path)!r}).acquire(); os._exit(9)"], env=env(), timeout=60)
     assert dead.returncode == 9
     taker = RunLock(tmp_path)

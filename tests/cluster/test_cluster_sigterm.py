@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 from cluster_helpers import REPO, TINY_MLM, env, free_port, metric_steps
 
-from distil.pretrain.checkpoint_files import COMPLETE, damage, tag_for
+from distil.pretrain.checkpoint.files import COMPLETE, damage, tag_for
 
 pytestmark = pytest.mark.slow
 

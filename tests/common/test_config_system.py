@@ -13,7 +13,7 @@ from distil.common.config import is_override
 from distil.common.errors import UserError
 from distil.data_pipeline.cli import canonical_command, load_prepare_config
 from distil.pretrain.config import load_config
-from distil.pretrain.evaluate import load_evaluate_config
+from distil.pretrain.evaluate.command import load_evaluate_config
 
 DISTIL = str(Path(sys.executable).parent / "distil")
 

@@ -28,7 +28,8 @@ from damage import (
 from hypothesis import given
 
 from distil.common.errors import UserError
-from distil.pretrain import checkpoint as ckpt
+from distil.pretrain.checkpoint import files as ckfiles
+from distil.pretrain.checkpoint import manager as ckpt
 
 ENGINE_FILE = "mp_rank_00_model_states.pt"
 FILES = ("trainer_state.json", "rank_00000.json", ENGINE_FILE, "checksums.json", "latest")
@@ -101,7 +102,7 @@ def _meaningful(name: str, old: bytes, new: bytes) -> bool:
 
 
 def _target(name: str) -> str:
-    return name if name == "latest" else f"{ckpt.tag_for(30)}/{name}"
+    return name if name == "latest" else f"{ckfiles.tag_for(30)}/{name}"
 
 
 def check_resume_after(damage: Damage | None, name: str, pristine: dict[str, bytes], root: Path) -> str:
@@ -115,21 +116,21 @@ def check_resume_after(damage: Damage | None, name: str, pristine: dict[str, byt
     before = _snapshot(root)
     changed = damage is None or _meaningful(name, pristine[target], files[target])
     try:
-        path = ckpt.resolve_resume("auto", root)
+        path = ckfiles.resolve_resume("auto", root)
     except UserError as error:
         assert_one_line_error(error, str(root))
         outcome = "error"
     else:
-        assert path is not None and ckpt.damage(path) is None
+        assert path is not None and ckfiles.damage(path) is None
         # (a checkpoint without checksums.json, as those written before they existed, is checked for its
         # structure only: removing the file is the one damage that is not seen)
         if changed and name != "latest" and not (damage is None and name == "checksums.json"):
-            assert path.name != ckpt.tag_for(30), f"resumed from the damaged checkpoint ({damage})"
+            assert path.name != ckfiles.tag_for(30), f"resumed from the damaged checkpoint ({damage})"
         fresh = _manager(root)
         fresh.load(path)  # an intact checkpoint loads
-        step = int(path.name.removeprefix(ckpt.PREFIX))
+        step = int(path.name.removeprefix(ckfiles.PREFIX))
         assert fresh.parts["stream"].value == step and float(fresh.parts["engine"].weight[0]) == step
-        outcome = "newest" if path.name == ckpt.tag_for(30) else f"fell back to {path.name}"
+        outcome = "newest" if path.name == ckfiles.tag_for(30) else f"fell back to {path.name}"
     assert _snapshot(root) == before, "resolving the resume point changed the checkpoint folder"
     return outcome
 
@@ -164,25 +165,25 @@ def test_damaged_checkpoint_files_slow_tier(name, pristine, tmp_path_factory):
 def test_every_checkpoint_damaged_is_one_error_and_a_named_one_too(pristine, tmp_path):
     _write(tmp_path, pristine)
     for step in (10, 20, 30):
-        engine = tmp_path / ckpt.tag_for(step) / ENGINE_FILE
+        engine = tmp_path / ckfiles.tag_for(step) / ENGINE_FILE
         engine.write_bytes(engine.read_bytes()[:-7])
     with pytest.raises(UserError, match="no intact checkpoint") as caught:
-        ckpt.resolve_resume("auto", tmp_path)
+        ckfiles.resolve_resume("auto", tmp_path)
     assert_one_line_error(caught.value, "and 2 more")
     with pytest.raises(UserError, match="bytes where .* were written") as caught:
-        ckpt.resolve_resume(str(tmp_path / ckpt.tag_for(20)), tmp_path)
-    assert_one_line_error(caught.value, ckpt.tag_for(20))
+        ckfiles.resolve_resume(str(tmp_path / ckfiles.tag_for(20)), tmp_path)
+    assert_one_line_error(caught.value, ckfiles.tag_for(20))
 
 
 def test_saving_a_damaged_step_again_sets_it_aside(pristine, tmp_path):
     _write(tmp_path, pristine)
-    engine = tmp_path / ckpt.tag_for(30) / ENGINE_FILE
+    engine = tmp_path / ckfiles.tag_for(30) / ENGINE_FILE
     data = bytearray(engine.read_bytes())
     data[random.Random(0).randrange(len(data))] ^= 0xFF
     engine.write_bytes(bytes(data))
-    assert ckpt.resolve_resume("auto", tmp_path).name == ckpt.tag_for(20)
+    assert ckfiles.resolve_resume("auto", tmp_path).name == ckfiles.tag_for(20)
     _manager(tmp_path, 30.0).save(30)  # the run, resumed from step 20, reaches step 30 again
-    assert ckpt.damage(tmp_path / ckpt.tag_for(30)) is None
-    aside = list(tmp_path.glob(f"{ckpt.DAMAGED_PREFIX}{ckpt.tag_for(30)}-*"))
+    assert ckfiles.damage(tmp_path / ckfiles.tag_for(30)) is None
+    aside = list(tmp_path.glob(f"{ckfiles.DAMAGED_PREFIX}{ckfiles.tag_for(30)}-*"))
     assert len(aside) == 1 and (aside[0] / ENGINE_FILE).read_bytes() == bytes(data)  # kept, not deleted
-    assert ckpt.resolve_resume("auto", tmp_path).name == ckpt.tag_for(30)
+    assert ckfiles.resolve_resume("auto", tmp_path).name == ckfiles.tag_for(30)

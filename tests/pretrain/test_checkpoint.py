@@ -13,7 +13,8 @@ import pytest
 import torch
 
 from distil.common.errors import UserError
-from distil.pretrain import checkpoint as ckpt
+from distil.pretrain.checkpoint import files as ckfiles
+from distil.pretrain.checkpoint import manager as ckpt
 
 TOUCHED = Path("/tmp/distil_test_unpickle_ran")
 
@@ -39,26 +40,26 @@ def test_checkpoint_loads_refuse_arbitrary_objects(tmp_path):
 
 def _fake(root: Path, step: int, complete: bool = True) -> None:
     """A checkpoint folder with the structure resume checks (one rank), no engine files."""
-    d = root / ckpt.tag_for(step)
+    d = root / ckfiles.tag_for(step)
     d.mkdir(parents=True)
-    (d / ckpt.TRAINER_STATE).write_text('{"world_size": 1}')
-    ckpt.rank_file(d, 0).write_text("{}")
+    (d / ckfiles.TRAINER_STATE).write_text('{"world_size": 1}')
+    ckfiles.rank_file(d, 0).write_text("{}")
     if complete:
-        (d / ckpt.COMPLETE).write_text("x")
+        (d / ckfiles.COMPLETE).write_text("x")
 
 
 def test_resume_auto_reads_latest_and_rotation_keeps_k(tmp_path):
-    assert ckpt.resolve_resume("auto", tmp_path) is None  # nothing yet: a fresh start
+    assert ckfiles.resolve_resume("auto", tmp_path) is None  # nothing yet: a fresh start
     for s in (10, 20, 30):
         _fake(tmp_path, s)
     _fake(tmp_path, 15, complete=False)  # an abandoned partial write
-    (tmp_path / ckpt.LATEST).write_text(ckpt.tag_for(30))
-    assert ckpt.resolve_resume("auto", tmp_path) == tmp_path / ckpt.tag_for(30)
-    assert ckpt.resolve_resume(str(tmp_path), tmp_path) == tmp_path / ckpt.tag_for(30)
+    (tmp_path / ckfiles.LATEST).write_text(ckfiles.tag_for(30))
+    assert ckfiles.resolve_resume("auto", tmp_path) == tmp_path / ckfiles.tag_for(30)
+    assert ckfiles.resolve_resume(str(tmp_path), tmp_path) == tmp_path / ckfiles.tag_for(30)
     with pytest.raises(UserError, match="no COMPLETE marker"):
-        ckpt.resolve_resume(str(tmp_path / ckpt.tag_for(15)), tmp_path)
-    ckpt.rotate(tmp_path, keep=2)
-    assert sorted(p.name for p in tmp_path.glob("step_*")) == [ckpt.tag_for(20), ckpt.tag_for(30)]
+        ckfiles.resolve_resume(str(tmp_path / ckfiles.tag_for(15)), tmp_path)
+    ckfiles.rotate(tmp_path, keep=2)
+    assert sorted(p.name for p in tmp_path.glob("step_*")) == [ckfiles.tag_for(20), ckfiles.tag_for(30)]
 
 
 def test_rng_state_round_trip():
@@ -96,7 +97,7 @@ class FakeStream:
 
 
 def _parts(weight: float = 0.0, step: int = 0, position: int = 0, run_id: str | None = None):
-    from distil.pretrain.trainer import Counters, TrackerRun
+    from distil.pretrain.checkpoint.state import Counters, TrackerRun
 
     run = TrackerRun()
     run.load_state_dict(run_id)
@@ -108,10 +109,10 @@ def test_manager_round_trip_keeps_the_layout(tmp_path):
     parts = _parts(weight=2.5, step=7, position=11, run_id="abc")
     manager = ckpt.CheckpointManager(tmp_path, parts, world_size=1, keep=2)
     path = manager.save(7)
-    assert path == tmp_path / ckpt.tag_for(7) and manager.latest() == path
-    assert (tmp_path / ckpt.LATEST).read_text().strip() == ckpt.tag_for(7)
-    assert (path / ckpt.COMPLETE).is_file() and (path / "engine.txt").is_file()
-    shared = ckpt.read_trainer_state(path)
+    assert path == tmp_path / ckfiles.tag_for(7) and manager.latest() == path
+    assert (tmp_path / ckfiles.LATEST).read_text().strip() == ckfiles.tag_for(7)
+    assert (path / ckfiles.COMPLETE).is_file() and (path / "engine.txt").is_file()
+    shared = ckfiles.read_trainer_state(path)
     assert list(shared) == ["counters", "run_id", "world_size"]
     assert shared["counters"]["step"] == 7 and shared["run_id"] == "abc" and shared["world_size"] == 1
     rank_state = json.loads((path / "rank_00000.json").read_text())
@@ -128,17 +129,17 @@ def test_manager_round_trip_keeps_the_layout(tmp_path):
 def test_manager_saves_a_step_once_replaces_stale_folders_and_rotates(tmp_path):
     parts = _parts(weight=1.0)
     manager = ckpt.CheckpointManager(tmp_path, parts, world_size=1, keep=2)
-    stale = tmp_path / ckpt.tag_for(3)
+    stale = tmp_path / ckfiles.tag_for(3)
     stale.mkdir(parents=True)
     (stale / "junk").write_text("x")  # a crashed attempt at step 3
     manager.save(3)
-    assert not (stale / "junk").exists() and (stale / ckpt.COMPLETE).is_file()
+    assert not (stale / "junk").exists() and (stale / ckfiles.COMPLETE).is_file()
     parts["engine"].weight = 9.0
     manager.save(3)  # already complete: left as it is
     assert (stale / "engine.txt").read_text() == "1.0"
     for step in (4, 5):
         manager.save(step)
-    assert sorted(p.name for p in tmp_path.glob("step_*")) == [ckpt.tag_for(4), ckpt.tag_for(5)]
+    assert sorted(p.name for p in tmp_path.glob("step_*")) == [ckfiles.tag_for(4), ckfiles.tag_for(5)]
 
 
 def test_manager_load_errors_are_user_errors(tmp_path):
@@ -154,19 +155,20 @@ def test_manager_load_errors_are_user_errors(tmp_path):
 
 
 def test_manager_reads_checkpoints_written_before_it(tmp_path):
-    """The layout of the function-based writer (no trailing newline, same keys) still loads."""
-    path = tmp_path / ckpt.tag_for(4)
+    """The layout of the function-based writer (no trailing newline, and the elapsed_s counter that was
+    never used) still loads."""
+    path = tmp_path / ckfiles.tag_for(4)
     path.mkdir()
     (path / "engine.txt").write_text("3.0")
     counters = {"step": 4, "epoch": 0, "micro_steps": 8, "samples": 64, "tokens": 900, "skipped_steps": 0,
                 "nonfinite_in_row": 0, "elapsed_s": 0.0}
-    (path / ckpt.TRAINER_STATE).write_text(json.dumps({"counters": counters, "run_id": None, "world_size": 1},
+    (path / ckfiles.TRAINER_STATE).write_text(json.dumps({"counters": counters, "run_id": None, "world_size": 1},
                                                       indent=2))
     (path / "rank_00000.json").write_text(json.dumps({"stream": {"position": 5}, "rng": ckpt.rng_state()}))
-    (path / ckpt.COMPLETE).write_text(ckpt.tag_for(4) + "\n")
-    (tmp_path / ckpt.LATEST).write_text(ckpt.tag_for(4) + "\n")
+    (path / ckfiles.COMPLETE).write_text(ckfiles.tag_for(4) + "\n")
+    (tmp_path / ckfiles.LATEST).write_text(ckfiles.tag_for(4) + "\n")
     parts = _parts()
-    ckpt.CheckpointManager(tmp_path, parts, world_size=1, keep=2).load(ckpt.resolve_resume("auto", tmp_path))
+    ckpt.CheckpointManager(tmp_path, parts, world_size=1, keep=2).load(ckfiles.resolve_resume("auto", tmp_path))
     assert parts["counters"].micro_steps == 8 and parts["stream"].position == 5 and parts["engine"].weight == 3.0
     assert parts["run_id"].state_dict() is None
 
@@ -186,9 +188,9 @@ def test_engine_adapter_reads_weights_only_and_reports_a_failed_load(tmp_path):
 
     engine = Engine()
     adapter = ckpt.EngineCheckpoint(engine)
-    adapter.save_files(tmp_path / ckpt.tag_for(2))
+    adapter.save_files(tmp_path / ckfiles.tag_for(2))
     with pytest.raises(UserError, match="DeepSpeed could not load"):
-        adapter.load_files(tmp_path / ckpt.tag_for(2))
-    assert calls == [("save", str(tmp_path), ckpt.tag_for(2), False),
-                     ("load", str(tmp_path), ckpt.tag_for(2), True, True)]
+        adapter.load_files(tmp_path / ckfiles.tag_for(2))
+    assert calls == [("save", str(tmp_path), ckfiles.tag_for(2), False),
+                     ("load", str(tmp_path), ckfiles.tag_for(2), True, True)]
     assert callable(engine.checkpoint_engine.load)  # reads go through torch.load(weights_only=True)

@@ -6,8 +6,9 @@ from pathlib import Path
 
 import pytest
 
+from distil.common.config import flatten, to_container
 from distil.common.errors import UserError
-from distil.pretrain.config import check_batch_arithmetic, flatten, load_config, to_container, warmup_steps
+from distil.pretrain.config import check_batch_arithmetic, load_config, warmup_steps
 
 REPO = Path(__file__).resolve().parents[2]
 

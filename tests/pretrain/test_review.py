@@ -13,7 +13,7 @@ mlflow = pytest.importorskip("mlflow")
 from mlflow.entities import Metric, Param, RunTag  # noqa: E402
 
 from distil.pretrain.cli import main  # noqa: E402
-from distil.pretrain.plots import read_metrics_jsonl, write_loss_curves  # noqa: E402
+from distil.pretrain.metrics.plots import read_metrics_jsonl, write_loss_curves  # noqa: E402
 
 
 def _log_run(client, experiment_id: str, name: str, mode: str, params: int, losses: list[float],

@@ -2,7 +2,7 @@
 
 from types import SimpleNamespace
 
-from distil.pretrain.review import RunSummary, merge_evaluations
+from distil.pretrain.evaluate.review import RunSummary, merge_evaluations
 
 
 def _run(params: dict[str, str]):

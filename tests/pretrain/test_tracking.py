@@ -18,15 +18,11 @@ mlflow = pytest.importorskip("mlflow")
 
 from mlflow_test_server import MlflowServer, free_port, running_server  # noqa: E402
 
-from distil.pretrain.tracking import (  # noqa: E402
-    MlflowTracker,
-    NodeReporter,
-    NullTracker,
-    TrackingConfig,
-    clean_metrics,
-    clean_params,
-    create_tracker,
-)
+from distil.pretrain.tracking.config import TrackingConfig  # noqa: E402
+from distil.pretrain.tracking.mlflow_tracker import MlflowTracker, create_tracker  # noqa: E402
+from distil.pretrain.tracking.params import clean_metrics, clean_params  # noqa: E402
+from distil.pretrain.tracking.system_metrics import NodeReporter  # noqa: E402
+from distil.pretrain.tracking.tracker import NullTracker  # noqa: E402
 
 FAST = dict(system_metrics_interval_s=0.2, retry_interval_s=0.3, finish_timeout_s=120.0)
 
@@ -394,7 +390,7 @@ def test_run_names_come_from_the_run_and_never_from_the_seeded_random_generator(
     with one seed got the same name (and with a local store the draw moved rank 0's seeded generator)."""
     import random
 
-    from distil.pretrain.tracking import default_run_name
+    from distil.pretrain.tracking.config import default_run_name
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     cfg = TrackingConfig(tracking_uri=uri, experiment="names", system_metrics=False, **FAST)
@@ -447,7 +443,7 @@ def test_a_resumed_run_keeps_its_name(server, tmp_path):
 
 
 def test_the_shard_set_is_a_dataset_input_and_the_teacher_a_model_input(server, tmp_path):
-    from distil.pretrain.tracking import manifest_digest
+    from distil.pretrain.tracking.lineage import manifest_digest
 
     client = server.client()
     manifest = tiny_manifest(tmp_path / "wiki_shards")
@@ -500,8 +496,7 @@ def test_the_shard_set_is_a_dataset_input_and_the_teacher_a_model_input(server, 
 
 
 def test_links_open_the_model_training_view(tmp_path):
-    from distil.pretrain.tracking import describe_link, ui_base, ui_link
-    from distil.pretrain.tracking.links import serve_command
+    from distil.pretrain.tracking.links import describe_link, serve_command, ui_base, ui_link
 
     assert ui_base("http://user:secret@host:5000/mlflow/") == "http://host:5000/mlflow"  # no credentials
     assert ui_base(f"sqlite:///{tmp_path}/mlflow.db") is None

@@ -130,7 +130,7 @@ def check_tracked_runs(client, run_id: str, out: Path, server: MlflowServer, tmp
     # lineage: both trained on the same shard set (one dataset input, also after the resume); the student's
     # teacher is the model the teacher's run logged
     from distil.data_pipeline.manifest import Manifest
-    from distil.pretrain.tracking import manifest_digest
+    from distil.pretrain.tracking.lineage import manifest_digest
 
     digest = manifest_digest(Manifest.from_dict(json.loads((out / "manifest.json").read_text())))
     teacher_data = client.get_run(teacher_run.info.run_id)

@@ -61,7 +61,7 @@ def test_printed_links_open_the_runs_table_with_the_runs_name_and_dataset(shards
     if CHROMIUM is None:
         skip_or_fail("chromium is not installed (scripts/system_packages.sh installs it where apt-get runs as root)")
     from distil.data_pipeline.manifest import load_manifest
-    from distil.pretrain.tracking import manifest_digest
+    from distil.pretrain.tracking.lineage import manifest_digest
 
     out = tmp_path / "teacher"
     train = subprocess.run(

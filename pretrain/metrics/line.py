@@ -8,11 +8,11 @@ from typing import Any
 
 import torch
 
+from distil.pretrain.checkpoint.state import Counters
 from distil.pretrain.config import LossConfig
-from distil.pretrain.flops import FlopModel
 from distil.pretrain.losses import projection_rows
-from distil.pretrain.metrics import WindowTotals
-from distil.pretrain.progress import Counters
+from distil.pretrain.metrics.flops import FlopModel
+from distil.pretrain.metrics.window import WindowTotals
 
 
 def batch_counts(batch: dict[str, torch.Tensor], flop_model: FlopModel, loss: LossConfig,

@@ -20,10 +20,10 @@ from pathlib import Path
 
 from distil.common.errors import UserError
 from distil.common.files import atomic_write_json
-from distil.pretrain.checkpoint_files import rank_file, read_trainer_state, saved_world_size
+from distil.pretrain.checkpoint.files import rank_file, read_trainer_state, saved_world_size
 from distil.pretrain.config import TrainConfig
 from distil.pretrain.distributed import Dist, any_rank, silent_ranks
-from distil.pretrain.runlock import RunLock, RunLocked
+from distil.pretrain.run.lock import RunLock, RunLocked
 
 log = logging.getLogger("distil.train")
 

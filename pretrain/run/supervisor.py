@@ -1,7 +1,7 @@
 """Runs a launcher (the DeepSpeed launcher, torchrun) so that a stop signal ends the launch only after every rank
 has stopped, with the ranks' own exit status.
 
-    python -P -m distil.pretrain.supervisor -- deepspeed --num_gpus 8 --module distil.pretrain.train ...
+    python -P -m distil.pretrain.run.supervisor -- deepspeed --num_gpus 8 --module distil.pretrain.train ...
 
 launch/local.sh, hostfile.sh (without ssh) and torchrun.sh start their launcher this way. Why: on SIGTERM the
 `deepspeed` command exits at once while its ranks are still writing the stop checkpoint (a scheduler that sees
@@ -172,7 +172,7 @@ def main(argv: list[str] | None = None) -> None:
     if args[:1] == ["--"]:
         args = args[1:]
     if not args:
-        print("usage: python -m distil.pretrain.supervisor -- LAUNCHER [ARGS ...]", file=sys.stderr)
+        print("usage: python -m distil.pretrain.run.supervisor -- LAUNCHER [ARGS ...]", file=sys.stderr)
         sys.exit(2)
     sys.exit(supervise(args))
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, fields
 from typing import Any, ClassVar
 
-from distil.pretrain.checkpoint import SHARED
+from distil.pretrain.checkpoint.manager import SHARED
 
 
 @dataclass
@@ -22,14 +22,14 @@ class Counters:
     tokens: int = 0  # non-pad tokens seen, all ranks
     skipped_steps: int = 0  # steps whose update was skipped (non-finite)
     nonfinite_in_row: int = 0
-    elapsed_s: float = 0.0  # training wall time before this (re)start
     restarts: int = 0  # times this run was resumed from a checkpoint
 
     def state_dict(self) -> dict[str, Any]:
         return asdict(self)
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        loaded = Counters(**state)
+        known = {f.name for f in fields(self)}
+        loaded = Counters(**{k: v for k, v in state.items() if k in known})  # older ones also kept elapsed_s
         for f in fields(self):
             setattr(self, f.name, getattr(loaded, f.name))
 

@@ -35,8 +35,9 @@ from distil.common.config import flag, load_command_config, only_overrides
 from distil.common.errors import UserError
 from distil.common.files import atomic_write_json
 from distil.common.formatting import fmt_count, fmt_number
-from distil.pretrain.heldout import ModelResult, eval_metrics, run_evaluation
+from distil.pretrain.evaluate.heldout import ModelResult, eval_metrics, run_evaluation
 from distil.pretrain.models import load_masked_lm
+from distil.pretrain.tracking.config import command_tracking_config
 
 DEFAULT_STORE_RUN_DIR = Path("runs") / "evaluate"  # default store: runs/mlflow.db, as `distil train` and review
 
@@ -114,30 +115,17 @@ def print_table(results: list[ModelResult], counts: dict[str, int], device: torc
     Console(width=max(130, Console().width)).print(table)
 
 
-def tracking_config(tracking_uri: str | None, experiment: str, run_name: str | None = None):
-    """The tracker settings of an evaluation run (no system metrics, no model registration), validated."""
-    from distil.pretrain.tracking import TrackingConfig
-
-    cfg = TrackingConfig(tracking_uri=tracking_uri, experiment=experiment, run_name=run_name,
-                         registered_model_name=None, system_metrics=False, start_timeout_s=10.0, finish_timeout_s=120.0,
-                         finish_offline_wait_s=3.0)
-    try:
-        cfg.validate()
-    except UserError as error:
-        raise UserError(str(error).replace("tracking.tracking_uri", "--tracking-uri")
-                        .replace("tracking.experiment", "--experiment")) from None
-    return cfg
-
-
 def track(report: dict[str, Any], report_path: Path, results: list[ModelResult], tracking_uri: str | None,
           experiment: str) -> None:
     """Parent run (settings, report artifact) + one child run per model. Never raises for tracking trouble:
     the tracker logs a warning and evaluation results stay in the report."""
     from distil.data_pipeline.manifest import load_manifest
-    from distil.pretrain.tracking import create_tracker, redact_uri, serve_command
+    from distil.pretrain.tracking.links import serve_command
+    from distil.pretrain.tracking.mlflow_tracker import create_tracker
+    from distil.pretrain.tracking.params import redact_uri
 
     def tracker_for(run_name: str):
-        cfg = tracking_config(tracking_uri, experiment, run_name)
+        cfg = command_tracking_config(tracking_uri, experiment, run_name)
         return create_tracker(cfg, rank=0, local_rank=0, world_size=1, run_dir=str(DEFAULT_STORE_RUN_DIR),
                               source="distil evaluate")
 
@@ -255,7 +243,7 @@ def evaluate(config_path: str | None, overrides: tuple[str, ...], **options) -> 
     --teacher: KL(teacher||student) and top-1 agreement), as a table, a JSON report and MLflow runs."""
     cfg = load_evaluate_config(config_path, overrides, options)
     if cfg.tracking:
-        tracking_config(cfg.tracking_uri, cfg.experiment)  # a bad URI fails before the models are run
+        command_tracking_config(cfg.tracking_uri, cfg.experiment)  # a bad URI fails before the models are run
     report, results = evaluate_models(cfg)
     report_path = Path(cfg.output)
     if not cfg.tracking:

@@ -52,22 +52,17 @@ import torch.distributed as dist
 
 from distil.common.errors import UserError
 from distil.common.files import atomic_write_json, atomic_write_text
-from distil.pretrain.checkpoint_files import (
-    CHECKSUMS,
+from distil.pretrain.checkpoint.files import (
     COMPLETE,
     DAMAGED_PREFIX,
     LATEST,
-    PREFIX,
     TRAINER_STATE,
     WORLD_SIZE_KEY,
-    complete_tags,
     damage,
     latest_path,
     rank_file,
     read_trainer_state,
-    resolve_resume,
     rotate,
-    saved_world_size,
     tag_for,
     write_checksums,
 )
@@ -75,15 +70,6 @@ from distil.pretrain.checkpoint_files import (
 log = logging.getLogger("distil.train")
 UNIVERSAL_DIR = ".universal"  # <dir>/.universal/<tag>: DeepSpeed's universal form, for an elastic resume
 
-__all__ = [
-    "OWN_FILES", "PER_RANK", "SHARED", "UNIVERSAL_DIR", "CheckpointManager", "EngineCheckpoint", "RNGState",
-    "Stateful", "convert_main", "install_weights_only_loading", "rng_state", "scope_of", "set_rng_state",
-    "to_universal", "weights_only_torch_load",
-    # defined in checkpoint_files.py, importable from here as before
-    "CHECKSUMS", "COMPLETE", "DAMAGED_PREFIX", "LATEST", "PREFIX", "TRAINER_STATE", "WORLD_SIZE_KEY",
-    "complete_tags", "damage", "latest_path", "rank_file", "read_trainer_state", "resolve_resume", "rotate",
-    "saved_world_size", "tag_for", "write_checksums",
-]
 
 SHARED = "shared"
 PER_RANK = "rank"
@@ -197,7 +183,7 @@ def weights_only_torch_load() -> Iterator[None]:
 
 
 def convert_main() -> None:
-    """`python -c 'from distil.pretrain.checkpoint import convert_main; convert_main()' IN OUT`: DeepSpeed's
+    """`python -c 'from distil.pretrain.checkpoint.manager import convert_main; convert_main()' IN OUT`: DeepSpeed's
     ds_to_universal on a checkpoint folder, torch.load held to weights_only."""
     import argparse
 
@@ -221,7 +207,7 @@ def to_universal(folder: Path) -> Path:
         shutil.rmtree(root)
     root.mkdir(parents=True)
     tmp = root / f".{folder.name}.tmp"
-    p = subprocess.run([sys.executable, "-P", "-c", "from distil.pretrain.checkpoint import convert_main; convert_main()",
+    p = subprocess.run([sys.executable, "-P", "-c", "from distil.pretrain.checkpoint.manager import convert_main; convert_main()",
                         str(folder), str(tmp)], capture_output=True, text=True, env=dict(os.environ))
     if p.returncode != 0:
         shutil.rmtree(root, ignore_errors=True)

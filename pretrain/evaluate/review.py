@@ -20,7 +20,7 @@ import click
 
 from distil.common.errors import UserError
 from distil.common.formatting import fmt_count, fmt_duration, fmt_number
-from distil.pretrain.plots import is_loss
+from distil.pretrain.metrics.plots import is_loss
 
 DEFAULT_LOCAL_STORE = Path("runs") / "mlflow.db"  # where `distil train` keeps it with the default output_dir
 
@@ -50,7 +50,7 @@ def default_review_uri() -> str:
 
 def open_client(tracking_uri: str):
     """An MlflowClient that fails fast with a one-line UserError when the store is missing or unreachable."""
-    from distil.pretrain.tracking import configure_http_client
+    from distil.pretrain.tracking.transport import configure_http_client
 
     if tracking_uri.startswith("sqlite:///"):
         db = Path(tracking_uri[len("sqlite:///"):])
@@ -189,7 +189,7 @@ def render_table(summaries: list[RunSummary], title: str) -> None:
 
 
 def write_comparison_plot(summaries: list[RunSummary], output: Path, title: str) -> Path:
-    from distil.pretrain.plots import plot_run_comparison
+    from distil.pretrain.metrics.plots import plot_run_comparison
 
     curves = {s.label: s.loss_curve for s in summaries if s.loss_curve[0]}
     bars: dict[str, dict[str, float]] = {}
@@ -217,7 +217,7 @@ def write_comparison_plot(summaries: list[RunSummary], output: Path, title: str)
 def review(experiment: str, tracking_uri: str | None, run_ids: tuple[str, ...], filter_string: str | None,
            max_runs: int, output: Path) -> None:
     """Compare the runs of an experiment: teacher vs students, in a table and a plot."""
-    from distil.pretrain.tracking import describe_link
+    from distil.pretrain.tracking.links import describe_link
 
     uri = tracking_uri or default_review_uri()
     client = open_client(uri)
