@@ -79,7 +79,7 @@ def main() -> None:
     os.environ["OMP_NUM_THREADS"] = str(args.threads)  # the distil subprocesses
     torch.set_num_threads(args.threads)  # the fine-tunings, in this process
 
-    from distil.data_pipeline.sample_corpus import write_sample_corpus
+    from distil.data_pipeline.prepare.sample_corpus import write_sample_corpus
     from distil.pretrain.finetune.run import FinetuneConfig, finetune_run
     from distil.pretrain.finetune.sample_task import write_opening_sentence_task
 

@@ -32,10 +32,10 @@ from shardset import make_shard_set  # noqa: E402 - the test suite's shard set b
 
 from distil.data_pipeline.manifest import SAMPLE_KEY  # noqa: E402
 from distil.data_pipeline.masking import MaskingConfig  # noqa: E402
-from distil.data_pipeline.plan import ChunkStats  # noqa: E402
-from distil.data_pipeline.read import RawSample, decode_samples  # noqa: E402
-from distil.data_pipeline.stream import PretrainStream  # noqa: E402
-from distil.data_pipeline.tarscan import TarSamples  # noqa: E402
+from distil.data_pipeline.stream.loader import PretrainStream  # noqa: E402
+from distil.data_pipeline.stream.plan import ChunkStats  # noqa: E402
+from distil.data_pipeline.stream.read import RawSample, decode_samples  # noqa: E402
+from distil.data_pipeline.stream.tarscan import TarSamples  # noqa: E402
 
 VOCAB = 30522
 MAX_LEN = 512
@@ -77,7 +77,7 @@ def read_decode(shard_dir: Path, vocab: int, max_len: int) -> tuple[int, int]:
 
 def docs_shard_set(root: Path, megabytes: float) -> tuple[Path, int, int]:
     """Real documentation text -> shards at max length 64 with bert-base-uncased's vocabulary."""
-    from distil.data_pipeline.prepare import PrepareConfig, prepare
+    from distil.data_pipeline.prepare.stage import PrepareConfig, prepare
 
     corpus, tokenizer = root / "docs.txt", root / "bert-base-uncased"
     stats = real_text.gather_documentation(corpus, megabytes)

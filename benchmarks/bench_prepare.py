@@ -45,7 +45,7 @@ SYLLABLES = ("ka", "ren", "to", "mi", "sal", "vor", "ed", "li", "qua", "ster", "
 def _vocabulary(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
     """Real words of the sample corpus by frequency, then made-up words (names, rare terms) for a long tail;
     returns the words and the cumulative Zipf distribution over them."""
-    from distil.data_pipeline.sample_corpus import sample_paragraphs
+    from distil.data_pipeline.prepare.sample_corpus import sample_paragraphs
 
     counts = Counter(w for p in sample_paragraphs() for w in re.findall(r"[A-Za-z][A-Za-z'-]*", p))
     real = sorted(counts, key=lambda w: (-counts[w], w))
@@ -86,7 +86,7 @@ def generate_corpus(path: Path, megabytes: float, seed: int = 0) -> int:
 
 
 def train_tokenizer(corpus: Path, folder: Path, vocab_size: int) -> int:
-    from distil.data_pipeline.tokenize import train_wordpiece
+    from distil.data_pipeline.prepare.tokenize import train_wordpiece
 
     def batches():
         with open(corpus, encoding="utf-8") as f:
@@ -129,8 +129,8 @@ def baseline(corpus: Path, tokenizer_dir: Path) -> tuple[int, float, float]:
 def ours(
     corpus: Path, tokenizer_dir: Path, out: Path, workers: int, word_cache: bool = True, shuffle: bool = True
 ) -> tuple[int, float, float]:
-    from distil.data_pipeline import prepare as stage
-    from distil.data_pipeline import tokenize as tk
+    from distil.data_pipeline.prepare import stage
+    from distil.data_pipeline.prepare import tokenize as tk
 
     original = tk._chunk_cache_spec
     if not word_cache:  # only meaningful in-process (workers=1): spawned workers re-import the module
@@ -150,7 +150,7 @@ def ours(
 
 def _members_of(shard_folder: Path, per_batch: int = 3000) -> list:
     """The tar members of a corpus-order shard set, regrouped as the worker batches that `prepare` hands on."""
-    from distil.data_pipeline.shards import TAR_BLOCK, Members
+    from distil.data_pipeline.prepare.shards import TAR_BLOCK, Members
 
     members = []
     for path in sorted(shard_folder.glob("train-*.tar")):
@@ -166,8 +166,8 @@ def _members_of(shard_folder: Path, per_batch: int = 3000) -> list:
 
 def shuffle_cost(shard_folder: Path, work: Path) -> None:
     """CPU time of the external shuffle alone (both passes) over the members of a prepared corpus."""
-    from distil.data_pipeline.shards import ShardSetWriter
-    from distil.data_pipeline.shuffle import BUCKET_BYTES, ExternalShuffle
+    from distil.data_pipeline.prepare.shards import ShardSetWriter
+    from distil.data_pipeline.prepare.shuffle import BUCKET_BYTES, ExternalShuffle
 
     batches = _members_of(shard_folder)
     total = sum(len(b.data) for b in batches)

@@ -146,7 +146,7 @@ bench "base bf16" 150 "${bench_base[@]}" --dtype bf16
 # End to end through the CLI.
 corpus="$work/corpus.txt" shards="$work/shards" teacher="$work/teacher" student="$work/student"
 run_step "sample corpus" 60 "$out/e2e_prepare.log" "$py" -c \
-  "import sys; from distil.data_pipeline.sample_corpus import write_sample_corpus as w; print(w(sys.argv[1], max_bytes=int(sys.argv[2])), 'paragraphs')" \
+  "import sys; from distil.data_pipeline.prepare.sample_corpus import write_sample_corpus as w; print(w(sys.argv[1], max_bytes=int(sys.argv[2])), 'paragraphs')" \
   "$corpus" "$corpus_bytes"
 run_step "prepare" 120 "$out/e2e_prepare.log" "$py" -m distil.pretrain.cli prepare --input "$corpus" --output "$shards" \
   --train-tokenizer "$vocab" --max-seq-len 128 --holdout-fraction 0.02 --pack -q

@@ -16,7 +16,7 @@ from distil.common.errors import UserError
 
 # name -> (module, attribute, one-line help shown in `distil --help`)
 COMMANDS: dict[str, tuple[str, str, str]] = {
-    "prepare": ("distil.data_pipeline.cli", "prepare", "Raw text -> tokenised webdataset shards + manifest."),
+    "prepare": ("distil.data_pipeline.prepare.command", "prepare", "Raw text -> tokenised webdataset shards + manifest."),
     "train": ("distil.pretrain.train", "train", "Distil a BERT teacher into a DistilBERT student (or pretrain in MLM mode)."),
     "evaluate": ("distil.pretrain.evaluate.command", "evaluate", "Held-out masked-LM metrics of teacher and students, as an MLflow run."),
     "finetune": ("distil.pretrain.finetune.run", "finetune", "Fine-tune on a GLUE task or labelled file (several seeds, median), as MLflow runs."),

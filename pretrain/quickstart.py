@@ -75,7 +75,7 @@ def quickstart(output: str, vocab_size: int, teacher_steps: int, student_steps: 
                overwrite: bool, stop_after: str | None) -> None:
     """Sample corpus -> shards -> MLM teacher -> distilled student -> evaluation -> fine-tuning -> review,
     offline on CPU."""
-    from distil.data_pipeline.sample_corpus import write_sample_corpus
+    from distil.data_pipeline.prepare.sample_corpus import write_sample_corpus
 
     out = Path(output).resolve()
     if out.exists() and any(out.iterdir()):

@@ -60,7 +60,7 @@ from distil.pretrain.run.lock import RunLock
 
 if TYPE_CHECKING:
     from distil.data_pipeline.manifest import Manifest
-    from distil.data_pipeline.stream import PretrainStream
+    from distil.data_pipeline.stream.loader import PretrainStream
     from distil.pretrain.distributed import Dist
     from distil.pretrain.tracking.tracker import NullTracker
 
@@ -114,7 +114,7 @@ class Trainer:
 
     # ---------------------------------------------------------------------------------------------- setup
     def setup(self) -> None:
-        from distil.data_pipeline.stream import PretrainStream
+        from distil.data_pipeline.stream.loader import PretrainStream
 
         cfg = self.cfg
         # A signal during set-up is kept and honoured at the first update boundary (a scheduler may signal

@@ -16,7 +16,11 @@ DISTIL_SKIP_SETUP=1 bash scripts/test.sh "$@"
 new=$(mktemp)
 {
   echo "# distil's locked environment: every package scripts/setup.sh installs, transitive ones included."
-  echo "# Refreshed $(date -u +%Y-%m-%d) by scripts/refresh_lock.sh (the whole suite passed with these versions)"
+  if [ $# -eq 0 ]; then
+    echo "# Refreshed $(date -u +%Y-%m-%d) by scripts/refresh_lock.sh (the whole suite passed with these versions)"
+  else
+    echo "# Refreshed $(date -u +%Y-%m-%d) by scripts/refresh_lock.sh (the suite passed with pytest arguments: $*)"
+  fi
   echo "# on $(python -c 'import platform; print(f"Python {platform.python_version()}, {platform.system()} {platform.machine()}")'),"
   echo "# with torch $(python -c 'import torch; print(torch.__version__)') installed first (torch is not locked: its build depends on the machine)."
   python -m pip freeze --all --exclude-editable | grep -viE '^(torch|distil)==' | LC_ALL=C sort -f

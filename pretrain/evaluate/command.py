@@ -86,7 +86,7 @@ def model_name(path: str, taken: set[str]) -> str:
 
 def holdout_stream(shards: str, batch_size: int, seed: int, mask_smoothing: float = 0.7):
     from distil.data_pipeline.masking import MaskingConfig
-    from distil.data_pipeline.stream import PretrainStream
+    from distil.data_pipeline.stream.loader import PretrainStream
 
     return PretrainStream(shards, split="holdout", batch_size=batch_size,
                           masking=MaskingConfig(smoothing=mask_smoothing), seed=seed, num_workers=0)

@@ -11,7 +11,7 @@ import pytest
 from distil.common import assets
 from distil.common.config import is_override
 from distil.common.errors import UserError
-from distil.data_pipeline.cli import canonical_command, load_prepare_config
+from distil.data_pipeline.prepare.command import canonical_command, load_prepare_config
 from distil.pretrain.config import load_config
 from distil.pretrain.evaluate.command import load_evaluate_config
 

@@ -9,7 +9,7 @@ import webdataset as wds
 from click.testing import CliRunner, Result
 
 from distil.data_pipeline.manifest import SAMPLE_KEY, Manifest, load_manifest
-from distil.data_pipeline.tokenize import train_wordpiece
+from distil.data_pipeline.prepare.tokenize import train_wordpiece
 from distil.pretrain.cli import main
 
 WORDS = (

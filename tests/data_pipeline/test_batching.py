@@ -2,7 +2,7 @@
 
 import numpy as np
 
-from distil.data_pipeline.batching import (
+from distil.data_pipeline.stream.batching import (
     batch_rows,
     fixed_size_batches,
     pad_sequences,

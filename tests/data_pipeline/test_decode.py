@@ -6,8 +6,8 @@ from __future__ import annotations
 import numpy as np
 from shardset import npy_bytes
 
-from distil.data_pipeline.plan import ChunkStats
-from distil.data_pipeline.read import RawSample, decode_samples
+from distil.data_pipeline.stream.plan import ChunkStats
+from distil.data_pipeline.stream.read import RawSample, decode_samples
 
 VOCAB, MAX_LEN = 1000, 64
 

@@ -21,8 +21,8 @@ from conftest_prepare import (
 )
 
 from distil.data_pipeline.manifest import TOKEN_COUNTS_NAME, TOKENIZER_DIR_NAME
-from distil.data_pipeline.shards import ids_dtype, npy_bytes
-from distil.data_pipeline.tokenize import chunk_sequence, document_sequences, drop_reason
+from distil.data_pipeline.prepare.shards import ids_dtype, npy_bytes
+from distil.data_pipeline.prepare.tokenize import chunk_sequence, document_sequences, drop_reason
 
 MAX_LEN = 48
 
@@ -161,7 +161,7 @@ def test_manifest_describes_the_shard_set(tmp_path, tokenizer_dir, documents):
     flat = np.concatenate([ids for _, ids in samples]).astype(np.int64)
     np.testing.assert_array_equal(counts, np.bincount(flat, minlength=manifest.vocab_size))
     # the saved tokenizer loads with transformers and is the one the manifest names
-    from distil.data_pipeline.tokenize import tokenizer_sha256
+    from distil.data_pipeline.prepare.tokenize import tokenizer_sha256
 
     saved = AutoTokenizer.from_pretrained(str(out / TOKENIZER_DIR_NAME))
     assert tokenizer_sha256(saved) == manifest.tokenizer_sha256
@@ -321,7 +321,7 @@ def test_same_input_and_flags_give_identical_bytes(tmp_path, documents):
 def test_shards_are_the_bytes_webdataset_shardwriter_writes(tmp_path):
     import webdataset as wds
 
-    from distil.data_pipeline.shards import Members, ShardSetWriter
+    from distil.data_pipeline.prepare.shards import Members, ShardSetWriter
 
     rng = np.random.default_rng(0)
     samples = [(f"{i:010d}-0000000", npy_bytes(np.arange(n, dtype=np.uint16)), n) for i, n in
@@ -347,7 +347,7 @@ def test_shards_are_the_bytes_webdataset_shardwriter_writes(tmp_path):
 
 
 def test_the_streaming_loader_reads_every_prepared_token(tmp_path, tokenizer_dir, documents):
-    stream_module = pytest.importorskip("distil.data_pipeline.stream", reason="the Stage 2 loader is not in this tree")
+    stream_module = pytest.importorskip("distil.data_pipeline.stream.loader", reason="the Stage 2 loader is not in this tree")
     _write_text(tmp_path / "c.txt", documents)
     _prepare_ok([str(tmp_path / "c.txt")], tmp_path / "out", tokenizer_dir, "--holdout-fraction", "0.2")
     manifest = manifest_of(tmp_path / "out")
@@ -382,7 +382,7 @@ def test_short_and_mostly_unknown_lines_are_dropped_end_to_end(tmp_path, tokeniz
 
 
 def test_members_built_for_a_whole_batch_equal_those_built_one_by_one():
-    from distil.data_pipeline.shards import Members
+    from distil.data_pipeline.prepare.shards import Members
 
     rng = np.random.default_rng(7)
     for dtype, vocab in ((np.uint16, 30522), (np.int32, 70000)):

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from conftest_prepare import all_file_bytes, make_documents, run_prepare
 
-from distil.data_pipeline.sample_corpus import write_sample_corpus
-from distil.data_pipeline.tokenize import Encoder, train_wordpiece
+from distil.data_pipeline.prepare.sample_corpus import write_sample_corpus
+from distil.data_pipeline.prepare.tokenize import Encoder, train_wordpiece
 
 TRICKY = [
     "Hello, World! It's 3.14159 -- isn't it?",
@@ -122,8 +122,8 @@ def test_sample_corpus_is_small_english_and_deterministic(tmp_path: Path):
 
 
 def test_automatic_worker_count_spares_small_corpora(monkeypatch):
-    from distil.data_pipeline.corpus import Source
-    from distil.data_pipeline.prepare import auto_workers
+    from distil.data_pipeline.prepare.corpus import Source
+    from distil.data_pipeline.prepare.stage import auto_workers
 
     monkeypatch.setattr("os.sched_getaffinity", lambda pid: {0, 1, 2, 3}, raising=False)
     small = [Source("a.txt", Path("a.txt"), "text", None, 3 << 20)]

@@ -11,8 +11,7 @@ import pytest
 from conftest_prepare import make_documents, manifest_of, read_split, run_prepare
 
 from distil.common.errors import UserError
-from distil.data_pipeline import prepare as stage
-from distil.data_pipeline import shards
+from distil.data_pipeline.prepare import shards, stage
 
 
 @pytest.fixture()

@@ -16,11 +16,10 @@ from conftest_prepare import (
     run_prepare,
 )
 
-from distil.data_pipeline import prepare as stage
-from distil.data_pipeline import shards
 from distil.data_pipeline.manifest import MANIFEST_NAME, SAMPLE_KEY, TOKEN_COUNTS_NAME, load_manifest
-from distil.data_pipeline.shards import Members, ShardSetWriter, npy_bytes
-from distil.data_pipeline.shuffle import ExternalShuffle, bucket_count
+from distil.data_pipeline.prepare import shards, stage
+from distil.data_pipeline.prepare.shards import Members, ShardSetWriter, npy_bytes
+from distil.data_pipeline.prepare.shuffle import ExternalShuffle, bucket_count
 
 MAX_LEN = 48
 
@@ -98,7 +97,7 @@ def test_many_buckets_are_deterministic_and_leave_no_temporary_files(tmp_path, c
 
 
 def corpus_source(path: Path):
-    from distil.data_pipeline.corpus import resolve_sources
+    from distil.data_pipeline.prepare.corpus import resolve_sources
 
     (source,) = resolve_sources([str(path)], exclude=path.parent / "none")
     return source

@@ -15,10 +15,10 @@ import torch
 from shardset import make_shard_set, npy_bytes, serial_of, write_shard
 
 from distil.common.errors import UserError
-from distil.data_pipeline import produce
 from distil.data_pipeline.manifest import MANIFEST_NAME
 from distil.data_pipeline.masking import IGNORE_INDEX, MaskingConfig
-from distil.data_pipeline.stream import PretrainStream
+from distil.data_pipeline.stream import produce
+from distil.data_pipeline.stream.loader import PretrainStream
 
 VOCAB = 1000
 

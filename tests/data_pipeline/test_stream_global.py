@@ -8,9 +8,9 @@ import pytest
 from shardset import make_shard_set, serial_of
 
 from distil.common.errors import UserError
-from distil.data_pipeline import produce
 from distil.data_pipeline.masking import MaskingConfig
-from distil.data_pipeline.stream import PretrainStream
+from distil.data_pipeline.stream import produce
+from distil.data_pipeline.stream.loader import PretrainStream
 
 VOCAB = 1000
 

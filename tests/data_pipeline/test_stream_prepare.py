@@ -5,7 +5,7 @@ import torch
 from conftest_prepare import build_tokenizer, make_documents, read_split, run_prepare
 
 from distil.data_pipeline.masking import IGNORE_INDEX, MaskingConfig
-from distil.data_pipeline.stream import PretrainStream
+from distil.data_pipeline.stream.loader import PretrainStream
 
 
 @pytest.fixture(scope="module")

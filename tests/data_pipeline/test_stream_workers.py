@@ -7,7 +7,7 @@ import torch
 from shardset import make_shard_set, serial_of
 
 from distil.data_pipeline.masking import MaskingConfig
-from distil.data_pipeline.stream import PretrainStream
+from distil.data_pipeline.stream.loader import PretrainStream
 
 VOCAB = 1000
 pytestmark = pytest.mark.slow

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 import webdataset as wds
 
-from distil.data_pipeline import tarscan
-from distil.data_pipeline.tarscan import TarSamples
+from distil.data_pipeline.stream import tarscan
+from distil.data_pipeline.stream.tarscan import TarSamples
 
 SUFFIX = "ids.npy"
 

@@ -25,7 +25,7 @@ from distil.common import assets
 from distil.common.errors import UserError
 from distil.data_pipeline.manifest import MANIFEST_NAME, TOKEN_COUNTS_NAME
 from distil.data_pipeline.masking import MaskingConfig
-from distil.data_pipeline.stream import PretrainStream
+from distil.data_pipeline.stream.loader import PretrainStream
 from distil.pretrain.config import load_config
 
 VOCAB = 1000

@@ -26,8 +26,8 @@ from hypothesis import strategies as st
 from shardset import make_shard_set, npy_bytes, serial_of, write_shard
 
 from distil.common.errors import UserError
-from distil.data_pipeline import read
-from distil.data_pipeline.stream import PretrainStream
+from distil.data_pipeline.stream import read
+from distil.data_pipeline.stream.loader import PretrainStream
 
 VOCAB = 1000
 SAMPLES = 48  # one shard: a damage can leave nothing usable, so both promises are tried
@@ -137,7 +137,7 @@ def test_npy_header_token_error_is_a_skipped_sample(tmp_path, caplog):
     samples[7] = (samples[7][0], bytes(bad))
     write_shard(shard, samples)
     read._warned_shards.clear()
-    with caplog.at_level(logging.WARNING, logger="distil.data_pipeline.read"):
+    with caplog.at_level(logging.WARNING, logger="distil.data_pipeline.stream.read"):
         read_rows, skipped, serials = one_pass(root)
     assert (read_rows, skipped) == (8, 2)
     assert serials == set(range(10)) - {3, 7}

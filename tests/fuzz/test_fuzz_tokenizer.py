@@ -12,7 +12,7 @@ from damage import DEFAULT_CASES, SLOW_CASES, Outcomes, assert_one_line_error, b
 from hypothesis import given
 
 from distil.common.errors import UserError
-from distil.data_pipeline.tokenize import load_tokenizer
+from distil.data_pipeline.prepare.tokenize import load_tokenizer
 from distil.pretrain.export import check_tokenizer_source
 
 FILES = ("tokenizer.json", "tokenizer_config.json")

@@ -34,7 +34,7 @@ def vocabulary_text() -> list[str]:
 def make_models(root: Path, seq_len: int = 64) -> dict[str, str]:
     """A 2-layer BERT masked LM (the teacher) and a 1-layer DistilBERT masked LM (the student), random weights,
     each saved with a WordPiece tokenizer trained on the generated sentences."""
-    from distil.data_pipeline.tokenize import train_wordpiece
+    from distil.data_pipeline.prepare.tokenize import train_wordpiece
 
     texts = vocabulary_text()
     tokenizer = train_wordpiece(lambda: [texts], 120)

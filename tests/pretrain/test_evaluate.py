@@ -26,7 +26,7 @@ from transformers import (
 
 from distil.data_pipeline.manifest import TOKEN_COUNTS_NAME, Manifest, load_manifest
 from distil.data_pipeline.masking import MaskingConfig
-from distil.data_pipeline.stream import PretrainStream
+from distil.data_pipeline.stream.loader import PretrainStream
 from distil.pretrain.cli import main
 
 WORDS = ("the quick brown fox jumps over a lazy dog while seven wizards quietly brew potent elixirs under an "

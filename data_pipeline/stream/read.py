@@ -41,8 +41,8 @@ from distil.data_pipeline.manifest import (
     load_manifest,
     shard_url,
 )
-from distil.data_pipeline.plan import ChunkStats, EpochPlan
-from distil.data_pipeline.tarscan import TarSamples
+from distil.data_pipeline.stream.plan import ChunkStats, EpochPlan
+from distil.data_pipeline.stream.tarscan import TarSamples
 
 log = logging.getLogger(__name__)
 

@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from distil.common.hashing import splitmix64
-from distil.data_pipeline.shards import Members, ShardSetWriter
+from distil.data_pipeline.prepare.shards import Members, ShardSetWriter
 
 BUCKET_BYTES = 256 << 20  # a bucket is loaded whole (and copied once in its new order)
 MAX_BUCKETS = 4096

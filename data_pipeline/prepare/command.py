@@ -8,8 +8,8 @@ from pathlib import Path
 import click
 
 from distil.common.config import flag, is_override, load_command_config
-from distil.data_pipeline import prepare as stage
-from distil.data_pipeline.corpus import DOC_SEPARATORS
+from distil.data_pipeline.prepare import stage
+from distil.data_pipeline.prepare.corpus import DOC_SEPARATORS
 
 _INTERNAL = {"command", "progress", "batch_bytes", "shuffle_bucket_bytes"}
 

@@ -3,7 +3,7 @@
 The main process reads documents in a fixed order and cuts them into batches of about `batch_bytes` of
 text; worker processes tokenise a batch at a time and return its samples as finished tar members; the main
 process appends them to the shards in batch order, or (by default) to the buckets of a seeded external
-shuffle (data_pipeline/shuffle.py) that then writes each split to its shards in a random order. So the
+shuffle (data_pipeline/prepare/shuffle.py) that then writes each split to its shards in a random order. So the
 output depends only on the inputs and the flags, never on `--workers` or on scheduling. Held-out documents
 are chosen by a hash of (seed, document index).
 """
@@ -25,10 +25,10 @@ import numpy as np
 
 from distil.common.errors import UserError
 from distil.common.hashing import unit_floats
-from distil.data_pipeline import corpus, shards
-from distil.data_pipeline import shuffle as shuffling
-from distil.data_pipeline import tokenize as tk
 from distil.data_pipeline.manifest import TOKENIZER_DIR_NAME, Manifest, SpecialTokens
+from distil.data_pipeline.prepare import corpus, shards
+from distil.data_pipeline.prepare import shuffle as shuffling
+from distil.data_pipeline.prepare import tokenize as tk
 
 DEFAULT_BATCH_BYTES = 1 << 20
 TRAINED_TOKENIZER_NAME = "wordpiece-uncased-{vocab_size}-trained"

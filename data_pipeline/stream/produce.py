@@ -31,10 +31,10 @@ import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from distil.common.hashing import mix_seed
-from distil.data_pipeline.batching import batch_rows, fixed_size_batches, token_budget_batches
 from distil.data_pipeline.masking import Masker, unmasked_labels
-from distil.data_pipeline.plan import Chunk, ChunkStats, EpochPlan
-from distil.data_pipeline.read import PartitionReader, decode_samples
+from distil.data_pipeline.stream.batching import batch_rows, fixed_size_batches, token_budget_batches
+from distil.data_pipeline.stream.plan import Chunk, ChunkStats, EpochPlan
+from distil.data_pipeline.stream.read import PartitionReader, decode_samples
 
 MASK_GROUP = 64  # batches padded and masked together (batching.batch_rows, Masker.mask_rows)
 # Tags of the grouping and masking seed streams; plan.py's shard order uses 3: keep them distinct.

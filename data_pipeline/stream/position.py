@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from distil.common.errors import UserError
-from distil.data_pipeline.plan import ChunkStats
+from distil.data_pipeline.stream.plan import ChunkStats
 
 STATE_VERSION = 2  # 2: layouts (1: per-rank ranges only)
 ELASTIC_KEYS = ("rank", "world_size", "per_update")  # may change between save and load (global layout)

@@ -53,11 +53,11 @@ import torch
 from torch.utils.data import DataLoader
 
 from distil.common.errors import UserError
-from distil.data_pipeline.batching import padded_length
 from distil.data_pipeline.manifest import Manifest, ShardInfo
 from distil.data_pipeline.masking import Masker, MaskingConfig
-from distil.data_pipeline.plan import EpochPlan
-from distil.data_pipeline.position import (
+from distil.data_pipeline.stream.batching import padded_length
+from distil.data_pipeline.stream.plan import EpochPlan
+from distil.data_pipeline.stream.position import (
     Position,
     StreamStats,
     global_batches_taken,
@@ -67,8 +67,8 @@ from distil.data_pipeline.position import (
     saved_state,
     upgrade_state,
 )
-from distil.data_pipeline.produce import BatchingConfig, BatchSelection, ChunkProducer, Item
-from distil.data_pipeline.read import check_shards_exist, load_token_counts, open_shard_set
+from distil.data_pipeline.stream.produce import BatchingConfig, BatchSelection, ChunkProducer, Item
+from distil.data_pipeline.stream.read import check_shards_exist, load_token_counts, open_shard_set
 
 log = logging.getLogger(__name__)
 
