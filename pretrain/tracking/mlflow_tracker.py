@@ -233,6 +233,9 @@ class _RunWriter:
         self.experiment_id: str | None = None
         self.run_id: str | None = None
         self._system = system  # a resumed run's system metrics continue after its last step
+        # A resumed run's last logged training step: the steps up to it are trained again after a crash (from the
+        # checkpoint before it) and, the resume being exact, give the same values, which the run already holds.
+        self.logged_through: int | None = None
 
     def apply(self, op: tuple) -> None:
         getattr(self, "do_" + op[0])(*op[1:])
@@ -285,6 +288,8 @@ class _RunWriter:
         self.experiment_id = run.info.experiment_id
         steps = [m.step for m in run.data._metric_objs if m.key.startswith("system/")]
         self._system.step = max(steps) + 1 if steps else 0
+        trained = [m.step for m in run.data._metric_objs if not m.key.startswith("system/")]
+        self.logged_through = max(trained) if trained else None
         self.client.set_tag(run_id, "distil.resumed", "true")
         return run_id
 
@@ -318,6 +323,10 @@ class _RunWriter:
             self.client.log_batch(run_id, tags=items[i:i + MAX_PARAMS_PER_BATCH])
 
     def do_metrics(self, points: list) -> None:
+        if self.logged_through is not None:  # MLflow's history is append-only: never log a step twice
+            points = [p for p in points if p.key.startswith("system/") or p.step > self.logged_through]
+            if not points:
+                return
         self.client.log_batch(self.run_id, metrics=points)
 
     def do_artifact(self, path: str, artifact_path: str | None) -> None:

@@ -140,3 +140,48 @@ def check_tracked_runs(client, run_id: str, out: Path, server: MlflowServer, tmp
     teacher_model = teacher_data.data.tags["distil.student_model_uri"].split("/")[-1]
     assert [m.model_id for m in data.inputs.model_inputs] == [teacher_model]
     assert client.get_logged_model(teacher_model).experiment_id == experiment.experiment_id
+
+
+def test_a_run_killed_and_resumed_logs_each_step_once(shards, server, tmp_path):  # noqa: F811
+    """SIGKILL once MLflow holds steps past the last checkpoint: the resumed run trains those steps again, and
+    the run's history keeps each step once, with the values metrics.jsonl holds (the resume is exact)."""
+    out = tmp_path / "crashed"
+    client = server.client()
+    cmd = [sys.executable, "-m", "distil.pretrain.train", "--config", "configs/tiny_mlm_cpu.yaml",
+           f"data.shards={shards}", f"run.output_dir={out}", "run.max_steps=60", "run.log_every=1",
+           "checkpoint.every=3", "run.export=false", *tracking_overrides(server, "crashed", "null")]
+
+    def logged_steps(run_id: str) -> list[int]:
+        return sorted(m.step for m in client.get_metric_history(run_id, "loss"))
+
+    job = subprocess.Popen(cmd, cwd=REPO, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        experiment, run_id, deadline = None, None, time.monotonic() + 300
+        while True:
+            assert job.poll() is None and time.monotonic() < deadline, "the run ended before it could be killed"
+            experiment = experiment or client.get_experiment_by_name(EXPERIMENT)
+            runs = client.search_runs([experiment.experiment_id], "attributes.run_name = 'crashed'") if experiment else []
+            if runs:
+                run_id = runs[0].info.run_id
+                latest = (out / "checkpoints" / "latest")
+                checkpointed = int(latest.read_text().split("_")[1]) if latest.is_file() else None
+                if checkpointed is not None and max(logged_steps(run_id), default=0) > checkpointed:
+                    break
+            time.sleep(0.05)
+        job.kill()
+        job.communicate(timeout=60)
+    finally:
+        if job.poll() is None:
+            job.kill()
+    repeated = [s for s in logged_steps(run_id) if s > checkpointed]
+    assert repeated, "nothing past the checkpoint reached MLflow before the kill"
+
+    run(cmd + ["--resume", "auto"], timeout=400)
+    steps = list(range(1, 61))
+    assert [line["step"] for line in metric_lines(out)] == steps
+    for key in ("loss", "loss_mlm", "lr"):
+        history = client.get_metric_history(run_id, key)
+        assert sorted(m.step for m in history) == steps, (key, repeated)  # steps past the checkpoint once
+    jsonl = {line["step"]: line["loss"] for line in metric_lines(out)}
+    assert all(m.value == pytest.approx(jsonl[m.step], rel=1e-9) for m in client.get_metric_history(run_id, "loss"))
+    assert client.get_run(run_id).data.tags["distil.resumed_at_step"] == str(checkpointed)
