@@ -274,6 +274,9 @@ class EngineCheckpoint:
                                                        load_optimizer_states=True, load_lr_scheduler_states=True)
         if load_path is None:
             raise UserError(f"DeepSpeed could not load the universal checkpoint in {universal}")
+        if (dist.get_rank() if dist.is_initialized() else 0) == 0:
+            log.info("optimizer state re-partitioned for %d process(es) from DeepSpeed's universal checkpoint %s",
+                     dist.get_world_size() if dist.is_initialized() else 1, universal)
 
 
 # ---------------------------------------------------------------------------------------------- the manager

@@ -46,6 +46,16 @@ def module_at(run_dir, step: int) -> dict[str, torch.Tensor]:
     return {k: v for k, v in state["module"].items()}
 
 
+def used_universal_checkpoint(run_dir, log: str, world: int) -> None:
+    """DeepSpeed's universal form of the checkpoint was made, complete, and loaded (not the ZeRO files as
+    they were, which DeepSpeed refuses for another data-parallel size)."""
+    universal = run_dir / "checkpoints" / ".universal" / f"step_{STOP:08d}"
+    assert (universal / "COMPLETE").is_file(), sorted(p.name for p in universal.parent.glob("*"))
+    assert list((universal / "zero").glob("*/fp32.pt")), "no per-parameter fp32 state in the universal form"
+    assert json.loads((run_dir / "ds_config.json").read_text())["checkpoint"]["load_universal"] is True
+    assert f"re-partitioned for {world} process(es) from DeepSpeed's universal checkpoint {universal}" in log, log[-3000:]
+
+
 def samples(run_dir) -> int:
     path = run_dir / "checkpoints" / f"step_{STEPS:08d}" / "trainer_state.json"
     return json.loads(path.read_text())["counters"]["samples"]
@@ -66,6 +76,7 @@ def test_resume_on_another_number_of_processes(shards, tmp_path):
     (shrunk / "checkpoints" / "latest").write_text(f"step_{STOP:08d}\n")
     p = run(train_cmd(*args(shards, shrunk, "engine.gradient_accumulation_steps=1"), "--resume", "auto"))
     assert "engine.gradient_accumulation_steps 1 -> 2 keeps the global batch" in p.stderr, p.stderr[-3000:]
+    used_universal_checkpoint(shrunk, p.stderr, 1)
     close(load_file(shrunk / "export" / "model.safetensors"), expected, "2 -> 1 processes")
     assert samples(shrunk) == samples(reference)
 
@@ -79,7 +90,7 @@ def test_resume_on_another_number_of_processes(shards, tmp_path):
     p = run(train_cmd(*one, "--resume", "auto"), expect=2, RANK="0", LOCAL_RANK="0", WORLD_SIZE="3")
     errors = [line for line in p.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "2 micro-batches per update, which 3 processes cannot share" in errors[0], p.stderr
-    finish_ranks(start_ranks([*one, "--resume", "auto"], 2))
+    used_universal_checkpoint(grown, finish_ranks(start_ranks([*one, "--resume", "auto"], 2)), 2)
     close(load_file(grown / "export" / "model.safetensors"), expected, "1 -> 2 processes")
     assert samples(grown) == samples(reference)
     assert metric_steps(grown) == list(range(1, STEPS + 1))
