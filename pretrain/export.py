@@ -11,6 +11,7 @@ from transformers import AutoTokenizer, PreTrainedModel
 from distil.common.errors import UserError
 from distil.common.files import atomic_write_folder
 from distil.data_pipeline.manifest import Manifest, is_remote
+from distil.data_pipeline.prepare.tokenize import tokenizer_fails, tokenizer_sha256
 
 
 def tokenizer_source(manifest: Manifest, shards_base: str, teacher_path: str | None) -> str | None:
@@ -27,17 +28,34 @@ def tokenizer_source(manifest: Manifest, shards_base: str, teacher_path: str | N
     return None
 
 
-def check_tokenizer_source(source: str | None) -> None:
-    """Called before training so a missing tokenizer fails at start, not after the last step."""
+def shards_tokenizer_sha256(manifest: Manifest, shards_base: str, source: str | None) -> str | None:
+    """The tokenizer hash the shards were made with, when `source` is the shard set's own tokenizer folder."""
+    if source is None or not manifest.tokenizer_dir or is_remote(shards_base):
+        return None
+    return manifest.tokenizer_sha256 if Path(source) == Path(shards_base) / manifest.tokenizer_dir else None
+
+
+def check_tokenizer_source(source: str | None, expected_sha256: str | None = None) -> None:
+    """Called before training so a missing or damaged tokenizer fails at start, not after the last step.
+    `expected_sha256`: the manifest's hash of the tokenizer that made the shards, for the shard set's own
+    folder (a damaged tokenizer.json can still load, and would then ship with the model tokenising otherwise)."""
     if source is None:
         raise UserError("no tokenizer to export beside the model: prepare the shards with `distil prepare` "
                         "(it saves tokenizer/) or set run.export=false")
     try:
-        AutoTokenizer.from_pretrained(source)
+        tokenizer = AutoTokenizer.from_pretrained(source)
     except Exception as e:  # damaged files raise anything from the tokenizers library
         first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
         raise UserError(f"cannot load the tokenizer from {source} for export: {first}; "
                         "set run.export=false to train without exporting") from None
+    why = tokenizer_fails(tokenizer)
+    if why is not None:
+        raise UserError(f"the tokenizer in {source} loads but cannot tokenise text ({why}); restore its files, "
+                        "or set run.export=false to train without exporting")
+    if expected_sha256 is not None and tokenizer_sha256(tokenizer) != expected_sha256:
+        raise UserError(f"the tokenizer in {source} is not the one the shards were made with (its sha256 differs "
+                        "from manifest.json's tokenizer_sha256): restore that folder from the shard set, or set "
+                        "run.export=false to train without exporting")
 
 
 def export_model(model: PreTrainedModel, out_dir: Path, tokenizer_from: str) -> Path:

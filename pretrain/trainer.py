@@ -163,7 +163,7 @@ class Trainer:
         """The trained model (and teacher), checked against the data; returns the objective to train."""
         from distil.data_pipeline.manifest import base_of, manifest_location
         from distil.pretrain import models
-        from distil.pretrain.export import check_tokenizer_source, tokenizer_source
+        from distil.pretrain.export import check_tokenizer_source, shards_tokenizer_sha256, tokenizer_source
 
         cfg, manifest, device = self.cfg, self.manifest, self.dist.device
         shards_base = base_of(manifest_location(cfg.data.shards))
@@ -190,7 +190,7 @@ class Trainer:
             self.flop_model = FlopModel((c.hidden_size, c.intermediate_size, c.num_hidden_layers), manifest.vocab_size)
         self.tokenizer_from = tokenizer_source(manifest, shards_base, cfg.teacher.path if cfg.mode == "distill" else None)
         if cfg.run.export:
-            check_tokenizer_source(self.tokenizer_from)
+            check_tokenizer_source(self.tokenizer_from, shards_tokenizer_sha256(manifest, shards_base, self.tokenizer_from))
         return objective
 
     def _build_engine(self, objective: torch.nn.Module) -> None:

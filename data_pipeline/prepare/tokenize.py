@@ -58,7 +58,26 @@ def load_tokenizer(name_or_dir: str):
         ) from None
     if getattr(tokenizer, "backend_tokenizer", None) is None:
         raise UserError(f"tokenizer {name_or_dir!r} is not a fast (tokenizers-backed) tokenizer; pass one that is")
+    why = tokenizer_fails(tokenizer)
+    if why is not None:
+        raise UserError(f"tokenizer {name_or_dir!r} loads but cannot tokenise text ({why}); its files are damaged "
+                        "or incomplete: pass an intact tokenizer folder, or --train-tokenizer VOCAB_SIZE")
     return tokenizer
+
+
+# Letters, digits, punctuation, accents, CJK, symbols and an astral-plane character: text that reaches the unknown
+# token of any vocabulary. A damaged tokenizer.json can load and still fail on it (seen: a WordPiece model whose
+# [UNK] entry no longer matches, "Missing [UNK] token from the vocabulary").
+PROBE_TEXT = "The quick brown fox, 3.14 -- Zürich naïve 東京 ☃ 𝔘 [x]"
+
+
+def tokenizer_fails(tokenizer) -> str | None:
+    """Why `tokenizer` cannot tokenise PROBE_TEXT, or None when it can."""
+    try:
+        tokenizer(PROBE_TEXT)
+    except Exception as e:  # noqa: BLE001 - the tokenizers library raises plain Exception
+        return str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+    return None
 
 
 def _continuation_tokens(alphabet: set[str]) -> list[str]:

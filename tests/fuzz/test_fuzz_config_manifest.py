@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import yaml
@@ -48,10 +49,15 @@ def damages(name: str, original: bytes, tree: dict | None, dump) -> st.SearchStr
 
 
 def try_stream(root) -> None:
+    """A whole epoch, as many batches as the stream promised, each within the vocabulary: damage that only shows
+    late (a sample count, the last shard's entry) must not pass as "runs"."""
     stream = PretrainStream(str(root), batch_size=8, masking=MaskingConfig(), shuffle_buffer=16)
-    for i, _ in enumerate(stream):
-        if i == 2:
-            break
+    promised = stream.batches_per_epoch()
+    batches = 0
+    for batch in stream:
+        assert int(batch["input_ids"].max()) < VOCAB and int(batch["input_ids"].min()) >= 0
+        batches += 1
+    assert batches == promised, f"{batches} batches of the {promised} promised"
 
 
 def fuzz_side_file(root, name: str, cases: int) -> None:
@@ -97,6 +103,8 @@ def fuzz_config(tmp_path, cases: int) -> None:
     tree = yaml.safe_load(original)
     path = tmp_path / "fuzzed.yaml"
     outcomes = OUTCOMES.setdefault("config", Outcomes())
+    top = "|".join(map(re.escape, tree))
+    KEY = re.compile(rf"\b({top})(\.\w+)+|\b({top})=")  # a key of the config: data.batch_size, mode=...
 
     def dump(t) -> bytes:
         return yaml.safe_dump(t).encode()
@@ -110,6 +118,9 @@ def fuzz_config(tmp_path, cases: int) -> None:
             outcomes[f"{damage.kind}: loads"] += 1
         except UserError as e:
             assert_one_line_error(e, "")
+            message = str(e)
+            # what to change: the file (unreadable YAML, not a mapping) or the key at fault
+            assert path.name in message or KEY.search(message), f"names neither {path.name} nor a key: {message!r}"
             outcomes[f"{damage.kind}: error line"] += 1
 
     case()

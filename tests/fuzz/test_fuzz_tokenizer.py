@@ -1,18 +1,26 @@
 """Fuzzing a saved tokenizer (the shard set's tokenizer/ folder, or one given to `distil prepare
---tokenizer`): tokenizer.json and tokenizer_config.json (what a saved fast tokenizer holds) damaged at random. The promise: the
-tokenizer loads and works, or loading is one `UserError` line naming the folder; never a traceback."""
+--tokenizer`): tokenizer.json and tokenizer_config.json (what a saved fast tokenizer holds) damaged at random. The promise:
+loading is one `UserError` line naming the folder, never a traceback; a damaged tokenizer that still loads is
+compared with the undamaged one on real text (standard-library documentation): `distil prepare` may be handed
+any tokenizer (one that tokenises otherwise is counted, not refused), but the shard set's own folder, which
+the trainer exports beside the model, is accepted only if it tokenises as the one that made the shards."""
 
 from __future__ import annotations
 
+import argparse
+import json
 import shutil
+import subprocess
+import tarfile
 
 import pytest
 from conftest_prepare import build_tokenizer
 from damage import DEFAULT_CASES, SLOW_CASES, Outcomes, assert_one_line_error, byte_damages, fuzz_settings
 from hypothesis import given
+from transformers import AutoTokenizer
 
 from distil.common.errors import UserError
-from distil.data_pipeline.prepare.tokenize import load_tokenizer
+from distil.data_pipeline.prepare.tokenize import load_tokenizer, tokenizer_sha256
 from distil.pretrain.export import check_tokenizer_source
 
 FILES = ("tokenizer.json", "tokenizer_config.json")
@@ -27,24 +35,38 @@ def saved(tmp_path_factory):
         outcomes.report(name)
 
 
-def _check(folder) -> str:
-    outcomes = []
-    for load in (load_tokenizer, check_tokenizer_source):
-        try:
-            tok = load(str(folder))
-        except UserError as error:
-            assert_one_line_error(error, str(folder))
-            outcomes.append("error")
-        else:
-            if tok is not None:
-                tok("a short line of text")  # a tokenizer that loads also works
-            outcomes.append("loads")
-    return "/".join(outcomes)
+REAL_TEXT = [m.__doc__ for m in (argparse, json, shutil, subprocess, tarfile) if m.__doc__]
+
+
+def _ids(tokenizer) -> list[list[int]]:
+    return tokenizer(REAL_TEXT)["input_ids"]
+
+
+def _check(folder, reference: list[list[int]], sha256: str) -> str:
+    """prepare's loading, then the trainer's export check with the shards' tokenizer hash."""
+    try:
+        tok = load_tokenizer(str(folder))
+    except UserError as error:
+        assert_one_line_error(error, str(folder))
+        prepare = "error"
+    else:
+        prepare = "loads, same output" if _ids(tok) == reference else "loads, other output"
+    try:
+        check_tokenizer_source(str(folder), sha256)
+    except UserError as error:
+        assert_one_line_error(error, str(folder))
+        export = "refused"
+    else:
+        assert _ids(AutoTokenizer.from_pretrained(str(folder))) == reference, "accepted a tokenizer that differs"
+        export = "accepted, same output"
+    return f"prepare: {prepare} / export: {export}"
 
 
 def _fuzz(name: str, cases: int, saved, tmp_path_factory) -> None:
     outcomes = OUTCOMES.setdefault(f"tokenizer {name} ({cases} cases per damage kind)", Outcomes())
     original = (saved / name).read_bytes()
+    undamaged = load_tokenizer(str(saved))
+    reference, sha256 = _ids(undamaged), tokenizer_sha256(undamaged)
     for strategy in byte_damages(len(original)).values():
         @fuzz_settings(cases)
         @given(damage=strategy)
@@ -52,7 +74,7 @@ def _fuzz(name: str, cases: int, saved, tmp_path_factory) -> None:
             folder = tmp_path_factory.mktemp("damaged_tok")
             shutil.copytree(saved, folder, dirs_exist_ok=True)
             (folder / name).write_bytes(damage.apply(original))
-            outcomes[_check(folder)] += 1
+            outcomes[_check(folder, reference, sha256)] += 1
 
         case()
 
