@@ -24,8 +24,13 @@ if ! python -c "import torch" 2>/dev/null; then
   fi
 fi
 if [ "${DISTIL_UNLOCKED:-0}" = 1 ]; then
-  python -m pip install --quiet --upgrade pip setuptools wheel
-  python -m pip install --quiet --upgrade --upgrade-strategy eager -e ".[test]"
+  python -m pip install --quiet --upgrade pip setuptools
+  # Everything to the newest the ranges allow, but the torch installed above (an upgrade would be another
+  # build: on a machine without a GPU, PyPI's newest torch is the multi-GB CUDA one).
+  keep_torch=$(mktemp)
+  python -c "import torch; print('torch==' + torch.__version__)" > "$keep_torch"
+  python -m pip install --quiet --upgrade --upgrade-strategy eager -c "$keep_torch" -e ".[test]"
+  rm -f "$keep_torch"
   exit 0
 fi
 if [ ! -f "$LOCK" ]; then
