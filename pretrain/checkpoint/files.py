@@ -31,6 +31,9 @@ CHECKSUMS = "checksums.json"
 PREFIX = "step_"
 DAMAGED_PREFIX = "damaged-"  # a damaged checkpoint set aside when its step is saved again
 WORLD_SIZE_KEY = "world_size"  # kept in trainer_state.json beside the shared parts; resume checks it
+FORMAT_KEY = "checkpoint_format"  # trainer_state.json: 2 = written with checksums.json (absent: older)
+CHECKSUMMED_FORMAT = 2
+_said_unverified: set[Path] = set()
 
 
 def tag_for(step: int) -> str:
@@ -94,8 +97,10 @@ def _read_json(path: Path) -> Any:
 def damage(path: Path) -> str | None:
     """Why the checkpoint at `path` cannot be resumed from, or None when it is intact.
 
-    Checks the COMPLETE marker, that trainer_state.json and every rank's JSON parse, and, where the
-    checkpoint has checksums.json (all written by this version), every file's size and CRC-32."""
+    Checks the COMPLETE marker, that trainer_state.json and every rank's JSON parse, and every file's size and
+    CRC-32 against checksums.json. A checkpoint written with checksums that has lost the file is damaged (deleting
+    it would otherwise hide any damage); one from before checksums existed (no format in trainer_state.json)
+    is checked for its structure only, which is said once."""
     if not (path / COMPLETE).is_file():
         return f"no {COMPLETE} marker" if path.is_dir() else "missing"
     state = _read_json(path / TRAINER_STATE)
@@ -106,7 +111,13 @@ def damage(path: Path) -> str | None:
         if not isinstance(_read_json(rank_file(path, rank)), dict):
             return f"{rank_file(path, rank).name} is missing or unreadable"
     if not (path / CHECKSUMS).exists():
-        return None  # written before checksums existed: the structure is all there is to check
+        if state.get(FORMAT_KEY, 1) >= CHECKSUMMED_FORMAT:
+            return f"{CHECKSUMS} is missing (this checkpoint was written with one)"
+        if path not in _said_unverified:
+            _said_unverified.add(path)
+            log.warning("checkpoint %s was written before checkpoints carried %s: only its structure is checked",
+                        path, CHECKSUMS)
+        return None
     sums = _read_json(path / CHECKSUMS)
     if not isinstance(sums, dict) or not sums:
         return f"{CHECKSUMS} is unreadable"

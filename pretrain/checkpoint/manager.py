@@ -53,8 +53,10 @@ import torch.distributed as dist
 from distil.common.errors import UserError
 from distil.common.files import atomic_write_json, atomic_write_text
 from distil.pretrain.checkpoint.files import (
+    CHECKSUMMED_FORMAT,
     COMPLETE,
     DAMAGED_PREFIX,
+    FORMAT_KEY,
     LATEST,
     TRAINER_STATE,
     WORLD_SIZE_KEY,
@@ -288,8 +290,9 @@ class CheckpointManager:
     """
 
     def __init__(self, ckpt_dir: Path, parts: Mapping[str, Any], *, world_size: int, keep: int):
-        if WORLD_SIZE_KEY in parts:
-            raise ValueError(f"{WORLD_SIZE_KEY!r} is the checkpoint's own key in {TRAINER_STATE}")
+        for own in (WORLD_SIZE_KEY, FORMAT_KEY):
+            if own in parts:
+                raise ValueError(f"{own!r} is the checkpoint's own key in {TRAINER_STATE}")
         self.ckpt_dir = Path(ckpt_dir)
         self.parts = dict(parts)
         self.scopes = {name: scope_of(part) for name, part in self.parts.items()}
@@ -331,7 +334,8 @@ class CheckpointManager:
                 part.save_files(path)
         atomic_write_json(rank_file(path, rank), self._states(PER_RANK), indent=None)
         if rank == 0:
-            atomic_write_json(path / TRAINER_STATE, {**self._states(SHARED), WORLD_SIZE_KEY: self.world_size})
+            atomic_write_json(path / TRAINER_STATE, {**self._states(SHARED), WORLD_SIZE_KEY: self.world_size,
+                                                     FORMAT_KEY: CHECKSUMMED_FORMAT})
         _barrier()
         if rank == 0:
             write_checksums(path)

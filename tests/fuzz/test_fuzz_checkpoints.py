@@ -122,9 +122,8 @@ def check_resume_after(damage: Damage | None, name: str, pristine: dict[str, byt
         outcome = "error"
     else:
         assert path is not None and ckfiles.damage(path) is None
-        # (a checkpoint without checksums.json, as those written before they existed, is checked for its
-        # structure only: removing the file is the one damage that is not seen)
-        if changed and name != "latest" and not (damage is None and name == "checksums.json"):
+        # (removing checksums.json too: this version's checkpoints say in trainer_state.json that they have one)
+        if changed and name != "latest":
             assert path.name != ckfiles.tag_for(30), f"resumed from the damaged checkpoint ({damage})"
         fresh = _manager(root)
         fresh.load(path)  # an intact checkpoint loads

@@ -113,8 +113,9 @@ def test_manager_round_trip_keeps_the_layout(tmp_path):
     assert (tmp_path / ckfiles.LATEST).read_text().strip() == ckfiles.tag_for(7)
     assert (path / ckfiles.COMPLETE).is_file() and (path / "engine.txt").is_file()
     shared = ckfiles.read_trainer_state(path)
-    assert list(shared) == ["counters", "run_id", "world_size"]
+    assert list(shared) == ["counters", "run_id", "world_size", "checkpoint_format"]
     assert shared["counters"]["step"] == 7 and shared["run_id"] == "abc" and shared["world_size"] == 1
+    assert shared["checkpoint_format"] == 2  # written with checksums.json: losing it is damage
     rank_state = json.loads((path / "rank_00000.json").read_text())
     assert list(rank_state) == ["stream", "rng"] and rank_state["stream"] == {"position": 11}
     a = (random.random(), np.random.rand(), torch.rand(1).item())
@@ -194,3 +195,19 @@ def test_engine_adapter_reads_weights_only_and_reports_a_failed_load(tmp_path):
     assert calls == [("save", str(tmp_path), ckfiles.tag_for(2), False),
                      ("load", str(tmp_path), ckfiles.tag_for(2), True, True)]
     assert callable(engine.checkpoint_engine.load)  # reads go through torch.load(weights_only=True)
+
+
+def test_a_checkpoint_that_lost_its_checksums_is_damaged_an_older_one_is_said_once(tmp_path, caplog):
+    """Deleting checksums.json must not make damage invisible: this version's checkpoints record that they
+    carry it. One written before checksums existed (no format in trainer_state.json) still loads, said once."""
+    path = ckpt.CheckpointManager(tmp_path, _parts(step=5), world_size=1, keep=3).save(5)
+    (path / ckfiles.CHECKSUMS).unlink()
+    assert ckfiles.damage(path) == "checksums.json is missing (this checkpoint was written with one)"
+
+    state = json.loads((path / ckfiles.TRAINER_STATE).read_text())
+    del state["checkpoint_format"]  # as an older version wrote it
+    (path / ckfiles.TRAINER_STATE).write_text(json.dumps(state))
+    with caplog.at_level("WARNING", logger="distil.train"):
+        assert ckfiles.damage(path) is None and ckfiles.damage(path) is None
+    said = [r for r in caplog.records if "only its structure is checked" in r.getMessage()]
+    assert len(said) == 1, caplog.text
