@@ -9,6 +9,8 @@ import json
 import logging
 import math
 import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -387,25 +389,35 @@ def tiny_manifest(folder: Path):
 
 def test_run_names_come_from_the_run_and_never_from_the_seeded_random_generator(tmp_path):
     """MLflow names an unnamed run from Python's global random generator; training seeds it, so every run
-    with one seed got the same name (and with a local store the draw moved rank 0's seeded generator)."""
-    import random
-
-    from distil.pretrain.tracking.config import default_run_name
-
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    cfg = TrackingConfig(tracking_uri=uri, experiment="names", system_metrics=False, **FAST)
-    random.seed(56)  # what seed_everything(run.seed) does before the tracker starts
-    state = random.getstate()
-    names = []
-    for folder, mode, given in (("teacher", "mlm", None), ("student", "distill", None),
-                                ("student", "distill", "my-run"), ("teacher-mlm", "mlm", None)):
-        run_cfg = TrackingConfig(**{**cfg.__dict__, "run_name": given})
-        tracker = create_tracker(run_cfg, rank=0, local_rank=0, world_size=1, run_dir=str(tmp_path / folder),
-                                 run_name=default_run_name(tmp_path / folder, mode))
-        tracker.finish("FINISHED")
-        names.append(mlflow.MlflowClient(uri).get_run(tracker.run_id).info.run_name)
-    assert names == ["teacher-mlm", "student-distill", "my-run", "teacher-mlm"]  # tracking.run_name wins
-    assert random.getstate() == state  # tracking drew nothing from the training's generator
+    with one seed got the same name (and with a local store the draw moved rank 0's seeded generator).
+    In a fresh process: in the test process, threads other tests left behind (an MLflow client's retries)
+    may draw from the same generator meanwhile."""
+    code = f"""
+import json, random
+import mlflow
+from distil.pretrain.tracking.config import TrackingConfig, default_run_name
+from distil.pretrain.tracking.mlflow_tracker import create_tracker
+from pathlib import Path
+tmp = Path({str(tmp_path)!r})
+uri = f"sqlite:///{{tmp / 'mlflow.db'}}"
+random.seed(56)  # what seed_everything(run.seed) does before the tracker starts
+state = random.getstate()
+names = []
+for folder, mode, given in (("teacher", "mlm", None), ("student", "distill", None),
+                            ("student", "distill", "my-run"), ("teacher-mlm", "mlm", None)):
+    cfg = TrackingConfig(tracking_uri=uri, experiment="names", system_metrics=False, run_name=given,
+                         **{FAST!r})
+    tracker = create_tracker(cfg, rank=0, local_rank=0, world_size=1, run_dir=str(tmp / folder),
+                             run_name=default_run_name(tmp / folder, mode))
+    tracker.finish("FINISHED")
+    names.append(mlflow.MlflowClient(uri).get_run(tracker.run_id).info.run_name)
+print(json.dumps({{"names": names, "untouched": random.getstate() == state}}))
+"""
+    p = subprocess.run([sys.executable, "-P", "-c", code], capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    result = json.loads(p.stdout.strip().splitlines()[-1])
+    assert result["names"] == ["teacher-mlm", "student-distill", "my-run", "teacher-mlm"]  # tracking.run_name wins
+    assert result["untouched"]  # tracking drew nothing from the training's generator
 
 
 def test_runs_carry_their_source_and_distils_experiments_open_as_model_training(server, tmp_path, caplog):
