@@ -9,6 +9,7 @@ metrics, artifacts, the registered student, the final status; then `distil revie
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
 import sys
 import time
@@ -17,6 +18,8 @@ from pathlib import Path
 import pytest
 from mlflow_test_server import MlflowServer, running_server
 from test_train_distributed import BIN, REPO, env, free_port, run, shards  # noqa: F401 - shards is a fixture
+
+from distil.pretrain.checkpoint.files import resolve_resume
 
 pytestmark = pytest.mark.slow
 mlflow = pytest.importorskip("mlflow")
@@ -163,10 +166,12 @@ def test_a_run_killed_and_resumed_logs_each_step_once(shards, server, tmp_path):
             runs = client.search_runs([experiment.experiment_id], "attributes.run_name = 'crashed'") if experiment else []
             if runs:
                 run_id = runs[0].info.run_id
-                latest = (out / "checkpoints" / "latest")
-                checkpointed = int(latest.read_text().split("_")[1]) if latest.is_file() else None
+                job.send_signal(signal.SIGSTOP)  # frozen: its checkpoints and what MLflow holds stay as seen
+                resume_from = resolve_resume("auto", out / "checkpoints")
+                checkpointed = int(resume_from.name.removeprefix("step_")) if resume_from else None
                 if checkpointed is not None and max(logged_steps(run_id), default=0) > checkpointed:
                     break
+                job.send_signal(signal.SIGCONT)
             time.sleep(0.05)
         job.kill()
         job.communicate(timeout=60)
