@@ -53,6 +53,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from distil.common.errors import UserError
+from distil.common.signals import STOP_SIGNALS
 from distil.data_pipeline.manifest import Manifest, ShardInfo
 from distil.data_pipeline.masking import Masker, MaskingConfig
 from distil.data_pipeline.stream.batching import padded_length
@@ -113,9 +114,6 @@ def _check_token_budget(max_tokens: int | None, max_len: int, pad_multiple: int)
             f"max_tokens {max_tokens} cannot hold one sequence of max_len {max_len}: "
             f"use at least {padded_length(max_len, pad_multiple)}"
         )
-
-
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 
 def _leave_stop_signals_to_the_main_process(_worker_id: int) -> None:

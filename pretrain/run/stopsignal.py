@@ -12,6 +12,8 @@ from __future__ import annotations
 import signal
 from typing import Any
 
+from distil.common.signals import STOP_SIGNALS
+
 _received: int | None = None
 _installed = False
 
@@ -25,7 +27,7 @@ def install() -> None:
     """Records SIGTERM/SIGINT from now on (idempotent; the main thread only, as Python requires)."""
     global _installed
     if not _installed:
-        for sig in (signal.SIGTERM, signal.SIGINT):
+        for sig in STOP_SIGNALS:
             signal.signal(sig, _handler)
         _installed = True
 

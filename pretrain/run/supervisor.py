@@ -34,8 +34,9 @@ import tempfile
 import time
 from pathlib import Path
 
+from distil.common.signals import STOP_SIGNALS
+
 STATUS_DIR_ENV = "DISTIL_RANK_STATUS_DIR"
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 _PR_SET_CHILD_SUBREAPER = 36
 _POLL_S = 0.2
 
@@ -92,8 +93,8 @@ def _alive(pid: int) -> bool:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
-    except PermissionError:
-        return True
+    except PermissionError:  # alive, another user's
+        pass
     return True
 
 
@@ -118,8 +119,8 @@ def decide(ready: dict[int, str], exits: dict[int, str], launcher_status: int | 
 def supervise(cmd: list[str]) -> int:
     folder = Path(tempfile.mkdtemp(prefix="distil-ranks-"))
     pending: list[int] = []
-    signal.signal(signal.SIGTERM, lambda signum, _frame: pending.append(signum))
-    signal.signal(signal.SIGINT, lambda signum, _frame: pending.append(signum))
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, lambda signum, _frame: pending.append(signum))
     subreaper = _become_subreaper()
     env = {**os.environ, STATUS_DIR_ENV: str(folder)}
     try:
