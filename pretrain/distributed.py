@@ -25,6 +25,7 @@ import torch
 import torch.distributed as dist
 
 from distil.common.errors import UserError
+from distil.pretrain import cpu_collectives
 
 
 @dataclass
@@ -60,6 +61,8 @@ def init_distributed(timeout_s: float = 1800.0) -> Dist:
     os.environ.setdefault("MASTER_PORT", str(free_port()))
     timeout = datetime.timedelta(seconds=timeout_s)
     _default_group_timeout(timeout)
+    if accel.device_name() == "cpu":
+        cpu_collectives.load_op()
     deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, timeout=timeout)
     local_rank = int(os.environ["LOCAL_RANK"])
     if accel.device_name() == "cpu":
@@ -70,6 +73,8 @@ def init_distributed(timeout_s: float = 1800.0) -> Dist:
         accel.set_device(index)
         device = torch.device(accel.device_name(index))
     world = dist.get_world_size()
+    if accel.device_name() == "cpu":
+        cpu_collectives.release_allreduce_buffer(dist.get_rank(), world)
     monitor = dist.new_group(backend="gloo", timeout=timeout) if world > 1 else None
     return Dist(dist.get_rank(), local_rank, world, device, timeout_s, monitor)
 

@@ -16,8 +16,18 @@ if [ ! -x "$VENV/bin/python" ]; then
   "$PY" -m venv "$VENV"
 fi
 . "$VENV/bin/activate"
+has_gpu() { command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; }
+# Without a GPU, DeepSpeed runs on its CPU accelerator, whose collectives op is compiled on first use (about a
+# minute): it is built here, once per environment, instead of inside the first run or test.
+build_cpu_op() {
+  has_gpu && return 0
+  if ! DS_ACCELERATOR=cpu python -P -c "from distil.pretrain.cpu_collectives import load_op; load_op()" >/dev/null; then
+    echo "error: building DeepSpeed's CPU collectives op failed (see above); it needs a C++ compiler and ninja (apt install g++)" >&2
+    exit 1
+  fi
+}
 if ! python -c "import torch" 2>/dev/null; then
-  if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
+  if has_gpu; then
     python -m pip install --quiet "$TORCH" || python -m pip install --quiet torch
   else
     python -m pip install --quiet "$TORCH"
@@ -31,6 +41,7 @@ if [ "${DISTIL_UNLOCKED:-0}" = 1 ]; then
   python -c "import torch; print('torch==' + torch.__version__)" > "$keep_torch"
   python -m pip install --quiet --upgrade --upgrade-strategy eager -c "$keep_torch" -e ".[test]"
   rm -f "$keep_torch"
+  build_cpu_op
   exit 0
 fi
 if [ ! -f "$LOCK" ]; then
@@ -55,3 +66,4 @@ if ! python -m pip check >/dev/null; then
   echo "error: the environment in $VENV does not satisfy distil's requirements with $LOCK; run scripts/refresh_lock.sh (or DISTIL_UNLOCKED=1 bash scripts/setup.sh)" >&2
   exit 1
 fi
+build_cpu_op

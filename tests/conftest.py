@@ -1,8 +1,11 @@
 """Suite-wide settings: tests never reach the network and run DeepSpeed on the CPU accelerator."""
 
 import os
+from pathlib import Path
 
 import pytest
+
+_SEGMENTS_BEFORE = pytest.StashKey[set]()
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -33,3 +36,24 @@ def _environment_restored_after_each_test():
     if os.environ != saved:
         os.environ.clear()
         os.environ.update(saved)
+
+
+def _cpu_allreduce_segments() -> set[str]:
+    return {p.name for p in Path("/dev/shm").glob("deepspeed_allreduce_buffer_*")}
+
+
+def pytest_sessionstart(session):
+    session.config.stash[_SEGMENTS_BEFORE] = _cpu_allreduce_segments()
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """No run the suite started leaves DeepSpeed's CPU all-reduce segments in /dev/shm (66 MB each, held in
+    memory until removed: before the ranks removed them, the suite's runs filled a CI machine's memory)."""
+    if hasattr(session.config, "workerinput"):  # a pytest-xdist worker: the controller checks once
+        return
+    left = sorted(_cpu_allreduce_segments() - session.config.stash.get(_SEGMENTS_BEFORE, set()))
+    if left:
+        session.config.get_terminal_writer().line(
+            f"error: the tests left {len(left)} DeepSpeed CPU all-reduce segment(s) in /dev/shm: {', '.join(left)}",
+            red=True)
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED

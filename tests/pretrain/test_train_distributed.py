@@ -99,12 +99,15 @@ def distill(shards: Path, teacher: Path, out: Path, *extra: str, status: int = 0
     """2 processes through the deepspeed launcher (launch/local.sh: resumes when a checkpoint exists).
     `status`: the expected exit status (3: stopped by run.stop_after_steps with more to do)."""
     e = env()
-    e.update(NUM_GPUS="2", MASTER_PORT=str(free_port()))
+    port = str(free_port())
+    e.update(NUM_GPUS="2", MASTER_PORT=port)
     cmd = ["bash", "launch/local.sh", "configs/tiny_cpu.yaml", f"data.shards={shards}",
            f"teacher.path={teacher / 'export'}", f"run.output_dir={out}", "run.max_steps=16", "run.log_every=2",
            "checkpoint.every=4", "checkpoint.keep=2", *extra]
     p = subprocess.run(cmd, cwd=REPO, env=e, capture_output=True, text=True, timeout=420)
     assert p.returncode == status, p.stdout[-3000:] + p.stderr[-5000:]
+    # DeepSpeed's CPU all-reduce segments (66 MB of memory each) went with the ranks.
+    assert not list(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"))
 
 
 @pytest.fixture(scope="module")

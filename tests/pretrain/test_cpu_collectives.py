@@ -1,0 +1,64 @@
+"""DeepSpeed's CPU collectives op after a killed run: an abandoned build lock no longer stalls every later
+run, and the /dev/shm segments of the all-reduce are gone with the ranks (the suite-wide check in
+tests/conftest.py, and test_train_distributed's launches, look for leftovers)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from distil.pretrain import cpu_collectives
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _hold_open(path: Path) -> subprocess.Popen:
+    """Another process that keeps `path` open, as torch's lock holder does while it builds."""
+    p = subprocess.Popen([sys.executable, "-c", f"f = open({str(path)!r}); print('open', flush=True); "
+                          "import time; time.sleep(60)"], stdout=subprocess.PIPE, text=True)
+    assert p.stdout.readline().strip() == "open"
+    return p
+
+
+def test_a_lock_nobody_holds_is_removed_and_a_held_one_kept(tmp_path, capsys):
+    lock = tmp_path / "lock"
+    lock.touch()
+    holder = _hold_open(lock)
+    try:
+        assert cpu_collectives.held_open(lock)
+        assert not cpu_collectives.remove_abandoned_lock(lock) and lock.exists()
+    finally:
+        holder.kill()
+        holder.wait()
+    assert not cpu_collectives.held_open(lock)
+    assert cpu_collectives.remove_abandoned_lock(lock) and not lock.exists()
+    assert f"removed {lock}" in capsys.readouterr().err
+    assert not cpu_collectives.remove_abandoned_lock(lock)  # nothing there: nothing said
+
+
+def test_a_process_group_starts_over_a_lock_left_by_a_killed_build(tmp_path):
+    """The lock file torch's JIT loader leaves when its holder is killed (here: put there, held by nobody).
+    Before, every later process waited on it forever inside deepspeed.init_distributed."""
+    if cpu_collectives._builder() is None:
+        pytest.skip("DeepSpeed's CPU collectives op cannot be built on this machine (no compatible compiler)")
+    from torch.utils.cpp_extension import _get_build_directory
+
+    built = Path(_get_build_directory(cpu_collectives._builder().name, verbose=False))
+    extensions = tmp_path / "torch_extensions"
+    shutil.copytree(built, extensions / built.name, ignore=shutil.ignore_patterns("lock", "distil.flock"))
+    (extensions / built.name / "lock").touch()
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_SIZE")}
+    env.update(TORCH_EXTENSIONS_DIR=str(extensions), DS_ACCELERATOR="cpu")
+    code = ("from distil.pretrain.distributed import init_distributed; d = init_distributed(60); "
+            "print('started', d.world_size, flush=True)")
+    p = subprocess.run([sys.executable, "-P", "-c", code], cwd=REPO, env=env, capture_output=True, text=True,
+                       timeout=240)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "started 1" in p.stdout, p.stdout[-2000:]
+    assert f"removed {extensions / built.name / 'lock'}" in p.stderr
+    assert not (extensions / built.name / "lock").exists()
