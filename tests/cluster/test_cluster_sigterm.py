@@ -49,9 +49,12 @@ def _cmdlines() -> dict[int, tuple[int, str]]:
 
 
 def _launcher_starting(out: Path) -> bool:
-    """The DeepSpeed launcher runs (under the launch script's supervisor); no rank started yet."""
+    """The DeepSpeed launcher runs (started by the launch script's supervisor); no rank started yet. The
+    supervisor's own command line names deepspeed too, from its first instant, before Python has run any of
+    it: a signal then ends it by the default action before it could start anything (nothing to lose)."""
     cmds = [cmd for _, cmd in _cmdlines().values() if f"run.output_dir={out}" in cmd]
-    return any("deepspeed" in cmd for cmd in cmds) and not any("-m distil.pretrain.train" in c for c in cmds)
+    launcher = [c for c in cmds if "deepspeed" in c and "distil.pretrain.run.supervisor" not in c]
+    return bool(launcher) and not any("-m distil.pretrain.train" in c for c in cmds)
 
 
 def _loader_started(out: Path) -> bool:

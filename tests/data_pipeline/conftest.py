@@ -1,11 +1,11 @@
-"""Fixtures shared by the data-pipeline tests (helpers that are not fixtures live in conftest_prepare.py)."""
+"""Fixtures shared by the data-pipeline tests (helpers that are not fixtures live in tests/helpers/prepare_helpers.py)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import pytest
-from conftest_prepare import build_tokenizer
+from prepare_helpers import build_tokenizer
 
 
 @pytest.fixture(scope="module")

@@ -14,9 +14,9 @@ import subprocess
 import tarfile
 
 import pytest
-from conftest_prepare import build_tokenizer
 from damage import DEFAULT_CASES, SLOW_CASES, Outcomes, assert_one_line_error, byte_damages, fuzz_settings
 from hypothesis import given
+from prepare_helpers import build_tokenizer
 from transformers import AutoTokenizer
 
 from distil.common.errors import UserError

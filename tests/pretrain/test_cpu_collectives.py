@@ -62,3 +62,28 @@ def test_a_process_group_starts_over_a_lock_left_by_a_killed_build(tmp_path):
     assert "started 1" in p.stdout, p.stdout[-2000:]
     assert f"removed {extensions / built.name / 'lock'}" in p.stderr
     assert not (extensions / built.name / "lock").exists()
+
+
+def test_the_segment_named_is_the_one_deepspeed_makes():
+    """With the release skipped, DeepSpeed's segment is where `allreduce_buffer` says; released, it is gone
+    (so the release removes DeepSpeed's segment, not a look-alike path)."""
+    code = """
+from distil.pretrain import cpu_collectives
+from distil.pretrain.distributed import init_distributed
+release = cpu_collectives.release_allreduce_buffer
+cpu_collectives.release_allreduce_buffer = lambda rank, world: None
+init_distributed(60)
+segment = cpu_collectives.allreduce_buffer(0)
+made = segment.exists()
+release(0, 1)
+print("made", made, "left", segment.exists())
+"""
+    from distributed_helpers import env, free_port
+
+    e = env()
+    e.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_SIZE="1", MASTER_ADDR="127.0.0.1",
+             MASTER_PORT=str(free_port()))
+    p = subprocess.run([sys.executable, "-P", "-c", code], cwd=REPO, env=e, capture_output=True, text=True,
+                       timeout=240)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert p.stdout.strip().splitlines()[-1] == "made True left False"

@@ -10,11 +10,8 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import random
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -22,35 +19,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from distributed_helpers import BIN, REPO, env, free_port, make_shards
 from safetensors.torch import load_file
 
 pytestmark = pytest.mark.slow
-
-REPO = Path(__file__).resolve().parents[2]
-BIN = Path(sys.executable).parent
-WORDS = ("the a cat dog bird runs jumps sees big small red blue green house tree river quickly slowly over "
-         "under near far and but").split()
-
-
-def env() -> dict[str, str]:
-    # A user's shell in the clone's root: distil as installed, no PYTHONPATH, no safe-path mode of our own.
-    e = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONSAFEPATH")}
-    e.update(DS_ACCELERATOR="cpu", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
-             OMP_NUM_THREADS="1")
-    return e
-
-
-def run(cmd: list[str], timeout: int = 300) -> subprocess.CompletedProcess:
-    p = subprocess.run(cmd, cwd=REPO, env=env(), capture_output=True, text=True, timeout=timeout)
-    assert p.returncode == 0, f"{' '.join(cmd)} failed ({p.returncode}):\n{p.stdout[-3000:]}\n{p.stderr[-5000:]}"
-    return p
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def losses(run_dir: Path) -> list[float]:
     return [json.loads(line)["loss"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
@@ -58,13 +30,7 @@ def losses(run_dir: Path) -> list[float]:
 
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("data")
-    rng = random.Random(0)
-    lines = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(14, 40))) + "." for _ in range(800)]
-    (root / "corpus.txt").write_text("\n".join(lines) + "\n")
-    run([str(BIN / "distil"), "prepare", "-i", str(root / "corpus.txt"), "-o", str(root / "shards"),
-         "--train-tokenizer", "1000", "--max-seq-len", "64", "--workers", "1", "--shard-size-mb", "0.05", "-q"])
-    return root / "shards"
+    return make_shards(tmp_path_factory.mktemp("data"))
 
 
 @pytest.fixture(scope="module")

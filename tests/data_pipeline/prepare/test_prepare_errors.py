@@ -8,7 +8,7 @@ import os
 from pathlib import Path
 
 import pytest
-from conftest_prepare import make_documents, manifest_of, read_split, run_prepare
+from prepare_helpers import make_documents, manifest_of, read_split, run_prepare
 
 from distil.common.errors import UserError
 from distil.data_pipeline.prepare import shards, stage

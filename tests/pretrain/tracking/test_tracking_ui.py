@@ -15,15 +15,20 @@ import sys
 from pathlib import Path
 
 import pytest
+from distributed_helpers import BIN, make_shards
 from mlflow_test_server import running_server
 from system_programs import skip_or_fail
-from test_train_distributed import BIN, shards  # noqa: F401 - shards is a fixture
 
 pytestmark = pytest.mark.slow
 mlflow = pytest.importorskip("mlflow")
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 EXPERIMENT = "ui-check"
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory) -> Path:
+    return make_shards(tmp_path_factory.mktemp("data"))
 
 
 @pytest.fixture(scope="module")
@@ -69,7 +74,7 @@ def test_printed_links_open_the_runs_table_with_the_runs_name_and_dataset(shards
          f"data.shards={shards}", f"run.output_dir={out}", "run.max_steps=2", "run.log_every=1",
          "run.export=false", "checkpoint.every=100", "tracking.enabled=true", f"tracking.tracking_uri={server.uri}",
          f"tracking.experiment={EXPERIMENT}", "tracking.system_metrics=false"],
-        cwd=Path(__file__).resolve().parents[2], capture_output=True, text=True, timeout=600)
+        cwd=Path(__file__).resolve().parents[3], capture_output=True, text=True, timeout=600)
     log = train.stdout + train.stderr
     assert train.returncode == 0, log[-5000:]
     run_link = link_after("MLflow run teacher-mlm ended FINISHED: ", log)  # no run_name: folder + mode

@@ -11,7 +11,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import zstandard
-from conftest_prepare import (
+from prepare_helpers import (
     all_file_bytes,
     expected_sequences,
     make_documents,

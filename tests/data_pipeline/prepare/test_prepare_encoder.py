@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest_prepare import all_file_bytes, make_documents, run_prepare
+from prepare_helpers import all_file_bytes, make_documents, run_prepare
 
 from distil.data_pipeline.prepare.sample_corpus import write_sample_corpus
 from distil.data_pipeline.prepare.tokenize import Encoder, train_wordpiece

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import webdataset as wds
-from conftest_prepare import (
+from prepare_helpers import (
     all_file_bytes,
     make_documents,
     manifest_of,

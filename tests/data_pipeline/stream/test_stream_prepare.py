@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from conftest_prepare import build_tokenizer, make_documents, read_split, run_prepare
+from prepare_helpers import build_tokenizer, make_documents, read_split, run_prepare
 
 from distil.data_pipeline.masking import IGNORE_INDEX, MaskingConfig
 from distil.data_pipeline.stream.loader import PretrainStream

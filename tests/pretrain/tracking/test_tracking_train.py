@@ -16,8 +16,8 @@ import time
 from pathlib import Path
 
 import pytest
+from distributed_helpers import BIN, REPO, env, free_port, make_shards, run
 from mlflow_test_server import MlflowServer, running_server
-from test_train_distributed import BIN, REPO, env, free_port, run, shards  # noqa: F401 - shards is a fixture
 
 from distil.pretrain.checkpoint.files import resolve_resume
 
@@ -25,6 +25,11 @@ pytestmark = pytest.mark.slow
 mlflow = pytest.importorskip("mlflow")
 
 EXPERIMENT = "e2e"
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory) -> Path:
+    return make_shards(tmp_path_factory.mktemp("data"))
 
 
 def tracking_overrides(server: MlflowServer, name: str, model: str) -> list[str]:
