@@ -113,7 +113,10 @@ class RunConfig:
     epochs: int = 3
     max_steps: int | None = None  # optimizer steps; None: epochs x updates per epoch
     log_every: int = 10
-    max_nonfinite_steps: int = 10  # stop after this many non-finite losses in a row
+    max_nonfinite_steps: int = 10  # act after this many non-finite losses in a row (one when each is applied)
+    on_nonfinite: str = "stop"  # "stop": end the run (exit 1); "rollback": reload the newest intact checkpoint,
+    # skip the batches since it, go on
+    max_rollbacks: int = 3  # with on_nonfinite=rollback: stop as "stop" does at the next streak after these
     export: bool = True  # export the model in HF format at the end
     stop_after_steps: int | None = None  # stop as on SIGTERM (checkpoint, exit) after this many steps of this
     # process: for time-sliced jobs that resubmit themselves with --resume auto
@@ -197,6 +200,8 @@ def validate(cfg: TrainConfig) -> None:
     _require(r.max_steps is None or r.max_steps >= 1, f"run.max_steps={r.max_steps} must be >= 1 or null")
     _require(r.log_every >= 1 and r.max_nonfinite_steps >= 1, "run.log_every and run.max_nonfinite_steps must be >= 1")
     _require(r.stop_after_steps is None or r.stop_after_steps >= 1, "run.stop_after_steps must be >= 1 or null")
+    _require(r.on_nonfinite in ("stop", "rollback"), f"run.on_nonfinite={r.on_nonfinite!r} must be stop or rollback")
+    _require(r.max_rollbacks >= 0, f"run.max_rollbacks={r.max_rollbacks} must be >= 0")
     _require(r.peak_tflops is None or r.peak_tflops > 0, "run.peak_tflops must be > 0 or null")
     _require(r.time_limit_minutes is None or r.time_limit_minutes > 0, "run.time_limit_minutes must be > 0 or null")
     st = cfg.student

@@ -14,8 +14,9 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -23,7 +24,8 @@ import torch
 import torch.distributed as dist
 
 from distil.common.config import flatten, to_container, to_yaml
-from distil.pretrain.checkpoint.files import resolve_resume
+from distil.common.errors import UserError
+from distil.pretrain.checkpoint.files import read_trainer_state, resolve_resume, saved_world_size
 from distil.pretrain.checkpoint.manager import CheckpointManager, EngineCheckpoint, RNGState
 from distil.pretrain.checkpoint.state import Counters, TrackerRun
 from distil.pretrain.config import TrainConfig, check_batch_arithmetic
@@ -66,6 +68,22 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("distil.train")
 
+# A fault to test against: DISTIL_FAULT_NONFINITE_STEPS=9-11 makes the loss of steps 9 to 11 NaN on every rank
+# (the real batches through the real engine, the gradients NaN as after a loss spike).
+FAULT_ENV = "DISTIL_FAULT_NONFINITE_STEPS"
+
+
+def fault_steps(spec: str) -> frozenset[int]:
+    """`A-B` or `A`, comma separated: the steps whose loss is made NaN."""
+    steps: set[int] = set()
+    for part in filter(None, (x.strip() for x in spec.split(","))):
+        first, _, last = part.partition("-")
+        try:
+            steps.update(range(int(first), int(last or first) + 1))
+        except ValueError:
+            raise UserError(f"{FAULT_ENV}={spec!r}: expected steps such as 9-11,20") from None
+    return frozenset(steps)
+
 
 class Trainer:
     """One training run: `setup()` fills in the state below, `train()` runs the loop to the end or a stop."""
@@ -105,8 +123,10 @@ class Trainer:
     resumed_from: Path | None
     tracker: NullTracker  # the interface; MlflowTracker on global rank 0 when tracking is on
     finished: bool
+    fault_steps: frozenset[int]  # steps whose loss is made NaN (FAULT_ENV; tests of the rollback)
     def __init__(self, cfg: TrainConfig, resume: str | None = None):
         self.cfg = cfg
+        self.fault_steps = fault_steps(os.environ.get(FAULT_ENV, ""))
         self.resume = resume
         self.started = time.monotonic()  # run.time_limit_minutes counts from here
         self.lock: OutputDirLock | None = None
@@ -323,7 +343,8 @@ class Trainer:
                 if boundary:
                     nonfinite, stop, out_of_time = self._agree(window_nonfinite, self.stop_signal is not None,
                                                                self._out_of_time())
-                    if nonfinite and not self.engine_skips_nonfinite:
+                    if nonfinite and not self.engine_skips_nonfinite and cfg.run.on_nonfinite == "stop":
+                        # applied, the update would spoil the weights (a rollback reloads them after it)
                         raise NonFiniteLossError(nonfinite_message(1, c.step, self.checkpoints.latest()))
                     if self.own_grad_norm and self._logs_at(c.step + 1):
                         self.last_grad_norm = grad_norm(self.engine.module)
@@ -333,13 +354,14 @@ class Trainer:
                 c.step += 1
                 steps_here += 1
                 window_nonfinite = torch.zeros((), dtype=torch.bool, device=self.dist.device)
-                self._after_update(nonfinite)
+                rolled_back = self._after_update(nonfinite)
                 sink.advance()
                 if self._logs_at(c.step):
                     self._log(window, sink)
                     window = Window()
                 periodic = cfg.checkpoint.every and c.step % cfg.checkpoint.every == 0
-                if periodic and c.step < self.total_steps and c.nonfinite_in_row == 0:  # never mid-NaN-streak
+                if periodic and c.step < self.total_steps and c.nonfinite_in_row == 0 and not rolled_back:
+                    # never mid-NaN-streak; a rollback has just written its own
                     self.save_checkpoint()
                 if stop:
                     raise StopRequested()
@@ -362,6 +384,9 @@ class Trainer:
         if self.teacher is not None:
             t_out = teacher_outputs(self.teacher, ids, mask, labels, self.cfg.loss)
         out = self.engine(ids, mask, labels, t_out)
+        if self.counters.step + 1 in self.fault_steps:
+            nan = float("nan")
+            out = replace(out, loss=out.loss * nan, parts={k: v * nan for k, v in out.parts.items()})
         self.engine.backward(out.loss)
         return out
 
@@ -375,16 +400,54 @@ class Trainer:
         nf, st, tl = flags.tolist()
         return nf > 0, st > 0, tl > 0
 
-    def _after_update(self, nonfinite: bool) -> None:
+    def _after_update(self, nonfinite: bool) -> bool:
+        """Counts the update; True when a non-finite streak was just rolled back."""
         c = self.counters
         if not self.engine.was_step_applied():
             c.skipped_steps += 1
-        if nonfinite:
-            c.nonfinite_in_row += 1
-            if c.nonfinite_in_row >= self.cfg.run.max_nonfinite_steps:
-                raise NonFiniteLossError(nonfinite_message(c.nonfinite_in_row, c.step, self.checkpoints.latest()))
-        else:
+        if not nonfinite:
             c.nonfinite_in_row = 0
+            return False
+        c.nonfinite_in_row += 1
+        # A skipped update leaves the weights as they were; an applied one (ZeRO 0 in fp32/bf16) spoilt them.
+        limit = self.cfg.run.max_nonfinite_steps if self.engine_skips_nonfinite else 1
+        if c.nonfinite_in_row < limit:
+            return False
+        self._roll_back()
+        return True
+
+    def _roll_back(self) -> None:
+        """run.on_nonfinite=rollback: the engine's state (weights, optimizer, loss scale) of the newest intact
+        checkpoint, the data and the step count going on from here, so the batches since that checkpoint are
+        skipped; recorded in the counters and written at once as a checkpoint, so a resume does the same.
+        Every rank takes the same decision (the streak is agreed) and loads together."""
+        c, run, engine = self.counters, self.cfg.run, self.engine
+        message = nonfinite_message(c.nonfinite_in_row, c.step, self.checkpoints.latest())
+        if run.on_nonfinite != "rollback":
+            raise NonFiniteLossError(message)
+        if c.rollbacks >= run.max_rollbacks:
+            raise NonFiniteLossError(f"{message} ({c.rollbacks} rollback(s) already: run.max_rollbacks="
+                                     f"{run.max_rollbacks})")
+        target = resolve_resume("auto", self.ckpt_dir)
+        if target is None:
+            raise NonFiniteLossError(f"{message} (no checkpoint to roll back to)")
+        if saved_world_size(target) != self.dist.world_size:
+            raise NonFiniteLossError(f"{message} ({target} was written by another number of processes: no "
+                                     "rollback across a resize)")
+        restored = int(read_trainer_state(target)["counters"]["step"])
+        kept = engine.global_steps, engine.global_samples, engine.skipped_steps
+        self.checkpoints.restore_engine(target)
+        engine.global_steps, engine.global_samples, engine.skipped_steps = kept
+        c.rollbacks += 1
+        c.nonfinite_in_row = 0
+        c.skipped_windows.append([restored + 1, c.step])
+        note = (f"the loss was NaN/inf at step {c.step}: rolled back to {target.name} (weights, optimizer, loss "
+                f"scale); the batches of steps {restored + 1}-{c.step} are skipped (rollback {c.rollbacks} of at "
+                f"most {run.max_rollbacks})")
+        if self.dist.rank == 0:
+            log.warning(note)
+            self.tracker.set_tags({f"distil.rollback.{c.rollbacks}": note})
+        self.save_checkpoint()
 
     def _log(self, w: Window, sink: MetricsSink) -> None:
         """Averages the window over ranks (one all-reduce) and writes one metrics line on rank 0."""

@@ -246,11 +246,13 @@ class EngineCheckpoint:
     def save_files(self, folder: Path) -> None:
         self.engine.save_checkpoint(str(folder.parent), tag=folder.name, save_latest=False)
 
-    def load_files(self, folder: Path) -> None:
+    def load_files(self, folder: Path, lr_schedule: bool = True) -> None:
+        """`lr_schedule=False` keeps the learning-rate schedule where it is (a rollback: the steps go on)."""
         install_weights_only_loading(self.engine)
         try:
             load_path, _ = self.engine.load_checkpoint(str(folder.parent), tag=folder.name,
-                                                       load_optimizer_states=True, load_lr_scheduler_states=True)
+                                                       load_optimizer_states=True,
+                                                       load_lr_scheduler_states=lr_schedule)
         except (OSError, RuntimeError, ValueError, KeyError, EOFError, AttributeError) as e:
             first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
             raise UserError(f"DeepSpeed could not load the checkpoint in {folder} ({first}): pass another "
@@ -366,6 +368,13 @@ class CheckpointManager:
                 raise UserError(f"checkpoint {path} has no {name!r} state in {where}: it was written by "
                                 "another version of distil; start a new run or resume with that version")
             part.load_state_dict(states[name])
+
+    def restore_engine(self, path: Path) -> None:
+        """A rollback: only the engine's state (weights, optimizer, loss scale) from `path`, written by this
+        many processes; the learning-rate schedule, the data position and the counters stay where they are."""
+        for name, part in self.parts.items():
+            if self.scopes[name] == OWN_FILES:
+                part.load_files(path, lr_schedule=False)
 
     def _load_resharded(self, path: Path, shared: dict[str, Any]) -> None:
         """A checkpoint of another world size: every part must know how to take it (see the docstring)."""

@@ -3,7 +3,7 @@ and `TrackerRun` (the tracker's run id, so a resumed run appends to the same run
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any, ClassVar
 
 from distil.pretrain.checkpoint.manager import SHARED
@@ -23,6 +23,8 @@ class Counters:
     skipped_steps: int = 0  # steps whose update was skipped (non-finite)
     nonfinite_in_row: int = 0
     restarts: int = 0  # times this run was resumed from a checkpoint
+    rollbacks: int = 0  # times a non-finite streak was rolled back (run.on_nonfinite=rollback)
+    skipped_windows: list = field(default_factory=list)  # [first, last] step whose batches a rollback skipped
 
     def state_dict(self) -> dict[str, Any]:
         return asdict(self)

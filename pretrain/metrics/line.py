@@ -54,6 +54,7 @@ def line_metrics(totals: WindowTotals, engine: Any, counters: Counters, own_grad
         "masked_tokens": totals.masked,
         "tflops_per_s": flops / dt / 1e12,
         "skipped_steps": float(counters.skipped_steps),
+        "rollbacks": float(counters.rollbacks),
         "epoch": float(counters.epoch),
     }
     if peak_tflops:
