@@ -23,6 +23,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "review": ("distil.pretrain.evaluate.review", "review", "Compare the MLflow runs of an experiment."),
     "quickstart": ("distil.pretrain.quickstart", "quickstart", "The whole pipeline offline on a sample corpus."),
     "init": ("distil.pretrain.init_files", "init", "Copy the shipped configs, DeepSpeed JSONs and launch scripts out to edit."),
+    "tracking-user": ("distil.pretrain.tracking.accounts", "tracking_user", "Accounts on a team's MLflow server (admin)."),
 }
 
 

@@ -124,6 +124,7 @@ class Trainer:
     tracker: NullTracker  # the interface; MlflowTracker on global rank 0 when tracking is on
     finished: bool
     fault_steps: frozenset[int]  # steps whose loss is made NaN (FAULT_ENV; tests of the rollback)
+
     def __init__(self, cfg: TrainConfig, resume: str | None = None):
         self.cfg = cfg
         self.fault_steps = fault_steps(os.environ.get(FAULT_ENV, ""))
@@ -142,6 +143,11 @@ class Trainer:
         self._install_signal_handlers()
         # Checks that need no process group come first, so bad input fails before DeepSpeed even loads.
         rank, world_size = launcher_rank_and_world()
+        if rank == 0 and cfg.tracking.enabled:
+            from distil.pretrain.tracking.accounts import refuse_wrong_credentials
+            from distil.pretrain.tracking.config import resolve_tracking_uri
+
+            refuse_wrong_credentials(resolve_tracking_uri(cfg.tracking, cfg.run.output_dir))
         self.run_dir = Path(cfg.run.output_dir)
         self.ckpt_dir = Path(cfg.checkpoint.dir) if cfg.checkpoint.dir else self.run_dir / "checkpoints"
         RunLock(self.run_dir).probe()  # a live run's folder: refused on every rank before its files are read

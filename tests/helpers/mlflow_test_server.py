@@ -24,9 +24,12 @@ def free_port() -> int:
 class MlflowServer:
     """One server process group; `kill()` simulates a crash (SIGKILL), `start()` again reuses port and store."""
 
-    def __init__(self, directory: Path, port: int | None = None) -> None:
+    def __init__(self, directory: Path, port: int | None = None, args: tuple[str, ...] = (),
+                 env: dict[str, str] | None = None) -> None:
         self.directory = Path(directory)
         self.port = port or free_port()
+        self.args = tuple(args)  # more options of launch/mlflow_server.sh (--team ...)
+        self.env = env  # the script's environment (None: this process's)
         self.process: subprocess.Popen | None = None
         self.log_path = self.directory / "server.log"
 
@@ -44,8 +47,8 @@ class MlflowServer:
         self.directory.mkdir(parents=True, exist_ok=True)
         log = open(self.log_path, "a")  # noqa: SIM115 - the server keeps writing to it
         self.process = subprocess.Popen(
-            ["bash", str(SCRIPT), "--port", str(self.port), "--dir", str(self.directory)],
-            stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=self.directory)
+            ["bash", str(SCRIPT), "--port", str(self.port), "--dir", str(self.directory), *self.args],
+            stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=self.directory, env=self.env)
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
