@@ -143,11 +143,6 @@ class Trainer:
         self._install_signal_handlers()
         # Checks that need no process group come first, so bad input fails before DeepSpeed even loads.
         rank, world_size = launcher_rank_and_world()
-        if rank == 0 and cfg.tracking.enabled:
-            from distil.pretrain.tracking.accounts import refuse_wrong_credentials
-            from distil.pretrain.tracking.config import resolve_tracking_uri
-
-            refuse_wrong_credentials(resolve_tracking_uri(cfg.tracking, cfg.run.output_dir))
         self.run_dir = Path(cfg.run.output_dir)
         self.ckpt_dir = Path(cfg.checkpoint.dir) if cfg.checkpoint.dir else self.run_dir / "checkpoints"
         RunLock(self.run_dir).probe()  # a live run's folder: refused on every rank before its files are read

@@ -140,24 +140,3 @@ def remove(name: str, tracking_uri: str | None) -> None:
     _call(uri, f"delete user {name!r}", _client(uri).delete_user, name)
     click.echo(f"user {name} deleted at {uri}")
 
-
-def refuse_wrong_credentials(uri: str) -> None:
-    """Before a run starts (global rank 0): a server that refuses this user's credentials (401/403) is one
-    error line naming what to set, not a run that trains untracked. A server that does not answer is left to
-    the tracker, which buffers and retries (an outage never stops training)."""
-    if not uri.startswith(("http://", "https://")):
-        return
-    from mlflow.utils.credentials import get_default_host_creds
-    from mlflow.utils.rest_utils import http_request
-
-    try:
-        response = http_request(get_default_host_creds(uri), "/api/2.0/mlflow/experiments/search", "GET",
-                                params={"max_results": 1}, max_retries=0, timeout=15, raise_on_status=False)
-    except Exception:  # noqa: BLE001 - unreachable or odd: the tracker deals with it
-        return
-    if response.status_code in (401, 403):
-        who = os.environ.get("MLFLOW_TRACKING_USERNAME")
-        said = f"the credentials of {who!r}" if who else "no credentials"
-        raise UserError(f"the MLflow server {uri} refused {said} ({response.status_code}): set "
-                        "MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD (or ~/.mlflow/credentials), or "
-                        "tracking.enabled=false")

@@ -45,7 +45,13 @@ from distil.pretrain.tracking.params import (
 from distil.pretrain.tracking.registry import log_student_model
 from distil.pretrain.tracking.system_metrics import NodeReporter, SystemMetricsLogger
 from distil.pretrain.tracking.tracker import RUN_STATUSES, NullTracker
-from distil.pretrain.tracking.transport import Sender, WarnOnce, configure_http_client, never_raises
+from distil.pretrain.tracking.transport import (
+    Sender,
+    WarnOnce,
+    configure_http_client,
+    never_raises,
+    refused_credentials,
+)
 
 logger = logging.getLogger("distil.tracking")
 
@@ -73,12 +79,16 @@ def create_tracker(cfg: TrackingConfig, *, rank: int, local_rank: int, world_siz
         if local_rank == 0 and cfg.system_metrics and (nodes > 1 or store is not None):
             return NodeReporter(cfg, store=store)
         return NullTracker()
+    uri = resolve_tracking_uri(cfg, run_dir)
     try:
-        return MlflowTracker(cfg, uri=resolve_tracking_uri(cfg, run_dir), world_size=world_size,
-                             num_nodes=nodes, run_dir=run_dir, resume_run_id=resume_run_id, store=store,
-                             run_name=run_name, source=source)
+        return MlflowTracker(cfg, uri=uri, world_size=world_size, num_nodes=nodes, run_dir=run_dir,
+                             resume_run_id=resume_run_id, store=store, run_name=run_name, source=source)
     except Exception as error:  # noqa: BLE001 - tracking never stops training
-        logger.warning("MLflow tracking disabled for this run: %r", error)
+        refused = refused_credentials(uri, error)
+        if refused is not None:
+            logger.error(refused)
+        else:
+            logger.warning("MLflow tracking disabled for this run: %r", error)
         return NullTracker()
 
 

@@ -34,6 +34,19 @@ PERMANENT_ERROR_CODES = {"INVALID_PARAMETER_VALUE", "RESOURCE_ALREADY_EXISTS", "
                          "RESOURCE_LIMIT_EXCEEDED", "FEATURE_DISABLED", "NOT_FOUND"}
 
 
+def refused_credentials(uri: str, error: BaseException) -> str | None:
+    """The one line to print when the server refused this user's credentials (401/403), else None."""
+    text = str(error)
+    if not any(code in text for code in ("401", "403", "UNAUTHENTICATED", "PERMISSION_DENIED")):
+        return None
+    who = os.environ.get("MLFLOW_TRACKING_USERNAME")
+    said = f"the credentials of {who!r}" if who else "to work without credentials"
+    code = "403" if ("403" in text or "PERMISSION_DENIED" in text) else "401"
+    return (f"the MLflow server {redact_uri(uri)} refused {said} ({code}): this run trains untracked (its metrics are in "
+            "the run folder's metrics.jsonl); set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD (or "
+            "~/.mlflow/credentials) for the next run")
+
+
 class Unreachable(Exception):
     """The tracking server did not answer (connection refused, timeout, 5xx): retry later."""
 
@@ -274,6 +287,10 @@ class Sender:
                 raise Unreachable(str(error)[:300]) from error
             if op[0] == "start":
                 self.disabled = True  # e.g. a deleted experiment of that name: nothing can be logged
-                logger.warning("MLflow tracking disabled for this run: %s", str(error)[:300])
+                refused = refused_credentials(self.uri, error)
+                if refused is not None:
+                    logger.error(refused)
+                else:
+                    logger.warning("MLflow tracking disabled for this run: %s", str(error)[:300])
                 return
             self._warn_refused(op[0], "MLflow refused %s: %s", op[0], str(error)[:300])

@@ -7,6 +7,7 @@ command lines, its settings file, the run's params and tags, the run folder or a
 from __future__ import annotations
 
 import base64
+import json
 import os
 import subprocess
 import sys
@@ -22,7 +23,7 @@ pytestmark = pytest.mark.slow
 mlflow = pytest.importorskip("mlflow")
 
 ADMIN_PW, ALICE_PW, BOB_PW = "adm1n-s3cret-pw", "al1ce-s3cret-pw", "b0b-s3cret-pw"
-SECRETS = (ADMIN_PW, ALICE_PW, BOB_PW)
+SECRETS = (ADMIN_PW, ALICE_PW, BOB_PW, "al1ce-typo")
 
 
 @pytest.fixture(scope="module")
@@ -108,15 +109,21 @@ def test_a_team_server_with_accounts(team, tmp_path, monkeypatch):
          "tracking.experiment=team", "tracking.run_name=alice-run", "tracking.system_metrics=false"],
         cwd=REPO, env=as_user("alice", ALICE_PW), capture_output=True, text=True, timeout=300)
     assert trained.returncode == 0, trained.stderr[-3000:]
-    wrong = subprocess.run(  # a typo in the password: one line before anything is written, not an untracked run
+    wrong = subprocess.run(  # a typo in the password: one error line, and the run trains untracked
         [sys.executable, "-m", "distil.pretrain.train", "--config", "configs/tiny_mlm_cpu.yaml",
-         f"data.shards={shards}", f"run.output_dir={tmp_path / 'wrong'}", "tracking.enabled=true",
-         f"tracking.tracking_uri={server.uri}", "tracking.experiment=team"],
+         f"data.shards={shards}", f"run.output_dir={tmp_path / 'wrong'}", "run.max_steps=2", "run.log_every=1",
+         "run.export=false", "tracking.enabled=true", f"tracking.tracking_uri={server.uri}",
+         "tracking.experiment=team"],
         cwd=REPO, env=as_user("alice", "al1ce-typo"), capture_output=True, text=True, timeout=300)
-    errors = [x for x in wrong.stderr.splitlines() if x.startswith("error:")]
-    assert wrong.returncode == 2 and len(errors) == 1, wrong.stderr[-3000:]
-    assert "refused the credentials of 'alice' (401)" in errors[0] and "MLFLOW_TRACKING_PASSWORD" in errors[0]
-    assert not (tmp_path / "wrong").exists()
+    assert wrong.returncode == 0, wrong.stderr[-3000:]
+    refusals = [x for x in wrong.stderr.splitlines() if "refused" in x]
+    assert len(refusals) == 1 and " ERROR " in refusals[0], wrong.stderr[-3000:]
+    assert "refused the credentials of 'alice' (401)" in refusals[0] and "MLFLOW_TRACKING_PASSWORD" in refusals[0]
+    assert [json.loads(x)["step"] for x in (tmp_path / "wrong" / "metrics.jsonl").read_text().splitlines()] == [1, 2]
+    # a writer reviews the experiment
+    review = distil("review", "--experiment", "team", "--tracking-uri", server.uri, user="alice",
+                    password=ALICE_PW)
+    assert review.returncode == 0 and "alice-run" in review.stdout, review.stderr[-2000:]
 
     bob = client_as(monkeypatch, server, "bob", BOB_PW)
     experiment = bob.get_experiment_by_name("team")
@@ -137,6 +144,7 @@ def test_a_team_server_with_accounts(team, tmp_path, monkeypatch):
 
     # no password anywhere a person or a log would see it
     seen = [made.stdout, made.stderr, refused.stdout, refused.stderr, trained.stdout, trained.stderr,
+            wrong.stdout, wrong.stderr, review.stdout, review.stderr,
             granted.stdout, granted.stderr, (root / "server" / "basic_auth.ini").read_text(),
             (root / "server" / "server.log").read_text(), repr(run.data.params), repr(run.data.tags)]
     seen += [p.read_text(errors="replace") for p in out.rglob("*") if p.is_file() and p.stat().st_size < 2_000_000]
