@@ -42,9 +42,9 @@ def refused_credentials(uri: str, error: BaseException) -> str | None:
     who = os.environ.get("MLFLOW_TRACKING_USERNAME")
     said = f"the credentials of {who!r}" if who else "to work without credentials"
     code = "403" if ("403" in text or "PERMISSION_DENIED" in text) else "401"
-    return (f"the MLflow server {redact_uri(uri)} refused {said} ({code}): this run trains untracked (its metrics are in "
-            "the run folder's metrics.jsonl); set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD (or "
-            "~/.mlflow/credentials) for the next run")
+    return (f"the MLflow server {redact_uri(uri)} refused {said} ({code}): this run trains untracked (its "
+            "metrics are in the run folder's metrics.jsonl); set MLFLOW_TRACKING_USERNAME and "
+            "MLFLOW_TRACKING_PASSWORD (or ~/.mlflow/credentials) for the next run")
 
 
 class Unreachable(Exception):
