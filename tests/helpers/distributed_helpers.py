@@ -44,3 +44,15 @@ def make_shards(root: Path) -> Path:
     run([str(BIN / "distil"), "prepare", "-i", str(root / "corpus.txt"), "-o", str(root / "shards"),
          "--train-tokenizer", "1000", "--max-seq-len", "64", "--workers", "1", "--shard-size-mb", "0.05", "-q"])
     return root / "shards"
+
+
+def run_as_launched_rank(code: str, timeout: int = 240) -> str:
+    """`python -P -c code` as the DeepSpeed launcher starts the one rank of a one-process job (LOCAL_SIZE set,
+    so DeepSpeed's CPU op makes its /dev/shm segment); it must succeed; returns its last output line."""
+    e = env()
+    e.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_SIZE="1", MASTER_ADDR="127.0.0.1",
+             MASTER_PORT=str(free_port()))
+    p = subprocess.run([sys.executable, "-P", "-c", code], cwd=REPO, env=e, capture_output=True, text=True,
+                       timeout=timeout)
+    assert p.returncode == 0, p.stderr[-3000:]
+    return p.stdout.strip().splitlines()[-1]

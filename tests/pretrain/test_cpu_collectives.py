@@ -78,12 +78,6 @@ made = segment.exists()
 release(0, 1)
 print("made", made, "left", segment.exists())
 """
-    from distributed_helpers import env, free_port
+    from distributed_helpers import run_as_launched_rank
 
-    e = env()
-    e.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_SIZE="1", MASTER_ADDR="127.0.0.1",
-             MASTER_PORT=str(free_port()))
-    p = subprocess.run([sys.executable, "-P", "-c", code], cwd=REPO, env=e, capture_output=True, text=True,
-                       timeout=240)
-    assert p.returncode == 0, p.stderr[-3000:]
-    assert p.stdout.strip().splitlines()[-1] == "made True left False"
+    assert run_as_launched_rank(code) == "made True left False"

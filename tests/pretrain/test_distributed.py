@@ -5,12 +5,10 @@ hang and NaN handling rely on. (Several processes: tests/cluster/ and test_train
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-from distributed_helpers import REPO, env, free_port
+from distributed_helpers import run_as_launched_rank
 
 from distil.common.errors import UserError
 from distil.pretrain.distributed import (
@@ -66,12 +64,6 @@ print(json.dumps({"backend": dist.get_backend(), "device": str(d.device), "world
                   "monitor": d.monitor is not None,
                   "segment_left": cpu_collectives.allreduce_buffer(0).exists()}))
 """
-    e = env()
-    e.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_SIZE="1", MASTER_ADDR="127.0.0.1",
-             MASTER_PORT=str(free_port()))
-    p = subprocess.run([sys.executable, "-P", "-c", code], cwd=REPO, env=e, capture_output=True, text=True,
-                       timeout=240)
-    assert p.returncode == 0, p.stderr[-3000:]
-    got = json.loads(p.stdout.strip().splitlines()[-1])
+    got = json.loads(run_as_launched_rank(code))
     assert got == {"backend": "gloo", "device": "cpu", "world": 1, "default_timeout_s": 42.0, "monitor": False,
                    "segment_left": False}
