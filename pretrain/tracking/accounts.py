@@ -44,13 +44,14 @@ def _call(uri: str, what: str, fn, *args):
     try:
         return fn(*args)
     except MlflowException as e:
-        code = getattr(e, "error_code", "")
-        text = str(e)
-        if "401" in text or code == "UNAUTHENTICATED":
+        from distil.pretrain.tracking.transport import refusal_status
+
+        code, status, text = getattr(e, "error_code", ""), refusal_status(e), str(e)
+        if status == "401":
             raise UserError(f"{uri} refused the admin's credentials while trying to {what}: set "
                             "MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD (or ~/.mlflow/credentials) "
                             "to an admin's") from None
-        if "403" in text or code == "PERMISSION_DENIED":
+        if status == "403":
             raise UserError(f"{uri}: {os.environ.get('MLFLOW_TRACKING_USERNAME', 'this user')} may not {what} "
                             "(an admin's credentials are needed)") from None
         if code == "RESOURCE_ALREADY_EXISTS":

@@ -17,6 +17,7 @@ import collections
 import functools
 import logging
 import os
+import re
 import threading
 import time
 from collections.abc import Callable
@@ -34,14 +35,22 @@ PERMANENT_ERROR_CODES = {"INVALID_PARAMETER_VALUE", "RESOURCE_ALREADY_EXISTS", "
                          "RESOURCE_LIMIT_EXCEEDED", "FEATURE_DISABLED", "NOT_FOUND"}
 
 
+def refusal_status(error: BaseException) -> str | None:
+    """"401" or "403" when the server refused the request's credentials, else None. (MLflow's REST client
+    says "failed with error code 401 != 200"; a server's JSON error carries its code.)"""
+    status = re.search(r"error code (401|403) != 200", str(error))
+    if status:
+        return status.group(1)
+    return {"UNAUTHENTICATED": "401", "PERMISSION_DENIED": "403"}.get(str(getattr(error, "error_code", "")))
+
+
 def refused_credentials(uri: str, error: BaseException) -> str | None:
     """The one line to print when the server refused this user's credentials (401/403), else None."""
-    text = str(error)
-    if not any(code in text for code in ("401", "403", "UNAUTHENTICATED", "PERMISSION_DENIED")):
+    code = refusal_status(error)
+    if code is None:
         return None
     who = os.environ.get("MLFLOW_TRACKING_USERNAME")
     said = f"the credentials of {who!r}" if who else "to work without credentials"
-    code = "403" if ("403" in text or "PERMISSION_DENIED" in text) else "401"
     return (f"the MLflow server {redact_uri(uri)} refused {said} ({code}): this run trains untracked (its "
             "metrics are in the run folder's metrics.jsonl); set MLFLOW_TRACKING_USERNAME and "
             "MLFLOW_TRACKING_PASSWORD (or ~/.mlflow/credentials) for the next run")

@@ -77,3 +77,6 @@ def test_refused_credentials_disable_the_run_in_one_line_naming_what_to_set(capl
     errors = [r for r in caplog.records if r.levelno == logging.ERROR]
     assert len(errors) == 1 and "refused the credentials of 'alice' (401)" in errors[0].getMessage()
     assert refused_credentials("http://x", RuntimeError("timed out")) is None
+    assert refused_credentials("http://x", RuntimeError("run 4011403 not found")) is None  # digits, not a status
+    forbidden = MlflowException("no", error_code=databricks_pb2.PERMISSION_DENIED)
+    assert "(403)" in refused_credentials("http://x", forbidden)
