@@ -7,7 +7,7 @@ group starts. Two of its habits made every later run on the machine fail once on
   recorded). A process killed while holding it (SIGKILL at startup: a test's or a scheduler's hard kill, a
   session ending) leaves the file, and every later process waits on it forever. `load_op` loads the op first,
   under a kernel lock of our own (`flock`, released however its holder ends), and removes a lock file that no
-  process on this machine still holds open. DeepSpeed then finds the op loaded and takes no lock.
+  process on this machine still holds open (once the compilers a killed loader left running have ended). DeepSpeed then finds the op loaded and takes no lock.
 - When every rank runs on one machine the op maps one 66 MB segment per rank in /dev/shm and never removes
   it, so each run left that memory taken until the machine ran out. `release_allreduce_buffer` removes this
   rank's segment once every rank has mapped all of them; the memory goes when the last rank exits.
@@ -20,6 +20,7 @@ from __future__ import annotations
 import fcntl
 import os
 import sys
+import time
 from pathlib import Path
 
 SHM_DIR = Path("/dev/shm")
@@ -49,10 +50,27 @@ def held_open(path: Path) -> bool:
     return False
 
 
-def remove_abandoned_lock(lock: Path) -> bool:
-    """Removes torch's build lock file if no process holds it open; True when it did."""
+def working_in(folder: Path) -> bool:
+    """Whether a process on this machine works in `folder` (the build's ninja and compilers run there; killing
+    the loader that started them leaves them running to the end)."""
+    target = str(folder)
+    for cwd in Path("/proc").glob("[0-9]*/cwd"):
+        try:
+            if os.readlink(cwd) == target:
+                return True
+        except OSError:
+            continue
+    return False
+
+
+def remove_abandoned_lock(lock: Path, wait_s: float = 600.0) -> bool:
+    """Removes torch's build lock file if no process holds it open, once the build its holder started (if
+    it still runs) has ended; True when it did."""
     if not lock.exists() or held_open(lock):
         return False
+    deadline = time.monotonic() + wait_s
+    while working_in(lock.parent) and time.monotonic() < deadline:
+        time.sleep(0.5)
     lock.unlink(missing_ok=True)
     print(f"distil: removed {lock}, left by a process that was killed while loading DeepSpeed's CPU op",
           file=sys.stderr, flush=True)

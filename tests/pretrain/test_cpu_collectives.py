@@ -8,6 +8,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -39,6 +40,22 @@ def test_a_lock_nobody_holds_is_removed_and_a_held_one_kept(tmp_path, capsys):
     assert cpu_collectives.remove_abandoned_lock(lock) and not lock.exists()
     assert f"removed {lock}" in capsys.readouterr().err
     assert not cpu_collectives.remove_abandoned_lock(lock)  # nothing there: nothing said
+
+
+def test_a_killed_loaders_compiler_still_running_is_waited_for(tmp_path):
+    """Its ninja and compilers outlive a loader killed alone; the lock goes once they have finished, not
+    while they still write into the folder."""
+    lock = tmp_path / "lock"
+    lock.touch()
+    compiler = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(2)"], cwd=tmp_path)
+    try:
+        start = time.monotonic()
+        assert cpu_collectives.working_in(tmp_path)
+        assert cpu_collectives.remove_abandoned_lock(lock) and not lock.exists()
+        assert compiler.poll() is not None and time.monotonic() - start >= 1.0
+    finally:
+        compiler.kill()
+        compiler.wait()
 
 
 def test_a_process_group_starts_over_a_lock_left_by_a_killed_build(tmp_path):
