@@ -37,30 +37,27 @@ def _builder():
     return builder
 
 
-def held_open(path: Path) -> bool:
-    """Whether any process on this machine has `path` open (torch's lock holder keeps it open until done).
-    Processes this user cannot inspect are not seen; nor is one on another machine sharing the directory."""
-    target = str(path)
-    for fd in Path("/proc").glob("[0-9]*/fd/*"):
+def _any_process_links(links: str, target: Path) -> bool:
+    """Whether a /proc/<pid>/`links` entry (an open file descriptor, a working directory) of any process on this
+    machine points at `target`. Processes this user cannot inspect are not seen; nor are other machines'."""
+    for link in Path("/proc").glob(f"[0-9]*/{links}"):
         try:
-            if os.readlink(fd) == target:
+            if os.readlink(link) == str(target):
                 return True
         except OSError:
             continue
     return False
+
+
+def held_open(path: Path) -> bool:
+    """Whether a process has `path` open (torch's lock holder keeps it open until done)."""
+    return _any_process_links("fd/*", path)
 
 
 def working_in(folder: Path) -> bool:
-    """Whether a process on this machine works in `folder` (the build's ninja and compilers run there; killing
-    the loader that started them leaves them running to the end)."""
-    target = str(folder)
-    for cwd in Path("/proc").glob("[0-9]*/cwd"):
-        try:
-            if os.readlink(cwd) == target:
-                return True
-        except OSError:
-            continue
-    return False
+    """Whether a process works in `folder` (the build's ninja and compilers run there; killing the loader that
+    started them leaves them running to the end)."""
+    return _any_process_links("cwd", folder)
 
 
 def remove_abandoned_lock(lock: Path, wait_s: float = 600.0) -> bool:
