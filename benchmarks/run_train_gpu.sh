@@ -37,7 +37,7 @@ if [ "$smoke" = 1 ]; then
   bench_base=(--device cpu --preset base --vocab 512 --hidden 48 --batch 4 --seq 32 --steps 1 --warmup 1
               --schedule sequential)
   corpus_bytes=200000 vocab=600 steps=4 log_every=2
-  teacher_arch=(bert.hidden_size=32 bert.num_hidden_layers=2 bert.num_attention_heads=4 bert.intermediate_size=64
+  teacher_arch=(model.hidden_size=32 model.num_hidden_layers=2 model.num_attention_heads=4 model.intermediate_size=64
                 data.batch_size=4 data.num_workers=0)
   student_extra=(data.batch_size=4 data.num_workers=0)
 else

@@ -47,9 +47,12 @@ def check_model_fits(label: str, config: Any, manifest: Manifest, *, tokenizer_p
     if pad is not None and pad != manifest.special_tokens.pad:
         raise UserError(f"{label} pad_token_id {pad} != shards' pad id {manifest.special_tokens.pad}: the shards "
                         f"were tokenised with another tokenizer; {fix}")
-    max_pos = getattr(config, "max_position_embeddings", None)
-    if max_pos is not None and max_pos < manifest.max_len:
-        raise UserError(f"{label} max_position_embeddings {max_pos} < shards' max_len {manifest.max_len}: re-run "
+    from distil.pretrain.families import usable_positions
+
+    positions = usable_positions(config)
+    if positions is not None and positions < manifest.max_len:
+        raise UserError(f"{label} holds {positions} positions (max_position_embeddings "
+                        f"{config.max_position_embeddings}) < shards' max_len {manifest.max_len}: re-run "
                         "distil prepare with a smaller --max-seq-len")
     shards_ids = asdict(manifest.special_tokens)
     diff = {k: (v, shards_ids[k]) for k, v in tokenizer_special_ids(tokenizer_path).items() if shards_ids.get(k) != v}

@@ -23,25 +23,29 @@ TEACHER_DTYPES = ("fp32", "fp16", "bf16")
 
 @dataclass
 class TeacherConfig:
-    path: str | None = None  # local HF directory or a hub name (distill mode)
+    path: str | None = None  # local HF masked-LM folder or a hub name (distill mode); families: bert, roberta,
+    # xlm-roberta, distilbert, modernbert
     dtype: str = "fp16"  # fp16 | bf16 | fp32; fp16 as the recipe (`teacher.half()`)
 
 
 @dataclass
 class StudentConfig:
+    family: str = "auto"  # auto: DistilBERT for a BERT teacher (the recipe), else the teacher's own family
     layers: list[int] | None = None  # teacher layer per student layer; None: the recipe's even-spacing rule
     num_layers: int | None = None  # None: half the teacher's layers
     init_from_teacher: bool = True  # False: random initialisation (the paper's ablation)
     copy_vocab_transform: bool = False  # also copy the teacher MLM head's transform (dense + LayerNorm)
     fold_token_type_embeddings: bool = False  # add the teacher's token-type-0 embedding into positions
-    dropout: float = 0.1
-    attention_dropout: float = 0.1
+    dropout: float | None = None  # None: the recipe's 0.1 for a DistilBERT student, else the teacher's own
+    attention_dropout: float | None = None
 
 
 @dataclass
-class BertArchConfig:
-    """The BERT trained in MLM mode (a teacher pretrained from scratch); vocabulary comes from the shards."""
+class ArchConfig:
+    """The masked LM trained in MLM mode (a teacher pretrained from scratch); vocabulary and special ids come
+    from the shards."""
 
+    family: str = "bert"  # bert | roberta | xlm-roberta | distilbert | modernbert
     hidden_size: int = 768
     num_hidden_layers: int = 12
     num_attention_heads: int = 12
@@ -49,6 +53,7 @@ class BertArchConfig:
     max_position_embeddings: int = 512
     hidden_dropout_prob: float = 0.1
     attention_probs_dropout_prob: float = 0.1
+    local_attention: int = 128  # modernbert only: the sliding window of its local-attention layers
 
 
 @dataclass
@@ -127,10 +132,10 @@ class RunConfig:
 
 @dataclass
 class TrainConfig:
-    mode: str = "distill"  # distill | mlm (pretrain a BERT teacher, no teacher needed)
+    mode: str = "distill"  # distill | mlm (pretrain a teacher of model.family, no teacher needed)
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
     student: StudentConfig = field(default_factory=StudentConfig)
-    bert: BertArchConfig = field(default_factory=BertArchConfig)
+    model: ArchConfig = field(default_factory=ArchConfig)
     data: DataConfig = field(default_factory=DataConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -143,10 +148,30 @@ class TrainConfig:
 
 def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> TrainConfig:
     """YAML file (a path or a shipped name; optional) + dotlist overrides -> a validated TrainConfig."""
+    _refuse_old_section(path, overrides)
     cfg = load_structured(TrainConfig, path, overrides, sections="sections (mode, teacher, data, ...)",
                           example="run.max_steps=100")
     validate(cfg)
     return cfg
+
+
+def _refuse_old_section(path: str | Path | None, overrides: list[str] | tuple[str, ...]) -> None:
+    """Configs written before several families existed had a `bert:` section; say how to move it."""
+    from omegaconf import OmegaConf
+
+    from distil.common import assets
+
+    old = [o for o in overrides if o.startswith("bert.")]
+    if path is not None:
+        try:
+            raw = OmegaConf.load(assets.config_path(path))
+        except Exception:  # not YAML, or missing: load_structured says so in its own words
+            raw = None
+        if raw is not None and hasattr(raw, "keys") and "bert" in raw.keys():
+            old.append(str(assets.config_path(path)))
+    if old:
+        raise UserError(f"{old[0]}: the `bert:` section is now `model:` (with model.family, default bert); "
+                        "rename bert.* keys to model.*")
 
 
 def _require(ok: bool, message: str) -> None:
@@ -206,11 +231,18 @@ def validate(cfg: TrainConfig) -> None:
     _require(r.time_limit_minutes is None or r.time_limit_minutes > 0, "run.time_limit_minutes must be > 0 or null")
     st = cfg.student
     _require(st.num_layers is None or st.num_layers >= 1, "student.num_layers must be >= 1 or null")
-    _require(0 <= st.dropout < 1 and 0 <= st.attention_dropout < 1, "student dropouts must be in [0, 1)")
+    _require(all(v is None or 0 <= v < 1 for v in (st.dropout, st.attention_dropout)),
+             "student.dropout and student.attention_dropout must be in [0, 1) or null")
     cfg.tracking.validate()
-    b = cfg.bert
+    b = cfg.model
     _require(b.hidden_size % b.num_attention_heads == 0,
-             f"bert.hidden_size={b.hidden_size} must be divisible by bert.num_attention_heads={b.num_attention_heads}")
+             f"model.hidden_size={b.hidden_size} must be divisible by model.num_attention_heads={b.num_attention_heads}")
+    if cfg.mode == "mlm":
+        from distil.pretrain.families import family_named
+
+        family_named(b.family, "model.family")
+    _require(b.local_attention >= 2 and b.local_attention % 2 == 0,
+             f"model.local_attention={b.local_attention} must be an even number >= 2")
 
 
 def check_batch_arithmetic(cfg: TrainConfig, world_size: int) -> int:

@@ -103,13 +103,13 @@ def _fill_scheduler(ds: dict[str, Any], cfg: TrainConfig, path: Path, total_step
 
 
 def param_groups(module: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """AdamW groups: no decay on biases and LayerNorm weights (as the recipe)."""
+    """AdamW groups: no decay on biases and norm weights (as the recipe; every 1-D parameter, so that the
+    norms of every family, named LayerNorm, layer_norm or norm, are covered)."""
     decay, no_decay = [], []
     for name, p in module.named_parameters():
         if not p.requires_grad:
             continue
-        lname = name.lower()
-        if name.endswith("bias") or "layernorm" in lname or "layer_norm" in lname:
+        if name.endswith("bias") or p.ndim < 2:
             no_decay.append(p)
         else:
             decay.append(p)

@@ -18,10 +18,9 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-from transformers import BertForMaskedLM, DistilBertForMaskedLM
-
 from distil import kernels
 from distil.pretrain.config import LossConfig
+from distil.pretrain.families import family_of
 
 IGNORE = -100
 
@@ -53,15 +52,16 @@ def projection_rows(attention_mask: torch.Tensor, labels: torch.Tensor, cfg: Los
 
 
 @torch.inference_mode()
-def _teacher_forward(teacher: BertForMaskedLM, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+def _teacher_forward(teacher: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                      rows: torch.Tensor, cfg: LossConfig) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    hidden = teacher.bert(input_ids=input_ids, attention_mask=attention_mask)[0]
-    head_input = teacher.cls.predictions.transform(hidden[rows]) if uses_kl(cfg) else None
+    family = family_of(teacher)
+    hidden = family.body(teacher)(input_ids=input_ids, attention_mask=attention_mask)[0]
+    head_input = family.head_input(teacher, hidden[rows]) if uses_kl(cfg) else None
     last = hidden[attention_mask.bool()] if cfg.alpha_cos > 0 else None
     return head_input, last
 
 
-def teacher_outputs(teacher: BertForMaskedLM, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+def teacher_outputs(teacher: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                     labels: torch.Tensor, cfg: LossConfig) -> TeacherOutput:
     """Teacher forward under inference mode; results cloned so autograd may save them in the student's graph."""
     rows = projection_rows(attention_mask, labels, cfg, "distill")
@@ -72,36 +72,34 @@ def teacher_outputs(teacher: BertForMaskedLM, input_ids: torch.Tensor, attention
     )
 
 
-def _distilbert_head_input(student: DistilBertForMaskedLM, hidden: torch.Tensor) -> torch.Tensor:
-    return student.vocab_layer_norm(student.activation(student.vocab_transform(hidden)))
-
-
 class DistillationObjective(nn.Module):
     """Wraps the student so the DeepSpeed engine owns exactly its parameters; forward returns the loss."""
 
-    def __init__(self, student: DistilBertForMaskedLM, teacher: BertForMaskedLM, cfg: LossConfig):
+    def __init__(self, student: nn.Module, teacher: nn.Module, cfg: LossConfig):
         super().__init__()
         self.student = student
         self.cfg = cfg
+        self.family = family_of(student)
         # The teacher's projection weights are read at each step but must not become engine parameters.
-        self._teacher_head = [teacher.cls.predictions]
+        self._teacher = [teacher]
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor,
                 teacher_out: TeacherOutput) -> LossOutput:
         cfg, student = self.cfg, self.student
         nonpad = attention_mask.bool()
         rows = projection_rows(attention_mask, labels, cfg, "distill")
-        hidden = student.distilbert(input_ids=input_ids, attention_mask=attention_mask)[0]
-        head_in = _distilbert_head_input(student, hidden[rows])
+        hidden = self.family.body(student)(input_ids=input_ids, attention_mask=attention_mask)[0]
+        head_in = self.family.head_input(student, hidden[rows])
         row_labels = labels[rows]
         kl_mask = torch.ones_like(row_labels, dtype=torch.bool)
-        t_head = self._teacher_head[0]
-        proj = student.vocab_projector
+        s_weight, s_bias = self.family.decoder(student)
+        teacher = self._teacher[0]
+        t_weight, t_bias = family_of(teacher).decoder(teacher)
         alpha_kl = cfg.alpha_ce if teacher_out.head_input is not None else 0.0
         if cfg.alpha_mse > 0:
             # MSE needs the logits themselves: project explicitly (still only on the used rows).
-            s_logits = proj(head_in)
-            t_logits = t_head.decoder(teacher_out.head_input).to(s_logits.dtype)
+            s_logits = nn.functional.linear(head_in, s_weight, s_bias)
+            t_logits = nn.functional.linear(teacher_out.head_input, t_weight, t_bias).to(s_logits.dtype)
             dl = kernels.distillation_kl_ce(s_logits, t_logits, row_labels, kl_mask, cfg.temperature,
                                             alpha_kl, cfg.alpha_mlm)
             mse = (s_logits.float() - t_logits.float()).pow(2).sum() / max(1, s_logits.shape[0])
@@ -109,10 +107,10 @@ class DistillationObjective(nn.Module):
             parts = {"loss_mse": mse.detach()}
         else:
             dl = kernels.fused_linear_distillation_kl_ce(
-                head_in, proj.weight, proj.bias, None, row_labels, kl_mask, cfg.temperature, alpha_kl,
+                head_in, s_weight, s_bias, None, row_labels, kl_mask, cfg.temperature, alpha_kl,
                 cfg.alpha_mlm, teacher_hidden=teacher_out.head_input,
-                teacher_weight=t_head.decoder.weight if teacher_out.head_input is not None else None,
-                teacher_bias=t_head.bias if teacher_out.head_input is not None else None,
+                teacher_weight=t_weight if teacher_out.head_input is not None else None,
+                teacher_bias=t_bias if teacher_out.head_input is not None else None,
                 chunk_size=cfg.chunk_size,
             )
             total = dl.loss
@@ -131,22 +129,23 @@ class DistillationObjective(nn.Module):
 
 
 class MaskedLMObjective(nn.Module):
-    """MLM mode: a BERT trained alone on cross-entropy over masked tokens (a teacher pretrained from scratch)."""
+    """MLM mode: a masked LM trained alone on cross-entropy over masked tokens (a teacher pretrained from scratch)."""
 
-    def __init__(self, model: BertForMaskedLM, cfg: LossConfig):
+    def __init__(self, model: nn.Module, cfg: LossConfig):
         super().__init__()
         self.model = model
         self.cfg = cfg
+        self.family = family_of(model)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor,
                 teacher_out: TeacherOutput | None = None) -> LossOutput:
         rows = labels != IGNORE
-        hidden = self.model.bert(input_ids=input_ids, attention_mask=attention_mask)[0]
-        head = self.model.cls.predictions
-        head_in = head.transform(hidden[rows])
+        hidden = self.family.body(self.model)(input_ids=input_ids, attention_mask=attention_mask)[0]
+        head_in = self.family.head_input(self.model, hidden[rows])
+        weight, bias = self.family.decoder(self.model)
         row_labels = labels[rows]
         kl_mask = torch.zeros_like(row_labels, dtype=torch.bool)
-        dl = kernels.fused_linear_distillation_kl_ce(head_in, head.decoder.weight, head.bias, None, row_labels,
+        dl = kernels.fused_linear_distillation_kl_ce(head_in, weight, bias, None, row_labels,
                                                      kl_mask, 1.0, 0.0, 1.0, chunk_size=self.cfg.chunk_size)
         parts = {"loss_mlm": dl.ce, "loss": dl.loss.detach()}
         return LossOutput(dl.loss, parts)

@@ -26,10 +26,12 @@ from transformers import (
 from distil.common.errors import UserError
 from distil.data_pipeline.manifest import Manifest
 from distil.pretrain.compat import check_manifest_ids, check_model_fits
-from distil.pretrain.config import BertArchConfig, StudentConfig, TeacherConfig
+from distil.pretrain import families
+from distil.pretrain.config import ArchConfig, StudentConfig, TeacherConfig
 
 log = logging.getLogger(__name__)
 
+RECIPE_DROPOUT = 0.1  # the DistilBERT student's dropouts in the recipe
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
@@ -79,28 +81,30 @@ def resolve_layer_map(cfg: StudentConfig, teacher_layers: int) -> list[int]:
     return even_layer_map(teacher_layers, n)
 
 
-def load_teacher(cfg: TeacherConfig, *, need_logits: bool, device: torch.device | str = "cpu") -> BertForMaskedLM:
-    """A frozen BERT masked LM in eval mode on `device`, cast to cfg.dtype."""
+def load_teacher(cfg: TeacherConfig, *, need_logits: bool, device: torch.device | str = "cpu") -> torch.nn.Module:
+    """A frozen masked LM of one of distil's families, in eval mode on `device`, cast to cfg.dtype."""
+    from transformers import AutoModelForMaskedLM
+
     where = cfg.path
     assert where
     local = Path(where)
     if local.exists() and not (local / "config.json").is_file():
-        raise UserError(f"teacher.path {where} has no config.json: point it at a saved HF BERT masked-LM folder")
+        raise UserError(f"teacher.path {where} has no config.json: point it at a saved HF masked-LM folder "
+                        f"({families.NAMES})")
     try:
         with quiet_transformers():
             config = AutoConfig.from_pretrained(where)
-    except OSError as e:
+    except (OSError, ValueError) as e:
         raise UserError(f"cannot load teacher {where!r}: {str(e).splitlines()[0]} "
                         "(a local folder, or a hub name with network access)") from None
-    if config.model_type != "bert":
-        raise UserError(f"teacher {where!r} is a {config.model_type!r} model: the teacher must be a BERT (model_type bert)")
+    family = families.family_named(config.model_type, f"teacher {where!r}'s model_type")
     with quiet_transformers():
-        model, info = BertForMaskedLM.from_pretrained(where, dtype=DTYPES[cfg.dtype], output_loading_info=True)
-    head_missing = [k for k in info.get("missing_keys", []) if k.startswith("cls.")]
+        model, info = AutoModelForMaskedLM.from_pretrained(where, dtype=DTYPES[cfg.dtype], output_loading_info=True)
+    head_missing = [k for k in info.get("missing_keys", []) if k.startswith(family.head_prefixes)]
     if head_missing and need_logits:
         raise UserError(
-            f"teacher {where!r} has no trained MLM head (missing {head_missing[0]}, ...): a bare BertModel cannot "
-            "give teacher logits; use a BertForMaskedLM checkpoint or set loss.alpha_ce=0 and loss.alpha_mse=0"
+            f"teacher {where!r} has no trained MLM head (missing {head_missing[0]}, ...): a bare encoder cannot "
+            f"give teacher logits; use a {family.mlm_class} checkpoint or set loss.alpha_ce=0 and loss.alpha_mse=0"
         )
     model.to(device)
     model.eval()
@@ -109,6 +113,7 @@ def load_teacher(cfg: TeacherConfig, *, need_logits: bool, device: torch.device 
 
 
 def student_config_from_teacher(teacher: BertConfig, cfg: StudentConfig) -> DistilBertConfig:
+    """The recipe's DistilBERT for a BERT teacher: the teacher's sizes, half its layers, no token types."""
     n_layers = len(resolve_layer_map(cfg, teacher.num_hidden_layers))
     return DistilBertConfig(
         vocab_size=teacher.vocab_size,
@@ -118,8 +123,8 @@ def student_config_from_teacher(teacher: BertConfig, cfg: StudentConfig) -> Dist
         n_heads=teacher.num_attention_heads,
         dim=teacher.hidden_size,
         hidden_dim=teacher.intermediate_size,
-        dropout=cfg.dropout,
-        attention_dropout=cfg.attention_dropout,
+        dropout=RECIPE_DROPOUT if cfg.dropout is None else cfg.dropout,
+        attention_dropout=RECIPE_DROPOUT if cfg.attention_dropout is None else cfg.attention_dropout,
         activation=teacher.hidden_act,
         initializer_range=teacher.initializer_range,
         pad_token_id=teacher.pad_token_id,
@@ -138,7 +143,7 @@ def _copy(dst: torch.nn.Module, src: torch.nn.Module) -> None:
 @torch.no_grad()
 def init_student_from_teacher(student: DistilBertForMaskedLM, teacher: BertForMaskedLM, layer_map: list[int],
                               *, copy_vocab_transform: bool = False, fold_token_type: bool = False) -> None:
-    """Copy teacher weights into the student (the recipe's extract_distilbert.py mapping)."""
+    """Copy BERT teacher weights into a DistilBERT student (the recipe's extract_distilbert.py mapping)."""
     t_emb, s_emb = teacher.bert.embeddings, student.distilbert.embeddings
     _copy(s_emb.word_embeddings, t_emb.word_embeddings)
     _copy(s_emb.position_embeddings, t_emb.position_embeddings)
@@ -166,33 +171,65 @@ def init_student_from_teacher(student: DistilBertForMaskedLM, teacher: BertForMa
         _copy(student.vocab_layer_norm, head.transform.LayerNorm)
 
 
-def build_student(teacher: BertForMaskedLM, cfg: StudentConfig) -> tuple[DistilBertForMaskedLM, list[int]]:
-    """A fp32 DistilBertForMaskedLM sized from the teacher; initialised from it unless cfg says random."""
+def build_student(teacher: torch.nn.Module, cfg: StudentConfig) -> tuple[torch.nn.Module, list[int]]:
+    """A fp32 student masked LM built from the teacher; initialised from it unless cfg says random.
+
+    BERT -> DistilBERT follows the recipe's weight mapping; a student of the teacher's own family is the
+    teacher's architecture with the mapped layers, everything else (embeddings, final norm, MLM head) copied.
+    """
+    t_family = families.family_of(teacher)
+    s_family = families.student_family(t_family, cfg.family)
     layer_map = resolve_layer_map(cfg, teacher.config.num_hidden_layers)
-    student = DistilBertForMaskedLM(student_config_from_teacher(teacher.config, cfg))
+    if s_family.name == "distilbert" and t_family.name == "bert":
+        student = DistilBertForMaskedLM(student_config_from_teacher(teacher.config, cfg))
+        if cfg.init_from_teacher:
+            init_student_from_teacher(student, teacher, layer_map, copy_vocab_transform=cfg.copy_vocab_transform,
+                                      fold_token_type=cfg.fold_token_type_embeddings)
+        return student, layer_map
+    if cfg.fold_token_type_embeddings:
+        raise UserError(f"student.fold_token_type_embeddings applies to a BERT -> DistilBERT student only (this "
+                        f"one is a {s_family.title}): set it to false")
+    config = families.shallower_config(teacher.config, layer_map, cfg.dropout, cfg.attention_dropout)
+    student = s_family.model_class()(config).float()
     if cfg.init_from_teacher:
-        init_student_from_teacher(student, teacher, layer_map, copy_vocab_transform=cfg.copy_vocab_transform,
-                                  fold_token_type=cfg.fold_token_type_embeddings)
+        families.copy_layers(student, teacher, layer_map)
     return student, layer_map
 
 
-def build_bert_mlm(arch: BertArchConfig, manifest: Manifest) -> BertForMaskedLM:
-    """A randomly initialised BERT masked LM for MLM mode, its vocabulary taken from the shards."""
-    if arch.max_position_embeddings < manifest.max_len:
-        raise UserError(f"bert.max_position_embeddings={arch.max_position_embeddings} is below the shards' "
+def build_mlm_model(arch: ArchConfig, manifest: Manifest) -> torch.nn.Module:
+    """A randomly initialised masked LM of `arch.family` for MLM mode, its vocabulary and special ids taken
+    from the shards."""
+    positions = arch.max_position_embeddings
+    if positions < manifest.max_len:
+        raise UserError(f"model.max_position_embeddings={positions} is below the shards' "
                         f"max_len {manifest.max_len}: raise it")
-    config = BertConfig(
-        vocab_size=manifest.vocab_size,
-        hidden_size=arch.hidden_size,
-        num_hidden_layers=arch.num_hidden_layers,
-        num_attention_heads=arch.num_attention_heads,
-        intermediate_size=arch.intermediate_size,
-        max_position_embeddings=arch.max_position_embeddings,
-        hidden_dropout_prob=arch.hidden_dropout_prob,
-        attention_probs_dropout_prob=arch.attention_probs_dropout_prob,
-        pad_token_id=manifest.special_tokens.pad,
-    )
-    return BertForMaskedLM(config)
+    family = families.family_named(arch.family, "model.family")
+    sp = manifest.special_tokens
+    ids = dict(pad_token_id=sp.pad, bos_token_id=sp.cls, eos_token_id=sp.sep)
+    sizes = dict(vocab_size=manifest.vocab_size, hidden_size=arch.hidden_size,
+                 num_hidden_layers=arch.num_hidden_layers, num_attention_heads=arch.num_attention_heads,
+                 intermediate_size=arch.intermediate_size)
+    import transformers
+
+    if family.name == "bert":
+        config = BertConfig(**sizes, max_position_embeddings=positions, hidden_dropout_prob=arch.hidden_dropout_prob,
+                            attention_probs_dropout_prob=arch.attention_probs_dropout_prob, pad_token_id=sp.pad)
+    elif family.name in ("roberta", "xlm-roberta"):
+        cls = transformers.RobertaConfig if family.name == "roberta" else transformers.XLMRobertaConfig
+        config = cls(**sizes, **ids, max_position_embeddings=positions + sp.pad + 1, type_vocab_size=1,
+                     hidden_dropout_prob=arch.hidden_dropout_prob,
+                     attention_probs_dropout_prob=arch.attention_probs_dropout_prob)
+    elif family.name == "distilbert":
+        config = DistilBertConfig(vocab_size=manifest.vocab_size, dim=arch.hidden_size, n_layers=arch.num_hidden_layers,
+                                  n_heads=arch.num_attention_heads, hidden_dim=arch.intermediate_size,
+                                  max_position_embeddings=positions, dropout=arch.hidden_dropout_prob,
+                                  attention_dropout=arch.attention_probs_dropout_prob, pad_token_id=sp.pad)
+    else:  # modernbert: global attention every third layer, a sliding window elsewhere (its defaults)
+        config = transformers.ModernBertConfig(
+            **sizes, **ids, cls_token_id=sp.cls, sep_token_id=sp.sep, max_position_embeddings=positions,
+            mlp_dropout=arch.hidden_dropout_prob, embedding_dropout=arch.hidden_dropout_prob,
+            attention_dropout=arch.attention_probs_dropout_prob, local_attention=arch.local_attention)
+    return family.model_class()(config)
 
 
 def check_compatible(manifest: Manifest, teacher: BertForMaskedLM | None, student: torch.nn.Module | None, *,
@@ -205,7 +242,7 @@ def check_compatible(manifest: Manifest, teacher: BertForMaskedLM | None, studen
                              fix=f"prepare the shards with the {role}'s tokenizer (distil prepare --tokenizer "
                                  f"<{role} dir>) or use a matching {role}")
     if need_cosine and teacher is not None and student is not None:
-        t_dim, s_dim = teacher.config.hidden_size, student.config.dim
+        t_dim, s_dim = teacher.config.hidden_size, student.config.hidden_size
         if t_dim != s_dim:
             raise UserError(f"loss.alpha_cos > 0 needs equal hidden sizes: teacher {t_dim}, student {s_dim}; "
                             "set loss.alpha_cos=0")
@@ -230,7 +267,7 @@ def load_masked_lm(path: str, manifest: Manifest, device: torch.device) -> torch
     missing = info.get("missing_keys") or []
     if missing:
         raise UserError(f"{path} has no trained masked-LM head or weights (missing {sorted(missing)[0]}, ...): "
-                        "give a BertForMaskedLM / DistilBertForMaskedLM export")
+                        f"give a masked-LM export of one of the families {families.NAMES}")
     check_model_fits(path, config, manifest, tokenizer_path=path,
                      fix="evaluate on shards prepared with this model's tokenizer (distil prepare --tokenizer <model dir>)")
     model.to(device)

@@ -184,6 +184,7 @@ class Trainer:
         """The trained model (and teacher), checked against the data; returns the objective to train."""
         from distil.data_pipeline.manifest import base_of, manifest_location
         from distil.pretrain import models
+        from distil.pretrain.families import dims
         from distil.pretrain.export import check_tokenizer_source, shards_tokenizer_sha256, tokenizer_source
 
         cfg, manifest, device = self.cfg, self.manifest, self.dist.device
@@ -198,17 +199,14 @@ class Trainer:
                                     teacher_path=cfg.teacher.path)
             self.model = student
             objective: torch.nn.Module = DistillationObjective(student, self.teacher, cfg.loss)
-            t = self.teacher.config
-            self.flop_model = FlopModel((student.config.dim, student.config.hidden_dim, student.config.n_layers),
-                                        manifest.vocab_size, (t.hidden_size, t.intermediate_size, t.num_hidden_layers))
+            self.flop_model = FlopModel(dims(student.config), manifest.vocab_size, dims(self.teacher.config))
             if not need_logits:
                 self.flop_model.teacher_head_rows_per_student_row = 0.0
         else:
-            self.model = models.build_bert_mlm(cfg.bert, manifest)
+            self.model = models.build_mlm_model(cfg.model, manifest)
             models.check_compatible(manifest, None, self.model, need_cosine=False)
             objective = MaskedLMObjective(self.model, cfg.loss)
-            c = self.model.config
-            self.flop_model = FlopModel((c.hidden_size, c.intermediate_size, c.num_hidden_layers), manifest.vocab_size)
+            self.flop_model = FlopModel(dims(self.model.config), manifest.vocab_size)
         self.tokenizer_from = tokenizer_source(manifest, shards_base, cfg.teacher.path if cfg.mode == "distill" else None)
         if cfg.run.export:
             check_tokenizer_source(self.tokenizer_from, shards_tokenizer_sha256(manifest, shards_base, self.tokenizer_from))

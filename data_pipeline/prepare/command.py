@@ -10,6 +10,7 @@ import click
 from distil.common.config import flag, is_override, load_command_config
 from distil.data_pipeline.prepare import stage
 from distil.data_pipeline.prepare.corpus import DOC_SEPARATORS
+from distil.data_pipeline.prepare.tokenize import TOKENIZER_KINDS
 
 _INTERNAL = {"command", "progress", "batch_bytes", "shuffle_bucket_bytes"}
 
@@ -56,7 +57,11 @@ def load_prepare_config(config_path: str | None, args: tuple[str, ...], options:
 @click.option("--output", "-o", type=click.Path(path_type=Path), help="Folder for the shard set.  [required]")
 @click.option("--tokenizer", metavar="NAME_OR_DIR", help="A fast HF tokenizer: local folder or cached hub name.")
 @click.option("--train-tokenizer", type=int, metavar="VOCAB_SIZE",
-              help="Train an uncased WordPiece of this size on the corpus (saved beside the shards).")
+              help="Train a tokenizer of this size on the corpus (saved beside the shards): an uncased WordPiece "
+                   "as BERT's unless --train-tokenizer-kind says otherwise.")
+@click.option("--train-tokenizer-kind", type=click.Choice(TOKENIZER_KINDS),
+              help="With --train-tokenizer: wordpiece (BERT, DistilBERT, ModernBERT students of a BERT-style "
+                   "vocabulary) or bpe (byte-level, as RoBERTa's: <s> </s> <pad> <mask>).  [default: wordpiece]")
 @click.option("--max-seq-len", type=int, help="Longest sequence, with [CLS]/[SEP].  [default: 512]")
 @click.option("--workers", type=int, help="Tokeniser processes.  [default: one per CPU, fewer for a small corpus]")
 @click.option("--pack", is_flag=True,

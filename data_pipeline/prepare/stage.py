@@ -31,7 +31,8 @@ from distil.data_pipeline.prepare import shuffle as shuffling
 from distil.data_pipeline.prepare import tokenize as tk
 
 DEFAULT_BATCH_BYTES = 1 << 20
-TRAINED_TOKENIZER_NAME = "wordpiece-uncased-{vocab_size}-trained"
+TRAINED_TOKENIZER_NAMES = {"wordpiece": "wordpiece-uncased-{vocab_size}-trained",
+                           "bpe": "byte-level-bpe-{vocab_size}-trained"}
 
 
 @dataclass
@@ -41,7 +42,8 @@ class PrepareConfig:
     inputs: list[str] = field(default_factory=list)  # text / JSONL / Parquet files, folders or globs
     output: Path | None = None  # folder for the shard set
     tokenizer: str | None = None
-    train_tokenizer: int | None = None  # vocab size of a WordPiece trained on the corpus
+    train_tokenizer: int | None = None  # vocab size of a tokenizer trained on the corpus
+    train_tokenizer_kind: str | None = None  # wordpiece (None: the default, BERT's) | bpe (byte-level, RoBERTa's)
     max_seq_len: int = 512
     workers: int | None = None  # None: one per CPU, fewer for a small corpus
     pack: bool = False
@@ -64,6 +66,12 @@ class PrepareConfig:
             raise UserError("give --output FOLDER (or output: in the --config file) for the shard set")
         if (self.tokenizer is None) == (self.train_tokenizer is None):
             raise UserError("pass exactly one of --tokenizer NAME_OR_DIR and --train-tokenizer VOCAB_SIZE")
+        if self.train_tokenizer_kind is not None and self.train_tokenizer is None:
+            raise UserError("--train-tokenizer-kind needs --train-tokenizer VOCAB_SIZE (a tokenizer given by "
+                            "--tokenizer is used as it is)")
+        if self.train_tokenizer_kind not in (None, *tk.TOKENIZER_KINDS):
+            raise UserError(f"--train-tokenizer-kind {self.train_tokenizer_kind}: choose one of "
+                            f"{', '.join(tk.TOKENIZER_KINDS)}")
         if self.train_tokenizer is not None and self.train_tokenizer < 100:
             raise UserError(f"--train-tokenizer {self.train_tokenizer}: a vocabulary needs at least 100 entries")
         if self.max_seq_len < tk.MIN_SEQUENCE_TOKENS:
@@ -204,10 +212,11 @@ def _get_tokenizer(sources: list[corpus.Source], config: PrepareConfig):
         tokenizer = tk.load_tokenizer(config.tokenizer)
         return tokenizer, config.tokenizer
     assert config.train_tokenizer is not None
+    kind = config.train_tokenizer_kind or "wordpiece"
     if config.progress:
-        print(f"training a {config.train_tokenizer}-entry WordPiece tokenizer on the corpus...", file=sys.stderr)
-    tokenizer = tk.train_wordpiece(lambda: _text_batches(sources, config), config.train_tokenizer)
-    return tokenizer, TRAINED_TOKENIZER_NAME.format(vocab_size=config.train_tokenizer)
+        print(f"training a {config.train_tokenizer}-entry {kind} tokenizer on the corpus...", file=sys.stderr)
+    tokenizer = tk.train_tokenizer(kind, lambda: _text_batches(sources, config), config.train_tokenizer)
+    return tokenizer, TRAINED_TOKENIZER_NAMES[kind].format(vocab_size=config.train_tokenizer)
 
 
 def _results(

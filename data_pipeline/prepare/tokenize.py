@@ -1,4 +1,5 @@
-"""Tokenizers (load a fast HF tokenizer, or train an uncased WordPiece) and the recipe's sequence rules.
+"""Tokenizers (load a fast HF tokenizer of any kind, or train one: an uncased WordPiece as BERT's or a byte-level
+BPE as RoBERTa's) and the recipe's sequence rules.
 
 Sequence rules (lm_seqs_dataset.py of the original): each sequence is `[CLS] ... [SEP]`; one longer than
 max_len is cut into chunks of max_len - 2 (cutting the whole `[CLS] ... [SEP]` sequence, as the original
@@ -129,6 +130,47 @@ def train_wordpiece(text_batches: Callable[[], Iterable[list[str]]], vocab_size:
     return BertTokenizerFast(tokenizer_object=final, do_lower_case=True)
 
 
+# Special tokens of the RoBERTa / XLM-R layout, in their ids' order: <s> 0, <pad> 1, </s> 2, <unk> 3; <mask> last.
+ROBERTA_SPECIALS = ("<s>", "<pad>", "</s>", "<unk>")
+TOKENIZER_KINDS = ("wordpiece", "bpe")
+
+
+def train_tokenizer(kind: str, text_batches: Callable[[], Iterable[list[str]]], vocab_size: int):
+    """A tokenizer of `kind` (TOKENIZER_KINDS) trained on the corpus: a transformers fast tokenizer whose
+    special tokens are those its family's models expect."""
+    if kind == "wordpiece":
+        return train_wordpiece(text_batches, vocab_size)
+    if kind == "bpe":
+        return train_byte_level_bpe(text_batches, vocab_size)
+    raise UserError(f"--train-tokenizer-kind {kind}: choose one of {', '.join(TOKENIZER_KINDS)}")
+
+
+def roberta_layout(tok, cls):
+    """`<s> $A </s>` (pairs `<s> $A </s></s> $B </s>`) and `<mask>` as the last id, as RoBERTa and XLM-R."""
+    from tokenizers import AddedToken, processors
+
+    tok.add_special_tokens([AddedToken("<mask>", lstrip=True, special=True)])
+    tok.post_processor = processors.RobertaProcessing(("</s>", tok.token_to_id("</s>")),
+                                                      ("<s>", tok.token_to_id("<s>")), add_prefix_space=True)
+    return cls(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", sep_token="</s>", cls_token="<s>",
+               unk_token="<unk>", pad_token="<pad>", mask_token="<mask>")
+
+
+def train_byte_level_bpe(text_batches: Callable[[], Iterable[list[str]]], vocab_size: int):
+    """A byte-level BPE as RoBERTa's (every byte in the alphabet, so no text is unknown); returns a
+    RobertaTokenizerFast."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import RobertaTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size - 1, min_frequency=2, special_tokens=list(ROBERTA_SPECIALS),
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator((text for batch in text_batches() for text in batch), trainer)
+    return roberta_layout(tok, RobertaTokenizerFast)
+
+
 def tokenizer_json(tokenizer) -> str:
     return tokenizer.backend_tokenizer.to_str()
 
@@ -147,7 +189,8 @@ def special_tokens_of(tokenizer, name: str) -> SpecialTokens:
     }
     missing = [k for k, v in ids.items() if v is None]
     if missing:
-        raise UserError(f"tokenizer {name!r} has no {'/'.join(missing)} token; pass a BERT-style tokenizer")
+        raise UserError(f"tokenizer {name!r} has no {'/'.join(missing)} token; pass a masked-LM tokenizer (one "
+                        "with classification, separator, padding, mask and unknown tokens)")
     return SpecialTokens(**ids)
 
 
@@ -196,13 +239,28 @@ class _Cache(dict):
         return value
 
 
+def _without_special_pieces(tokenizer_json_str: str) -> str:
+    """A Unigram (SentencePiece) model holds its special tokens as pieces too, and would match a literal "<s>"
+    in the text to the special id (whatever its score: the unknown characters the alternative needs cost
+    more). With those pieces renamed to strings no text holds, text is encoded as text and every id stays.
+    Other models are returned as they are."""
+    state = json.loads(tokenizer_json_str)
+    model = state.get("model") or {}
+    if model.get("type") != "Unigram":
+        return tokenizer_json_str
+    special = {t["content"] for t in state.get("added_tokens", []) if t.get("special")}
+    model["vocab"] = [[f"\ue000distil-special-{i}" if piece in special else piece, score]
+                      for i, (piece, score) in enumerate(model["vocab"])]
+    return json.dumps(state)
+
+
 class Encoder:
     """Batched text -> ids without special tokens; built in each worker from the tokenizer's JSON."""
 
     def __init__(self, tokenizer_json_str: str) -> None:
         from tokenizers import Tokenizer
 
-        self.tokenizer = Tokenizer.from_str(tokenizer_json_str)
+        self.tokenizer = Tokenizer.from_str(_without_special_pieces(tokenizer_json_str))
         self.tokenizer.encode_special_tokens = True  # literal "[SEP]" in text is text
         self.spec = _chunk_cache_spec(json.loads(tokenizer_json_str))
         model = self.tokenizer.model

@@ -17,8 +17,8 @@ BIN = Path(sys.executable).parent
 WORDS = ("the a cat dog bird runs jumps sees big small red blue green house tree river quickly slowly over "
          "under near far and but").split()
 # A tiny BERT for MLM-mode runs (no teacher needed) on top of the shipped CPU config.
-TINY_MLM = ["--config", "configs/tiny_mlm_cpu.yaml", "bert.hidden_size=32", "bert.num_hidden_layers=2",
-            "bert.num_attention_heads=2", "bert.intermediate_size=64", "data.batch_size=4",
+TINY_MLM = ["--config", "configs/tiny_mlm_cpu.yaml", "model.hidden_size=32", "model.num_hidden_layers=2",
+            "model.num_attention_heads=2", "model.intermediate_size=64", "data.batch_size=4",
             "data.shuffle_buffer=40", "tracking.enabled=false"]
 
 

@@ -27,8 +27,8 @@ STEPS, STOP = 12, 5
 
 def args(shards, out, *extra: str) -> list[str]:
     return [*TINY_MLM, f"data.shards={shards}", f"run.output_dir={out}", f"run.max_steps={STEPS}", "run.log_every=1",
-            f"checkpoint.every={STOP}", "checkpoint.keep=5", "bert.hidden_dropout_prob=0",
-            "bert.attention_probs_dropout_prob=0", *extra]
+            f"checkpoint.every={STOP}", "checkpoint.keep=5", "model.hidden_dropout_prob=0",
+            "model.attention_probs_dropout_prob=0", *extra]
 
 
 def close(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], what: str) -> None:

@@ -18,8 +18,8 @@ def manifest(vocab=100, pad=0, max_len=64) -> Manifest:
                     dtype="uint16", tokenizer_name="t", tokenizer_sha256="0")
 
 
-def config(vocab=100, pad=0, max_pos=64):
-    return SimpleNamespace(vocab_size=vocab, pad_token_id=pad, max_position_embeddings=max_pos)
+def config(vocab=100, pad=0, max_pos=64, model_type="bert"):
+    return SimpleNamespace(vocab_size=vocab, pad_token_id=pad, max_position_embeddings=max_pos, model_type=model_type)
 
 
 def test_a_fitting_model_passes():
@@ -29,12 +29,19 @@ def test_a_fitting_model_passes():
 @pytest.mark.parametrize(("model", "shards", "says"), [
     (config(vocab=120), manifest(), "teacher vocab_size 120 != shards' vocab_size 100: re-run"),
     (config(pad=5), manifest(), "teacher pad_token_id 5 != shards' pad id 0"),
-    (config(max_pos=32), manifest(max_len=64), "max_position_embeddings 32 < shards' max_len 64"),
+    (config(max_pos=32), manifest(max_len=64), "holds 32 positions (max_position_embeddings 32) < shards' max_len 64"),
+    # RoBERTa numbers positions from pad id + 1: 65 embeddings with pad 1 hold 63 tokens
+    (config(max_pos=65, pad=1, model_type="roberta"), manifest(pad=1, max_len=64), "holds 63 positions"),
 ])
 def test_each_mismatch_is_one_line_naming_it(model, shards, says):
     with pytest.raises(UserError) as e:
         check_model_fits("teacher", model, shards, tokenizer_path=None, fix="re-run distil prepare")
     assert says in str(e.value) and "\n" not in str(e.value)
+
+
+def test_a_roberta_holds_its_embeddings_less_the_padding_offset():
+    check_model_fits("teacher", config(max_pos=66, pad=1, model_type="roberta"), manifest(pad=1, max_len=64),
+                     tokenizer_path=None, fix="re-run distil prepare")
 
 
 def test_a_tokenizer_whose_special_ids_differ_is_refused(tmp_path):

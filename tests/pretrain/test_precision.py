@@ -49,7 +49,7 @@ def _train(dtype: torch.dtype) -> tuple[dict[str, torch.Tensor], dict[str, torch
     working = copy.deepcopy(master).to(dtype)
     working.train()
     teacher = teacher.to(dtype)
-    working._teacher_head = [teacher.cls.predictions]
+    working._teacher = [teacher]
     opt = torch.optim.AdamW(master.parameters(), lr=1e-3, betas=(0.9, 0.98), eps=1e-6)
     scale = LOSS_SCALE if dtype == torch.float16 else 1.0
     losses = []
