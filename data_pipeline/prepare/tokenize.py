@@ -141,8 +141,20 @@ def train_tokenizer(kind: str, text_batches: Callable[[], Iterable[list[str]]], 
     if kind == "wordpiece":
         return train_wordpiece(text_batches, vocab_size)
     if kind == "bpe":
-        return train_byte_level_bpe(text_batches, vocab_size)
+        return as_saved(train_byte_level_bpe(text_batches, vocab_size))
     raise UserError(f"--train-tokenizer-kind {kind}: choose one of {', '.join(TOKENIZER_KINDS)}")
+
+
+def as_saved(tokenizer):
+    """The tokenizer as its saved folder loads: transformers rebuilds some tokenizers on loading (a byte-level
+    BPE's model gets "" for its unset affixes), and the shards must record the hash of what users load."""
+    import tempfile
+
+    from transformers import AutoTokenizer
+
+    with tempfile.TemporaryDirectory() as folder:
+        tokenizer.save_pretrained(folder)
+        return AutoTokenizer.from_pretrained(folder)
 
 
 def roberta_layout(tok, cls):
