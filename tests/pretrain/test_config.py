@@ -93,3 +93,18 @@ def test_shipped_configs_load(name):
     """Every config in configs/ has valid keys and values (paths some leave to the caller are filled in)."""
     cfg = load_config(REPO / "configs" / name, ["data.shards=some/shards", "teacher.path=some/teacher"])
     assert cfg.mode in ("distill", "mlm")
+
+
+def test_a_config_with_the_old_bert_section_is_told_to_rename_it(tmp_path):
+    old = write(tmp_path, "mode: mlm\ndata:\n  shards: s\nbert:\n  hidden_size: 64\n")
+    with pytest.raises(UserError, match=r"the `bert:` section is now `model:` .*rename bert\.\* keys to model\.\*"):
+        load_config(old)
+    with pytest.raises(UserError, match=r"^bert.hidden_size=64: the `bert:` section is now `model:`"):
+        load_config(None, ["mode=mlm", "data.shards=s", "bert.hidden_size=64"])
+
+
+def test_mlm_mode_names_the_families_it_builds(tmp_path):
+    cfg = load_config(None, ["mode=mlm", "data.shards=s", "model.family=roberta"])
+    assert cfg.model.family == "roberta"
+    with pytest.raises(UserError, match=r"model.family is 'gpt2': distil works with the families bert, distilbert"):
+        load_config(None, ["mode=mlm", "data.shards=s", "model.family=gpt2"])

@@ -4,6 +4,7 @@ MLM-mode models of each family are built from the shards; other families are ref
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -184,3 +185,38 @@ def test_the_recipe_objective_trains_a_student_of_each_family(family):
         losses.append(out.loss.item())
     assert set(out.parts) == {"loss_kl", "loss_mlm", "loss_cos", "loss"}
     assert all(torch.isfinite(torch.tensor(losses))) and losses[-1] < losses[0]
+
+
+@pytest.mark.parametrize("family", FAMILY_NAMES)
+def test_padding_does_not_change_the_real_tokens(family):
+    """A row's hidden states are the same alone and padded in a batch (ModernBERT included: its attention
+    runs on the padded batch with a mask on CPU), so the loss never depends on a batch's padding."""
+    model = tiny_teacher(family).double()
+    ids, mask = batch(family, length=12)
+    body = families.family_of(model).body(model)
+    with torch.no_grad():
+        padded = body(input_ids=ids, attention_mask=mask)[0]
+        alone = body(input_ids=ids[-1:, :7], attention_mask=mask[-1:, :7])[0]
+    torch.testing.assert_close(padded[-1, :7], alone[0], rtol=0, atol=1e-10)
+
+
+@pytest.mark.parametrize("family", ["roberta", "xlm-roberta", "modernbert", "distilbert"])
+def test_shards_of_another_tokenizer_layout_are_refused_before_any_work(family, tmp_path):
+    """A teacher whose special ids differ from the shards' (BERT-layout shards for a RoBERTa teacher, RoBERTa-
+    layout shards for the others) is one line naming what differs, from the config or the saved tokenizer."""
+    other = "bert" if family in ("roberta", "xlm-roberta") else "roberta"
+    teacher = tiny_teacher(family)
+    with pytest.raises(UserError) as e:
+        models.check_compatible(family_manifest(other), teacher, None, need_cosine=False)
+    assert "pad_token_id" in str(e.value) and "\n" not in str(e.value)
+    if family in ("roberta", "xlm-roberta"):  # same pad id, another mask id: told by the saved tokenizer
+        from family_tokenizers import large_unigram_tokenizer
+
+        folder = tmp_path / "teacher"
+        teacher.save_pretrained(folder)
+        large_unigram_tokenizer(folder, ["the", "quick", "fox"], vocab_size=VOCAB)
+        shards = family_manifest(family)
+        wrong = dataclasses.replace(shards, special_tokens=dataclasses.replace(shards.special_tokens, mask=7))
+        with pytest.raises(UserError, match=r"tokenizer special token ids differ from the shards' .*'mask': \(119, 7\)"):
+            models.check_compatible(wrong, teacher, None, need_cosine=False, teacher_path=str(folder))
+        models.check_compatible(shards, teacher, None, need_cosine=False, teacher_path=str(folder))

@@ -55,7 +55,8 @@ def mlm_teacher(shards: Path, out: Path, family: str) -> Path:
 
 def distill_args(shards: Path, teacher: Path, out: Path, *extra: str) -> list[str]:
     return ["configs/tiny_cpu.yaml", f"data.shards={shards}", f"teacher.path={teacher}", f"run.output_dir={out}",
-            f"run.max_steps={STEPS}", "run.log_every=2", "checkpoint.every=4", "checkpoint.keep=3", *extra]
+            f"run.max_steps={STEPS}", "run.log_every=2", "checkpoint.every=4", "checkpoint.keep=3",
+            "teacher.dtype=fp16", *extra]  # the recipe's fp16 teacher
 
 
 def launch_env() -> tuple[dict[str, str], str]:
