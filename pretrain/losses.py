@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+
 from distil import kernels
 from distil.pretrain.config import LossConfig
 from distil.pretrain.families import family_of

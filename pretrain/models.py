@@ -25,8 +25,8 @@ from transformers import (
 
 from distil.common.errors import UserError
 from distil.data_pipeline.manifest import Manifest
-from distil.pretrain.compat import check_manifest_ids, check_model_fits
 from distil.pretrain import families
+from distil.pretrain.compat import check_manifest_ids, check_model_fits
 from distil.pretrain.config import ArchConfig, StudentConfig, TeacherConfig
 
 log = logging.getLogger(__name__)

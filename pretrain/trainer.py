@@ -184,8 +184,8 @@ class Trainer:
         """The trained model (and teacher), checked against the data; returns the objective to train."""
         from distil.data_pipeline.manifest import base_of, manifest_location
         from distil.pretrain import models
-        from distil.pretrain.families import dims
         from distil.pretrain.export import check_tokenizer_source, shards_tokenizer_sha256, tokenizer_source
+        from distil.pretrain.families import dims
 
         cfg, manifest, device = self.cfg, self.manifest, self.dist.device
         shards_base = base_of(manifest_location(cfg.data.shards))
