@@ -17,9 +17,10 @@ from distil.common.errors import UserError
 # name -> (module, attribute, one-line help shown in `distil --help`)
 COMMANDS: dict[str, tuple[str, str, str]] = {
     "prepare": ("distil.data_pipeline.prepare.command", "prepare", "Raw text -> tokenised webdataset shards + manifest."),
-    "train": ("distil.pretrain.train", "train", "Distil a BERT teacher into a DistilBERT student (or pretrain in MLM mode)."),
+    "train": ("distil.pretrain.train", "train", "Distil a teacher (BERT, RoBERTa, XLM-R, DistilBERT, ModernBERT) into a student (or pretrain in MLM mode)."),
     "evaluate": ("distil.pretrain.evaluate.command", "evaluate", "Held-out masked-LM metrics of teacher and students, as an MLflow run."),
     "finetune": ("distil.pretrain.finetune.run", "finetune", "Fine-tune on a GLUE task or labelled file (several seeds, median), as MLflow runs."),
+    "export": ("distil.pretrain.deploy.command", "export", "A model as ONNX (fp32, int8) checked against PyTorch and timed per form."),
     "review": ("distil.pretrain.evaluate.review", "review", "Compare the MLflow runs of an experiment."),
     "quickstart": ("distil.pretrain.quickstart", "quickstart", "The whole pipeline offline on a sample corpus."),
     "init": ("distil.pretrain.init_files", "init", "Copy the shipped configs, DeepSpeed JSONs and launch scripts out to edit."),

@@ -39,7 +39,7 @@ if [ "${DISTIL_UNLOCKED:-0}" = 1 ]; then
   # build: on a machine without a GPU, PyPI's newest torch is the multi-GB CUDA one).
   keep_torch=$(mktemp)
   python -c "import torch; print('torch==' + torch.__version__)" > "$keep_torch"
-  python -m pip install --quiet --upgrade --upgrade-strategy eager -c "$keep_torch" -e ".[test]"
+  python -m pip install --quiet --upgrade --upgrade-strategy eager -c "$keep_torch" -e ".[test,export]"
   rm -f "$keep_torch"
   build_cpu_op
   exit 0
@@ -60,7 +60,7 @@ python -m pip install --quiet "$(grep -iE '^pip==' "$pinned")"
 # Every package pinned, transitive ones included: --no-deps installs exactly the lock, and `pip check` below
 # fails if the lock lacks something a package needs. distil itself is built with the locked setuptools.
 python -m pip install --quiet --no-deps -r "$pinned"
-python -m pip install --quiet --no-deps --no-build-isolation -e ".[test]"
+python -m pip install --quiet --no-deps --no-build-isolation -e ".[test,export]"
 if ! python -m pip check >/dev/null; then
   python -m pip check >&2 || true
   echo "error: the environment in $VENV does not satisfy distil's requirements with $LOCK; run scripts/refresh_lock.sh (or DISTIL_UNLOCKED=1 bash scripts/setup.sh)" >&2

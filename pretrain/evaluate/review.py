@@ -222,9 +222,11 @@ def review(experiment: str, tracking_uri: str | None, run_ids: tuple[str, ...], 
     uri = tracking_uri or default_review_uri()
     client = open_client(uri)
     runs = select_runs(client, experiment, run_ids, filter_string, max_runs)
+    from distil.pretrain.deploy.view import is_export_run, render_export_table
     from distil.pretrain.finetune.glue_view import is_finetune_run, review_glue
 
-    training = [run for run in runs if not is_finetune_run(run)]  # fine-tunings: the GLUE view below
+    # fine-tunings: the GLUE view below; exports: the table of forms
+    training = [run for run in runs if not is_finetune_run(run) and not is_export_run(run)]
     if training:
         summaries = merge_evaluations(training, [summarize(client, run) for run in training])
         render_table(summaries, title=f"experiment {experiment}: {len(summaries)} run(s)")
@@ -234,4 +236,7 @@ def review(experiment: str, tracking_uri: str | None, run_ids: tuple[str, ...], 
                             output.with_name(f"{output.stem}_glue.png"))
     if glue_plot is not None:
         click.echo(f"GLUE plot: {glue_plot}")
+    from rich.console import Console
+
+    render_export_table(runs, experiment, Console(width=max(160, Console().width)))
     click.echo(f"in the MLflow UI: {describe_link(uri, runs[0].info.experiment_id)}")

@@ -33,6 +33,18 @@ def training_arguments(cfg: FinetuneConfig, device: torch.device, output_dir: Pa
         disable_tqdm=not sys.stderr.isatty(), log_level="error")
 
 
+def write_task_file(folder: Path, cfg: FinetuneConfig, task: TaskSpec, seed: int, run_id: str | None,
+                    dev: dict[str, float]) -> None:
+    """distil_task.json beside a saved model: what it was fine-tuned on, so `distil export` can read the dev
+    file, score the model and link its run without being told again."""
+    import json
+
+    info = {"task": task.name, "labels": list(task.labels) if task.labels is not None else None,
+            "has_pair": task.pair is not None, "max_seq_len": cfg.max_seq_len, "seed": seed,
+            "model": str(Path(cfg.model).resolve()), "mlflow_run_id": run_id, "dev": dev}  # type: ignore[arg-type]
+    (folder / "distil_task.json").write_text(json.dumps(info, indent=2) + "\n")
+
+
 def write_predictions(path: Path, task: TaskSpec, split: Split, predictions) -> None:
     """GLUE's submission layout: `index<TAB>prediction`, label strings (or the score for regression)."""
     lines = ["index\tprediction"]
@@ -88,6 +100,7 @@ def run_seed(cfg: FinetuneConfig, prep: Prepared, seed: int, model, features: di
         if cfg.save_models:
             trainer.save_model(str(folder / "model"))
             prep.tokenizer.save_pretrained(str(folder / "model"))
+            write_task_file(folder / "model", cfg, task, seed, child.run_id, entry["dev"])
         status = "FINISHED"
     finally:
         child.finish(status)
