@@ -70,6 +70,8 @@ class FinetuneConfig:
     inference_max_examples: int | None = None  # None: the whole dev set
     inference_threads: int | None = 1  # CPU threads while timing (null: torch's default); 1 is the steadiest
     save_models: bool = False  # keep each seed's fine-tuned model in seed_<n>/model
+    onnx: bool = False  # also `distil export` the median seed's model to onnx/ (needs save_models): the report
+    # then holds each form's dev score, size and timing (docs/export.md)
     overwrite: bool = False  # replace an existing output folder
     tracking: bool = True
     tracking_uri: str | None = None  # default: MLFLOW_TRACKING_URI, else runs/mlflow.db
@@ -99,6 +101,8 @@ class FinetuneConfig:
             raise UserError(f"device={self.device!r}: give one of {', '.join(DEVICES)}")
         if self.precision not in PRECISIONS:
             raise UserError(f"precision={self.precision!r}: give one of {', '.join(PRECISIONS)}")
+        if self.onnx and not self.save_models:
+            raise UserError("onnx=true exports the median seed's saved model: set save_models=true too")
 
     @property
     def seed_list(self) -> list[int]:
@@ -290,6 +294,8 @@ def finetune_run(cfg: FinetuneConfig) -> dict[str, Any]:
                     cfg.inference_max_examples)}
             finally:
                 torch.set_num_threads(threads)
+        if cfg.onnx:
+            report["forms"] = export_forms(cfg, folder / f"seed_{chosen}" / "model", folder / "onnx")
         atomic_write_json(folder / "report.json", report)
 
     status = "FAILED"
@@ -305,9 +311,27 @@ def finetune_run(cfg: FinetuneConfig) -> dict[str, Any]:
             tracking.parent.set_tags({"distil.finetune.inference_device": inference["device_name"],
                                       "distil.finetune.torch_threads": str(inference["torch_threads"])})
         medians["num_parameters"] = num_parameters
+        for form in (report.get("forms") or {}).values():
+            key = form["form"].replace("-", "_")
+            medians.update({f"{key}.score": form["score"], f"{key}.size_bytes": form["size_bytes"],
+                            f"{key}.latency_ms_median": form["latency_ms_median"],
+                            f"{key}.latency_ms_p95": form["latency_ms_p95"],
+                            f"{key}.throughput_per_s": form["throughput_per_s"]})
         tracking.finish_parent(medians, out / "report.json" if status == "FINISHED" else None, status)
     print_summary(report)
     return report
+
+
+def export_forms(cfg: FinetuneConfig, model: Path, out: Path) -> dict[str, Any]:
+    """`distil export` of the median seed's model on the dev set (the checks included: a refused form fails the
+    fine-tuning's output as a whole); the forms' figures for the report."""
+    from distil.pretrain.deploy.command import ExportConfig, export_model
+
+    click.echo(f"exporting {model} to ONNX (fp32, int8) and timing each form on the dev set...")
+    exported = export_model(ExportConfig(model=str(model), output=str(out), dev=cfg.dev, max_seq_len=cfg.max_seq_len,
+                                         max_examples=cfg.inference_max_examples, threads=cfg.inference_threads or 1,
+                                         tracking=False))
+    return exported["forms"]
 
 
 def load_finetune_config(config_path: str | None, overrides: tuple[str, ...], options: dict) -> FinetuneConfig:

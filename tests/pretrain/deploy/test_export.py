@@ -258,3 +258,28 @@ def test_bad_input_is_one_error_line_and_nothing_is_written(case, tuned, tmp_pat
     else:
         assert not out.exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out.")]  # no temporary folder left
+
+
+def test_finetune_can_export_its_median_seed_and_report_the_forms(tuned, tmp_path):
+    """finetune onnx=true: the median seed's model exported and checked, its forms in the report and the run."""
+    uri = f"sqlite:///{tmp_path / 'ft.db'}"
+    out = tmp_path / "ft"
+    result = invoke("finetune", ["--model", str(tuned["mlm_student"]), "--task", "sst2", "--train",
+                                 str(tuned["dev"]), "--dev", str(tuned["dev"]), "--output", str(out), *FAST,
+                                 "onnx=true", "--tracking-uri", uri, "--experiment", "ft-onnx"])
+    assert result.exit_code == 0, result.output
+    report = json.loads((out / "report.json").read_text())
+    assert list(report["forms"]) == ["pytorch-fp32", "onnx-fp32", "onnx-int8"]
+    exported = json.loads((out / "onnx" / "export_report.json").read_text())
+    assert exported["forms"] == report["forms"] and exported["check"]["passed"]
+    assert report["forms"]["pytorch-fp32"]["score"] == pytest.approx(report["seeds"][0]["dev"]["dev_score"])
+    import mlflow
+
+    client = mlflow.MlflowClient(uri)
+    parent = client.get_run(report["mlflow"]["parent_run_id"])
+    assert parent.data.metrics["onnx_int8.score"] == pytest.approx(report["forms"]["onnx-int8"]["score"])
+    refused = invoke("finetune", ["--model", str(tuned["mlm_student"]), "--task", "sst2", "--train",
+                                  str(tuned["dev"]), "--dev", str(tuned["dev"]), "--output", str(tmp_path / "no"),
+                                  *FAST[:-2], "onnx=true", "--no-tracking"])
+    assert "onnx=true exports the median seed's saved model: set save_models=true too" in refused.output
+    assert not (tmp_path / "no").exists()
