@@ -143,11 +143,14 @@ def test_a_masked_lm_exports_and_is_checked_on_text(tuned, tmp_path):
     dev = tmp_path / "dev.txt"
     dev.write_text("\n".join(r[0] for r in rows_for("sst2", 30, 5)) + "\n")
     out = tmp_path / "mlm"
-    result = export(tuned["mlm_student"], dev, out, "--no-tracking")
+    result = export(tuned["mlm_student"], dev, out, "--no-tracking", "--fp16", "--max-score-drop", "100")
     assert result.exit_code == 0, result.output
     report = json.loads((out / "export_report.json").read_text())
     assert report["kind"] == "masked-lm" and report["check"]["passed"]
-    assert 0 <= report["forms"]["onnx-int8"]["metrics"]["top1_accuracy"] <= 1
+    assert list(report["forms"]) == ["pytorch-fp32", "onnx-fp32", "onnx-int8", "onnx-fp16"]
+    for form in report["forms"].values():
+        assert 0 <= form["metrics"]["top1_accuracy"] == form["score"] <= 1
+    assert (out / "model.fp16.onnx").stat().st_size < (out / "model.onnx").stat().st_size
     import onnxruntime
 
     session = onnxruntime.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
