@@ -33,7 +33,11 @@ class StudentConfig:
     family: str = "auto"  # auto: DistilBERT for a BERT teacher (the recipe), else the teacher's own family
     layers: list[int] | None = None  # teacher layer per student layer; None: the recipe's even-spacing rule
     num_layers: int | None = None  # None: half the teacher's layers
-    init_from_teacher: bool = True  # False: random initialisation (the paper's ablation)
+    init_from_teacher: bool = True  # False: random initialisation (the paper's ablation); a student whose
+    # widths differ from the teacher's is always initialised randomly
+    hidden_size: int | None = None  # None: the teacher's width (the recipe); narrower students, e.g. 384
+    num_attention_heads: int | None = None  # None: the teacher's
+    intermediate_size: int | None = None  # feed-forward width; None: the teacher's (4 x hidden for BERT-base)
     copy_vocab_transform: bool = False  # also copy the teacher MLM head's transform (dense + LayerNorm)
     fold_token_type_embeddings: bool = False  # add the teacher's token-type-0 embedding into positions
     dropout: float | None = None  # None: the recipe's 0.1 for a DistilBERT student, else the teacher's own
@@ -76,6 +80,18 @@ class LossConfig:
     alpha_cos: float = 1.0  # 1 - cos(last hidden states) over non-pad tokens
     alpha_mse: float = 0.0  # MSE between student and teacher logits on the KL rows (off in the recipe)
     restrict_ce_to_mask: bool = False  # KL only on masked tokens instead of every non-pad token
+    # Losses across widths and depths (pretrain/layer_losses.py; all off in the recipe):
+    alpha_hidden: float = 0.0  # hidden states through a learned projection (TinyBERT), on mapped layers
+    hidden_loss: str = "mse"  # mse (TinyBERT) | cosine
+    hidden_layers: list[int] | None = None  # teacher layer (1-based) per student layer, e.g. 12 -> 6:
+    # [2, 4, 6, 8, 10, 12]; None: the teacher's last layer for the student's last
+    hidden_embeddings: bool = False  # also the embedding outputs
+    alpha_relations: float = 0.0  # self-attention relations Q-Q, K-K, V-V (MiniLMv2), one teacher layer
+    # against the student's last layer
+    relation_layer: int | None = None  # that teacher layer (1-based); None: its last
+    relation_heads: int | None = None  # relation heads (must divide both hidden sizes); None: the teacher's heads
+    relation_lean: bool = True  # one relation head at a time, recomputed in the backward pass (less memory)
+    alpha_attention: float = 0.0  # attention probabilities on the mapped layers (TinyBERT; equal head counts)
     chunk_size: int | None = None  # rows per chunk of the fused vocabulary projection (None: kernel default)
 
 
@@ -196,11 +212,12 @@ def validate(cfg: TrainConfig) -> None:
     d.masking.validate()
     loss = cfg.loss
     _require(loss.temperature > 0, f"loss.temperature={loss.temperature} must be > 0")
-    for name in ("alpha_ce", "alpha_mlm", "alpha_cos", "alpha_mse"):
+    alphas = ("alpha_ce", "alpha_mlm", "alpha_cos", "alpha_mse", "alpha_hidden", "alpha_relations", "alpha_attention")
+    for name in alphas:
         _require(getattr(loss, name) >= 0, f"loss.{name}={getattr(loss, name)} must be >= 0")
     if cfg.mode == "distill":
-        _require(loss.alpha_ce + loss.alpha_mlm + loss.alpha_cos + loss.alpha_mse > 0,
-                 "all loss.alpha_* are 0: nothing to train")
+        _require(sum(getattr(loss, name) for name in alphas) > 0, "all loss.alpha_* are 0: nothing to train")
+    _require(loss.hidden_loss in ("mse", "cosine"), f"loss.hidden_loss={loss.hidden_loss!r}: choose mse or cosine")
     _require(loss.chunk_size is None or loss.chunk_size >= 1, "loss.chunk_size must be >= 1 or null")
     o = cfg.optim
     _require(o.lr > 0, f"optim.lr={o.lr} must be > 0")
@@ -231,6 +248,8 @@ def validate(cfg: TrainConfig) -> None:
     _require(r.time_limit_minutes is None or r.time_limit_minutes > 0, "run.time_limit_minutes must be > 0 or null")
     st = cfg.student
     _require(st.num_layers is None or st.num_layers >= 1, "student.num_layers must be >= 1 or null")
+    for key in ("hidden_size", "num_attention_heads", "intermediate_size"):
+        _require(getattr(st, key) is None or getattr(st, key) >= 1, f"student.{key} must be >= 1 or null")
     _require(all(v is None or 0 <= v < 1 for v in (st.dropout, st.attention_dropout)),
              "student.dropout and student.attention_dropout must be in [0, 1) or null")
     cfg.tracking.validate()

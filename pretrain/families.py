@@ -46,6 +46,9 @@ class Family:
     head_input: Callable[[nn.Module, torch.Tensor], torch.Tensor]
     decoder: Callable[[nn.Module], tuple[torch.Tensor, torch.Tensor | None]]
     position_offset: Callable[[object], int] = lambda config: 0  # positions lost to the padding offset
+    layers: Callable[[nn.Module], nn.ModuleList] = lambda model: model  # the encoder's layers, in order
+    qkv: Callable[[nn.Module], tuple[nn.Module, ...]] = lambda layer: ()  # a layer's query/key/value
+    # projections: three Linears, or one fused Linear whose output holds the three side by side (ModernBERT)
 
     def body(self, model: nn.Module) -> nn.Module:
         return getattr(model, self.body_attr)
@@ -94,21 +97,29 @@ def _roberta_offset(config) -> int:
     return int(config.pad_token_id) + 1
 
 
+def _bert_qkv(layer):
+    return layer.attention.self.query, layer.attention.self.key, layer.attention.self.value
+
+
 _ROBERTA = dict(body_attr="roberta", head_prefixes=("lm_head.",),
                 layer_key=re.compile(r"^(roberta\.encoder\.layer\.)(\d+)(\..+)$"),
-                head_input=_roberta_head, decoder=_roberta_decoder, position_offset=_roberta_offset)
+                head_input=_roberta_head, decoder=_roberta_decoder, position_offset=_roberta_offset,
+                layers=lambda model: model.roberta.encoder.layer, qkv=_bert_qkv)
 
 FAMILIES: dict[str, Family] = {
     "bert": Family("bert", "BERT", "BertForMaskedLM", "bert", ("cls.",),
-                   re.compile(r"^(bert\.encoder\.layer\.)(\d+)(\..+)$"), _bert_head, _bert_decoder),
+                   re.compile(r"^(bert\.encoder\.layer\.)(\d+)(\..+)$"), _bert_head, _bert_decoder,
+                   layers=lambda model: model.bert.encoder.layer, qkv=_bert_qkv),
     "distilbert": Family("distilbert", "DistilBERT", "DistilBertForMaskedLM", "distilbert",
                          ("vocab_transform.", "vocab_layer_norm.", "vocab_projector."),
                          re.compile(r"^(distilbert\.transformer\.layer\.)(\d+)(\..+)$"),
-                         _distilbert_head, _distilbert_decoder),
+                         _distilbert_head, _distilbert_decoder, layers=lambda model: model.distilbert.transformer.layer,
+                         qkv=lambda layer: (layer.attention.q_lin, layer.attention.k_lin, layer.attention.v_lin)),
     "roberta": Family("roberta", "RoBERTa", "RobertaForMaskedLM", **_ROBERTA),
     "xlm-roberta": Family("xlm-roberta", "XLM-RoBERTa", "XLMRobertaForMaskedLM", **_ROBERTA),
     "modernbert": Family("modernbert", "ModernBERT", "ModernBertForMaskedLM", "model", ("head.", "decoder."),
-                         re.compile(r"^(model\.layers\.)(\d+)(\..+)$"), _modernbert_head, _modernbert_decoder),
+                         re.compile(r"^(model\.layers\.)(\d+)(\..+)$"), _modernbert_head, _modernbert_decoder,
+                         layers=lambda model: model.model.layers, qkv=lambda layer: (layer.attn.Wqkv,)),
 }
 NAMES = ", ".join(FAMILIES)
 
@@ -146,6 +157,14 @@ def dims(config) -> tuple[int, int, int]:
 # ---------------------------------------------------------------- students
 
 
+def same_widths(teacher_config, student_config) -> bool:
+    def ffn(c):
+        return c.hidden_dim if c.model_type == "distilbert" else c.intermediate_size
+
+    return (teacher_config.hidden_size, teacher_config.num_attention_heads, ffn(teacher_config)) == (
+        student_config.hidden_size, student_config.num_attention_heads, ffn(student_config))
+
+
 def student_family(teacher: Family, asked: str) -> Family:
     """`student.family`: "auto" (DistilBERT for a BERT teacher, as the recipe; else the teacher's family), the
     teacher's own family, or DistilBERT for a BERT or DistilBERT teacher."""
@@ -158,11 +177,19 @@ def student_family(teacher: Family, asked: str) -> Family:
     return FAMILIES[asked]
 
 
-def shallower_config(config, layer_map: list[int], dropout: float | None, attention_dropout: float | None):
-    """The teacher's config with the mapped layers only (same family), dropouts as given (None: the teacher's)."""
+def shallower_config(config, layer_map: list[int], dropout: float | None, attention_dropout: float | None,
+                     widths: dict[str, int | None] | None = None):
+    """The teacher's config with the mapped layers only (same family), dropouts as given (None: the teacher's),
+    and `widths` (hidden_size, num_attention_heads, intermediate_size; None: the teacher's)."""
     family = family_of(config)
     student = copy.deepcopy(config)
     student.num_hidden_layers = len(layer_map)
+    for key, value in (widths or {}).items():
+        if value is not None:
+            setattr(student, "hidden_dim" if (key, family.name) == ("intermediate_size", "distilbert") else key, value)
+    if student.hidden_size % student.num_attention_heads:
+        raise UserError(f"student.hidden_size={student.hidden_size} must be divisible by student.num_attention_heads="
+                        f"{student.num_attention_heads}")
     if family.name == "modernbert":
         # Each layer keeps its attention kind (global or sliding window), and its place is fixed by the map.
         student.layer_types = [config.layer_types[i] for i in layer_map]

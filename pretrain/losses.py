@@ -14,14 +14,17 @@ API calls them alpha_kl and alpha_ce.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from distil import kernels
+from distil.pretrain import layer_losses
 from distil.pretrain.config import LossConfig
 from distil.pretrain.families import family_of
+from distil.pretrain.layer_losses import LayerPlan
 
 IGNORE = -100
 
@@ -32,6 +35,9 @@ class TeacherOutput:
 
     head_input: torch.Tensor | None  # [rows, H]: transformed hidden states at the projection rows
     last_hidden: torch.Tensor | None  # [non-pad tokens, H]: for the cosine loss
+    hidden: list[torch.Tensor] | None = None  # per LayerPlan.hidden_pairs: [non-pad tokens, H]
+    qkv: list[torch.Tensor] | None = None  # the relation layer's query, key, value: [B, L, H] each
+    attentions: list[torch.Tensor] | None = None  # per LayerPlan.attention_pairs: [B, heads, L, L]
 
 
 @dataclass
@@ -52,25 +58,54 @@ def projection_rows(attention_mask: torch.Tensor, labels: torch.Tensor, cfg: Los
     return masked
 
 
+def encoder_forward(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                    plan: LayerPlan | None, qkv_layer: int | None):
+    """The encoder's outputs with what the plan's layer losses need (hidden states, attention probabilities,
+    the query/key/value of layer `qkv_layer`, 0-based), as (output, [q, k, v])."""
+    family = family_of(model)
+    extra = {}
+    if plan is not None and plan.hidden_states:
+        extra["output_hidden_states"] = True
+    if plan is not None and plan.attentions:
+        extra["output_attentions"] = True
+    capture = (layer_losses.capture_qkv(family.qkv(family.layers(model)[qkv_layer])) if qkv_layer is not None
+               else contextlib.nullcontext([]))
+    with capture as qkv:
+        out = family.body(model)(input_ids=input_ids, attention_mask=attention_mask, **extra)
+    return out, qkv
+
+
 @torch.inference_mode()
 def _teacher_forward(teacher: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                     rows: torch.Tensor, cfg: LossConfig) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+                     rows: torch.Tensor, cfg: LossConfig, plan: LayerPlan | None) -> TeacherOutput:
     family = family_of(teacher)
-    hidden = family.body(teacher)(input_ids=input_ids, attention_mask=attention_mask)[0]
-    head_input = family.head_input(teacher, hidden[rows]) if uses_kl(cfg) else None
-    last = hidden[attention_mask.bool()] if cfg.alpha_cos > 0 else None
-    return head_input, last
+    relations = plan is not None and plan.relations
+    out, qkv = encoder_forward(teacher, input_ids, attention_mask, plan, plan.relation_layer if relations else None)
+    hidden = out[0]
+    nonpad = attention_mask.bool()
+    result = TeacherOutput(head_input=family.head_input(teacher, hidden[rows]) if uses_kl(cfg) else None,
+                           last_hidden=hidden[nonpad] if cfg.alpha_cos > 0 else None)
+    if plan is not None and plan.hidden_states:
+        result.hidden = [out.hidden_states[t][nonpad] for t, _ in plan.hidden_pairs]
+    if plan is not None and plan.attentions:
+        result.attentions = [out.attentions[t] for t, _ in plan.attention_pairs]
+    if relations:
+        result.qkv = list(qkv)
+    return result
+
+
+def _cloned(value):
+    if value is None:
+        return None
+    return [v.clone() for v in value] if isinstance(value, list) else value.clone()
 
 
 def teacher_outputs(teacher: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                    labels: torch.Tensor, cfg: LossConfig) -> TeacherOutput:
+                    labels: torch.Tensor, cfg: LossConfig, plan: LayerPlan | None = None) -> TeacherOutput:
     """Teacher forward under inference mode; results cloned so autograd may save them in the student's graph."""
     rows = projection_rows(attention_mask, labels, cfg, "distill")
-    head_input, last = _teacher_forward(teacher, input_ids, attention_mask, rows, cfg)
-    return TeacherOutput(
-        head_input=head_input.clone() if head_input is not None else None,
-        last_hidden=last.clone() if last is not None else None,
-    )
+    out = _teacher_forward(teacher, input_ids, attention_mask, rows, cfg, plan)
+    return TeacherOutput(**{name: _cloned(getattr(out, name)) for name in out.__dataclass_fields__})
 
 
 class DistillationObjective(nn.Module):
@@ -83,13 +118,22 @@ class DistillationObjective(nn.Module):
         self.family = family_of(student)
         # The teacher's projection weights are read at each step but must not become engine parameters.
         self._teacher = [teacher]
+        # Layer losses and their projections (trained, checkpointed with the student, not exported).
+        self.plan = LayerPlan(cfg, teacher.config, student.config)
+        if self.plan.attentions:  # attention probabilities come only from the eager implementation
+            for model in (student, teacher):
+                model.set_attn_implementation("eager")
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor,
                 teacher_out: TeacherOutput) -> LossOutput:
         cfg, student = self.cfg, self.student
         nonpad = attention_mask.bool()
         rows = projection_rows(attention_mask, labels, cfg, "distill")
-        hidden = self.family.body(student)(input_ids=input_ids, attention_mask=attention_mask)[0]
+        plan = self.plan
+        s_layers = len(self.family.layers(student))
+        out, s_qkv = encoder_forward(student, input_ids, attention_mask, plan,
+                                     s_layers - 1 if plan.relations else None)
+        hidden = out[0]
         head_in = self.family.head_input(student, hidden[rows])
         row_labels = labels[rows]
         kl_mask = torch.ones_like(row_labels, dtype=torch.bool)
@@ -125,6 +169,32 @@ class DistillationObjective(nn.Module):
             cos = kernels.cosine_embedding_loss(s_last, teacher_out.last_hidden.to(s_last.dtype))
             total = total + cfg.alpha_cos * cos
             parts["loss_cos"] = cos.detach()
+        if plan.hidden_states:
+            assert teacher_out.hidden is not None
+            per_pair = []
+            for i, ((_, s_idx), t_hidden) in enumerate(zip(plan.hidden_pairs, teacher_out.hidden, strict=True)):
+                s_hidden = out.hidden_states[s_idx][nonpad]
+                if plan.project:
+                    s_hidden = plan.projections[i](s_hidden)
+                fn = layer_losses.hidden_mse if cfg.hidden_loss == "mse" else layer_losses.hidden_cosine
+                per_pair.append(fn(s_hidden, t_hidden))
+            hidden_loss = torch.stack(per_pair).mean()
+            total = total + cfg.alpha_hidden * hidden_loss
+            parts["loss_hidden"] = hidden_loss.detach()
+        if plan.relations:
+            assert teacher_out.qkv is not None
+            fn = layer_losses.relation_kl_lean if cfg.relation_lean else layer_losses.relation_kl
+            relation = sum(fn(s_x, t_x, attention_mask, plan.relation_heads)
+                           for s_x, t_x in zip(s_qkv, teacher_out.qkv, strict=True))
+            total = total + cfg.alpha_relations * relation
+            parts["loss_relations"] = relation.detach()
+        if plan.attentions:
+            assert teacher_out.attentions is not None
+            attention = torch.stack([layer_losses.attention_kl(out.attentions[s_idx], t_att, attention_mask)
+                                     for (_, s_idx), t_att in zip(plan.attention_pairs, teacher_out.attentions,
+                                                                  strict=True)]).mean()
+            total = total + cfg.alpha_attention * attention
+            parts["loss_attention"] = attention.detach()
         parts["loss"] = total.detach()
         return LossOutput(total, parts)
 

@@ -31,6 +31,8 @@ from distil.pretrain.config import ArchConfig, StudentConfig, TeacherConfig
 
 log = logging.getLogger(__name__)
 
+NARROW_INIT = ("the student's widths differ from the teacher's: it is initialised randomly (weights cannot be "
+               "copied across widths)")
 RECIPE_DROPOUT = 0.1  # the DistilBERT student's dropouts in the recipe
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -115,14 +117,18 @@ def load_teacher(cfg: TeacherConfig, *, need_logits: bool, device: torch.device 
 def student_config_from_teacher(teacher: BertConfig, cfg: StudentConfig) -> DistilBertConfig:
     """The recipe's DistilBERT for a BERT teacher: the teacher's sizes, half its layers, no token types."""
     n_layers = len(resolve_layer_map(cfg, teacher.num_hidden_layers))
+    dim = cfg.hidden_size or teacher.hidden_size
+    heads = cfg.num_attention_heads or teacher.num_attention_heads
+    if dim % heads:
+        raise UserError(f"student.hidden_size={dim} must be divisible by student.num_attention_heads={heads}")
     return DistilBertConfig(
         vocab_size=teacher.vocab_size,
         max_position_embeddings=teacher.max_position_embeddings,
         sinusoidal_pos_embds=False,
         n_layers=n_layers,
-        n_heads=teacher.num_attention_heads,
-        dim=teacher.hidden_size,
-        hidden_dim=teacher.intermediate_size,
+        n_heads=heads,
+        dim=dim,
+        hidden_dim=cfg.intermediate_size or teacher.intermediate_size,
         dropout=RECIPE_DROPOUT if cfg.dropout is None else cfg.dropout,
         attention_dropout=RECIPE_DROPOUT if cfg.attention_dropout is None else cfg.attention_dropout,
         activation=teacher.hidden_act,
@@ -180,18 +186,24 @@ def build_student(teacher: torch.nn.Module, cfg: StudentConfig) -> tuple[torch.n
     t_family = families.family_of(teacher)
     s_family = families.student_family(t_family, cfg.family)
     layer_map = resolve_layer_map(cfg, teacher.config.num_hidden_layers)
+    widths = {"hidden_size": cfg.hidden_size, "num_attention_heads": cfg.num_attention_heads,
+              "intermediate_size": cfg.intermediate_size}
     if s_family.name == "distilbert" and t_family.name == "bert":
         student = DistilBertForMaskedLM(student_config_from_teacher(teacher.config, cfg))
-        if cfg.init_from_teacher:
+        if cfg.init_from_teacher and not families.same_widths(teacher.config, student.config):
+            log.warning(NARROW_INIT)
+        elif cfg.init_from_teacher:
             init_student_from_teacher(student, teacher, layer_map, copy_vocab_transform=cfg.copy_vocab_transform,
                                       fold_token_type=cfg.fold_token_type_embeddings)
         return student, layer_map
     if cfg.fold_token_type_embeddings:
         raise UserError(f"student.fold_token_type_embeddings applies to a BERT -> DistilBERT student only (this "
                         f"one is a {s_family.title}): set it to false")
-    config = families.shallower_config(teacher.config, layer_map, cfg.dropout, cfg.attention_dropout)
+    config = families.shallower_config(teacher.config, layer_map, cfg.dropout, cfg.attention_dropout, widths)
     student = s_family.model_class()(config).float()
-    if cfg.init_from_teacher:
+    if cfg.init_from_teacher and not families.same_widths(teacher.config, config):
+        log.warning(NARROW_INIT)
+    elif cfg.init_from_teacher:
         families.copy_layers(student, teacher, layer_map)
     return student, layer_map
 
@@ -245,7 +257,8 @@ def check_compatible(manifest: Manifest, teacher: BertForMaskedLM | None, studen
         t_dim, s_dim = teacher.config.hidden_size, student.config.hidden_size
         if t_dim != s_dim:
             raise UserError(f"loss.alpha_cos > 0 needs equal hidden sizes: teacher {t_dim}, student {s_dim}; "
-                            "set loss.alpha_cos=0")
+                            "set loss.alpha_cos=0 and use loss.alpha_hidden with loss.hidden_loss=cosine (through a "
+                            "learned projection)")
 
 
 def load_masked_lm(path: str, manifest: Manifest, device: torch.device) -> torch.nn.Module:

@@ -107,6 +107,7 @@ class Trainer:
     # models and engine
     teacher: torch.nn.Module | None  # distillation only
     layer_map: list[int]  # student layer i <- teacher layer layer_map[i] (distillation only)
+    layer_plan: Any  # the layer losses and their projections (distillation only; layer_losses.LayerPlan)
     model: torch.nn.Module  # the model trained: the student, or the BERT of mlm mode
     tokenizer_from: str | None  # where the export takes its tokenizer from
     flop_model: FlopModel
@@ -199,6 +200,7 @@ class Trainer:
                                     teacher_path=cfg.teacher.path)
             self.model = student
             objective: torch.nn.Module = DistillationObjective(student, self.teacher, cfg.loss)
+            self.layer_plan = objective.plan
             self.flop_model = FlopModel(dims(student.config), manifest.vocab_size, dims(self.teacher.config))
             if not need_logits:
                 self.flop_model.teacher_head_rows_per_student_row = 0.0
@@ -381,7 +383,7 @@ class Trainer:
         labels = batch["labels"].to(d, non_blocking=True)
         t_out = None
         if self.teacher is not None:
-            t_out = teacher_outputs(self.teacher, ids, mask, labels, self.cfg.loss)
+            t_out = teacher_outputs(self.teacher, ids, mask, labels, self.cfg.loss, self.layer_plan)
         out = self.engine(ids, mask, labels, t_out)
         if self.counters.step + 1 in self.fault_steps:
             nan = float("nan")
