@@ -204,3 +204,23 @@ def test_each_layer_loss_alone_trains_a_narrower_student(loss):
     key = next(v for k, v in name.items() if k in loss)
     assert key in out.parts and all(math.isfinite(x) for x in curve)
     assert curve[-1] < 0.8 * curve[0], curve
+
+
+@pytest.mark.parametrize("name", ["minilm_6x384_relations.yaml", "tinybert_4x312_general.yaml"])
+def test_the_shipped_narrow_recipes_fit_a_bert_base_shaped_teacher(name):
+    """Their student and loss sections against bert-base-uncased's shape (random weights: no hub here)."""
+    from pathlib import Path
+
+    from transformers import BertConfig, BertForMaskedLM
+
+    from distil.pretrain.config import load_config
+
+    cfg = load_config(Path(__file__).resolve().parents[2] / "configs" / name, ["data.shards=s"])
+    teacher = BertForMaskedLM(BertConfig())
+    student, _ = models.build_student(teacher, cfg.student)
+    plan = LayerPlan(cfg.loss, teacher.config, student.config)
+    width = {"minilm_6x384_relations.yaml": 384, "tinybert_4x312_general.yaml": 312}[name]
+    assert student.config.model_type == "bert" and student.config.hidden_size == width
+    assert plan.relations == name.startswith("minilm") and plan.attentions == name.startswith("tinybert")
+    if plan.hidden_states:
+        assert plan.hidden_pairs == [(0, 0), (3, 1), (6, 2), (9, 3), (12, 4)] and len(plan.projections) == 5
