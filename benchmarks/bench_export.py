@@ -21,22 +21,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
 import sys
-import time
 from pathlib import Path
 
-BIN = Path(sys.executable).parent / "distil"
-
-
-def run(args: list[str]) -> None:
-    started = time.perf_counter()
-    p = subprocess.run([str(BIN), *args], capture_output=True, text=True,
-                       env={**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"})
-    if p.returncode != 0:
-        sys.exit(f"distil {' '.join(args[:1])} failed:\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}")
-    print(f"  distil {args[0]} ({time.perf_counter() - started:.0f} s)", file=sys.stderr)
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from distil_cli import run_distil  # noqa: E402 - benchmarks/distil_cli.py, beside this script
 
 
 def base_shapes(work: Path, task_train: Path) -> dict[str, Path]:
@@ -102,11 +91,11 @@ def main() -> None:
     reports = {}
     for role, folder in models.items():
         out = args.work / "finetune" / role
-        run(["finetune", "--model", str(folder), "--task", "custom", "--train", str(task["train"]), "--dev",
+        run_distil(["finetune", "--model", str(folder), "--task", "custom", "--train", str(task["train"]), "--dev",
              str(task["dev"]), "--output", str(out), "--seeds", "1", "--epochs", str(args.epochs), "--lr", "5e-4",
              "--batch-size", "16", "--max-seq-len", "48", "--tracking-uri", store, "--experiment", "bench-export",
              "warmup_ratio=0.1", "save_models=true", "inference=false"])
-        run(["export", "--model", str(out / "seed_42" / "model"), "--dev", str(task["dev"]), "--output",
+        run_distil(["export", "--model", str(out / "seed_42" / "model"), "--dev", str(task["dev"]), "--output",
              str(args.work / "onnx" / role), "--max-seq-len", "48", "--threads", str(args.threads),
              "--tracking-uri", store, "--experiment", "bench-export", "--max-score-drop", "100"])
         reports[role] = json.loads((args.work / "onnx" / role / "export_report.json").read_text())

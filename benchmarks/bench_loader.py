@@ -26,7 +26,7 @@ import numpy as np
 import torch
 import webdataset as wds
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "data_pipeline"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "helpers"))
 import real_text  # noqa: E402 - benchmarks/real_text.py, beside this script
 from shardset import make_shard_set  # noqa: E402 - the test suite's shard set builder
 

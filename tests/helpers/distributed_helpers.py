@@ -56,3 +56,20 @@ def run_as_launched_rank(code: str, timeout: int = 240) -> str:
                        timeout=timeout)
     assert p.returncode == 0, p.stderr[-3000:]
     return p.stdout.strip().splitlines()[-1]
+
+
+def sigkill_after_checkpoint(proc, out: Path, step: int, timeout: float = 300) -> str:
+    """SIGKILL the whole process group of `proc` (a launch started with start_new_session=True: launcher and
+    ranks) once `out`'s checkpoints/latest names step `step` or later; returns the newest checkpoint then."""
+    import os
+    import signal
+    import time
+
+    latest = out / "checkpoints" / "latest"
+    deadline = time.monotonic() + timeout
+    while not (latest.is_file() and latest.read_text().strip() >= f"step_{step:08d}"):
+        assert proc.poll() is None and time.monotonic() < deadline, "no checkpoint before the run ended"
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=60)
+    return latest.read_text().strip()

@@ -11,16 +11,13 @@ DistilBERT (WordPiece) run single-process.
 from __future__ import annotations
 
 import json
-import os
 import random
-import signal
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
 import torch
-from distributed_helpers import BIN, REPO, WORDS, env, free_port, run
+from distributed_helpers import BIN, REPO, WORDS, env, free_port, run, sigkill_after_checkpoint
 from family_tokenizers import unigram_tokenizer
 from safetensors.torch import load_file
 
@@ -116,14 +113,7 @@ def test_a_roberta_run_killed_with_sigkill_resumes_to_the_same_weights(roberta, 
     proc = subprocess.Popen(["bash", "launch/local.sh", *distill_args(roberta["shards"], roberta["teacher"], out)],
                             cwd=REPO, env=e, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
-    latest = out / "checkpoints" / "latest"
-    deadline = time.monotonic() + 300
-    while not (latest.is_file() and latest.read_text().strip() >= "step_00000004"):
-        assert proc.poll() is None and time.monotonic() < deadline, "no checkpoint before the run ended"
-        time.sleep(0.05)
-    os.killpg(proc.pid, signal.SIGKILL)  # the whole launch: launcher and both ranks, mid-run
-    proc.wait(timeout=60)
-    killed_at = latest.read_text().strip()
+    killed_at = sigkill_after_checkpoint(proc, out, 4)  # the whole launch: launcher and both ranks, mid-run
     assert killed_at < f"step_{STEPS:08d}" and not (out / "export").exists()
     distill_2proc(roberta["shards"], roberta["teacher"], out)  # launch/local.sh resumes from the checkpoint
     a = load_file(roberta["student"] / "export" / "model.safetensors")

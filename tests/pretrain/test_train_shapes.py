@@ -6,16 +6,13 @@ weights of an uninterrupted one; the export loads in transformers and fine-tunes
 from __future__ import annotations
 
 import json
-import os
 import random
-import signal
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
 import torch
-from distributed_helpers import BIN, REPO, WORDS, env, free_port, make_shards, run
+from distributed_helpers import BIN, REPO, WORDS, env, free_port, make_shards, run, sigkill_after_checkpoint
 from safetensors.torch import load_file
 
 pytestmark = pytest.mark.slow
@@ -95,14 +92,7 @@ def test_a_narrow_run_killed_with_sigkill_resumes_to_the_same_weights(data, hidd
     out = tmp_path / "killed"
     proc = launch(args(data, out, "hidden"), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                   start_new_session=True)
-    latest = out / "checkpoints" / "latest"
-    deadline = time.monotonic() + 300
-    while not (latest.is_file() and latest.read_text().strip() >= "step_00000004"):
-        assert proc.poll() is None and time.monotonic() < deadline, "no checkpoint before the run ended"
-        time.sleep(0.05)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait(timeout=60)
-    assert latest.read_text().strip() < f"step_{STEPS:08d}" and not (out / "export").exists()
+    assert sigkill_after_checkpoint(proc, out, 4) < f"step_{STEPS:08d}" and not (out / "export").exists()
     launch(args(data, out, "hidden"))
     a, b = load_file(hidden_run / "export" / "model.safetensors"), load_file(out / "export" / "model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

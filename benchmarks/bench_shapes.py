@@ -1,0 +1,116 @@
+"""A narrower student distilled four ways from one teacher, then fine-tuned with several seeds: which losses
+matter beyond the seed spread, on real text, at a scale this CPU runs in well under an hour.
+
+Ways (same student shape, same steps, same data order):
+  kl_mlm      the recipe's KL (alpha 5) + masked-LM CE (alpha 2); no cosine (widths differ)
+  hidden      kl_mlm + projected hidden states (MSE, teacher layers mapped evenly onto the student's)
+  relations   kl_mlm + self-attention relations (MiniLMv2) of the teacher's last layer
+  no_teacher  the same student trained alone on masked-LM CE (mode=mlm), with the settings the quickstart
+              pretrains its teacher with (uniform masking, lr 1e-3, weight decay 0.01: BERT's practice, and
+              what worked on this corpus), not the distillation's
+Each student is then fine-tuned with --seeds seeds on the quickstart's sample task (is this sentence the first
+of its paragraph?) and scored on its dev set. A difference of means "exceeds the seed spread" when it is larger
+than the sum of the two ways' standard deviations over seeds.
+
+Teacher, shards and task come from a `distil quickstart --stop-after evaluate` output (pretrained teacher on
+the standard library's docstrings):
+    python benchmarks/bench_shapes.py --quickstart /tmp/qs --work /tmp/bench-shapes --steps 600 --seeds 5
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import statistics
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from distil_cli import run_distil  # noqa: E402 - benchmarks/distil_cli.py, beside this script
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quickstart", type=Path, required=True)
+    p.add_argument("--work", type=Path, required=True, help="folder for the runs (replaced)")
+    p.add_argument("--steps", type=int, default=600)
+    p.add_argument("--seeds", type=int, default=5)
+    p.add_argument("--layers", type=int, default=2)
+    p.add_argument("--width", type=int, default=64)
+    p.add_argument("--heads", type=int, default=4)
+    p.add_argument("--out", type=Path, default=None)
+    args = p.parse_args()
+
+    shards, teacher = args.quickstart / "shards", args.quickstart / "teacher" / "export"
+    corpus = args.quickstart / "corpus.txt"
+    for need in (shards, teacher, corpus):
+        if not need.exists():
+            sys.exit(f"{need} is missing: run distil quickstart --output {args.quickstart} --stop-after evaluate first")
+    if args.work.exists():
+        shutil.rmtree(args.work)
+    args.work.mkdir(parents=True)
+    from transformers import AutoConfig
+
+    t = AutoConfig.from_pretrained(teacher)
+    step = t.num_hidden_layers // args.layers
+    mapped = [step * (i + 1) for i in range(args.layers)]
+    shape = [f"student.num_layers={args.layers}", f"student.hidden_size={args.width}",
+             f"student.num_attention_heads={args.heads}", f"student.intermediate_size={4 * args.width}"]
+    common = [f"data.shards={shards}", f"run.max_steps={args.steps}", "run.log_every=50", "checkpoint.every=0",
+              "tracking.enabled=false"]
+    kl_mlm = ["loss.alpha_ce=5", "loss.alpha_mlm=2", "loss.alpha_cos=0"]
+    ways = {
+        "kl_mlm": ["--config", "quickstart_student", f"teacher.path={teacher}", *shape, *kl_mlm],
+        "hidden": ["--config", "quickstart_student", f"teacher.path={teacher}", *shape, *kl_mlm,
+                   "loss.alpha_hidden=1", f"loss.hidden_layers=[{','.join(map(str, mapped))}]"],
+        "relations": ["--config", "quickstart_student", f"teacher.path={teacher}", *shape, *kl_mlm,
+                      "loss.alpha_relations=1", f"loss.relation_heads={args.heads}"],
+        "no_teacher": ["--config", "quickstart_teacher", "model.family=distilbert",
+                       f"model.num_hidden_layers={args.layers}", f"model.hidden_size={args.width}",
+                       f"model.num_attention_heads={args.heads}", f"model.intermediate_size={4 * args.width}"],
+    }
+    from distil.pretrain.finetune.sample_task import write_opening_sentence_task
+
+    task = write_opening_sentence_task(corpus, args.work / "task", n_train=1200, n_dev=300)
+    results = {}
+    for name, extra in ways.items():
+        out = args.work / name
+        train_s = run_distil(["train", *extra, *common, f"run.output_dir={out}"])
+        lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+        ft = args.work / "finetune" / name
+        run_distil(["finetune", "--model", str(out / "export"), "--task", "custom", "--train", str(task["train"]), "--dev",
+             str(task["dev"]), "--output", str(ft), "--seeds", str(args.seeds), "--epochs", "3", "--lr", "5e-4",
+             "--batch-size", "16", "--max-seq-len", "48", "--no-tracking", "warmup_ratio=0.1", "inference=false"])
+        report = json.loads((ft / "report.json").read_text())
+        scores = [100 * s["dev"]["dev_score"] for s in report["seeds"]]
+        results[name] = {"scores": scores, "mean": statistics.fmean(scores), "std": statistics.stdev(scores),
+                         "train_seconds": train_s, "final_loss": lines[-1]["loss"],
+                         "parameters": report["num_parameters"]}
+    names = list(results)
+    pairs = []
+    for i, a in enumerate(names):
+        for b in names[i + 1 :]:
+            diff = results[a]["mean"] - results[b]["mean"]
+            spread = results[a]["std"] + results[b]["std"]
+            pairs.append({"a": a, "b": b, "difference": diff, "spread": spread, "exceeds": abs(diff) > spread})
+    meta = {"teacher": str(teacher), "teacher_shape": [t.num_hidden_layers, t.hidden_size],
+            "student_shape": [args.layers, args.width, args.heads], "steps": args.steps, "seeds": args.seeds,
+            "hidden_layers": mapped}
+    if args.out:
+        args.out.write_text(json.dumps({"meta": meta, "results": results, "pairs": pairs}, indent=2) + "\n")
+    print(json.dumps(meta))
+    print("| way | distillation s | final train loss | dev score mean | std over seeds | per seed |")
+    print("|---|---:|---:|---:|---:|---|")
+    for name, r in results.items():
+        print(f"| {name} | {r['train_seconds']:.0f} | {r['final_loss']:.3f} | {r['mean']:.2f} | {r['std']:.2f} | "
+              f"{', '.join(f'{s:.1f}' for s in r['scores'])} |")
+    print("\n| a | b | mean a - mean b | spread (std a + std b) | exceeds the spread |")
+    print("|---|---|---:|---:|---|")
+    for pr in pairs:
+        print(f"| {pr['a']} | {pr['b']} | {pr['difference']:+.2f} | {pr['spread']:.2f} | "
+              f"{'yes' if pr['exceeds'] else 'no'} |")
+
+
+if __name__ == "__main__":
+    main()
