@@ -15,6 +15,7 @@ than the sum of the two ways' standard deviations over seeds.
 Teacher, shards and task come from a `distil quickstart --stop-after evaluate` output (pretrained teacher on
 the standard library's docstrings):
     python benchmarks/bench_shapes.py --quickstart /tmp/qs --work /tmp/bench-shapes --steps 600 --seeds 5
+    python benchmarks/bench_shapes.py --quickstart /tmp/qs --work /tmp/bench-shapes --teacher-steps 3000 --steps 2000
 """
 
 from __future__ import annotations
@@ -35,6 +36,10 @@ def main() -> None:
     p.add_argument("--quickstart", type=Path, required=True)
     p.add_argument("--work", type=Path, required=True, help="folder for the runs (replaced)")
     p.add_argument("--steps", type=int, default=600)
+    p.add_argument("--teacher-steps", type=int, default=None,
+                   help="pretrain a teacher of the quickstart's shape for this many steps on its shards (default: "
+                        "take the quickstart's teacher)")
+    p.add_argument("--ft-lr", type=float, default=5e-4, help="fine-tuning learning rate (the quickstart's: 5e-4)")
     p.add_argument("--seeds", type=int, default=5)
     p.add_argument("--layers", type=int, default=2)
     p.add_argument("--width", type=int, default=64)
@@ -50,6 +55,11 @@ def main() -> None:
     if args.work.exists():
         shutil.rmtree(args.work)
     args.work.mkdir(parents=True)
+    if args.teacher_steps:
+        run_distil(["train", "--config", "quickstart_teacher", f"data.shards={shards}", f"run.max_steps={args.teacher_steps}",
+                    "run.log_every=100", "checkpoint.every=0", "tracking.enabled=false",
+                    f"run.output_dir={args.work / 'teacher'}"], "teacher")
+        teacher = args.work / "teacher" / "export"
     from transformers import AutoConfig
 
     t = AutoConfig.from_pretrained(teacher)
@@ -80,7 +90,7 @@ def main() -> None:
         lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
         ft = args.work / "finetune" / name
         run_distil(["finetune", "--model", str(out / "export"), "--task", "custom", "--train", str(task["train"]), "--dev",
-             str(task["dev"]), "--output", str(ft), "--seeds", str(args.seeds), "--epochs", "3", "--lr", "5e-4",
+             str(task["dev"]), "--output", str(ft), "--seeds", str(args.seeds), "--epochs", "3", "--lr", str(args.ft_lr),
              "--batch-size", "16", "--max-seq-len", "48", "--no-tracking", "warmup_ratio=0.1", "inference=false"])
         report = json.loads((ft / "report.json").read_text())
         scores = [100 * s["dev"]["dev_score"] for s in report["seeds"]]
@@ -94,7 +104,8 @@ def main() -> None:
             diff = results[a]["mean"] - results[b]["mean"]
             spread = results[a]["std"] + results[b]["std"]
             pairs.append({"a": a, "b": b, "difference": diff, "spread": spread, "exceeds": abs(diff) > spread})
-    meta = {"teacher": str(teacher), "teacher_shape": [t.num_hidden_layers, t.hidden_size],
+    meta = {"teacher": str(teacher), "teacher_steps": args.teacher_steps or "the quickstart's",
+            "teacher_shape": [t.num_hidden_layers, t.hidden_size], "ft_lr": args.ft_lr,
             "student_shape": [args.layers, args.width, args.heads], "steps": args.steps, "seeds": args.seeds,
             "hidden_layers": mapped}
     if args.out:
