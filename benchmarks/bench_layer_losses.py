@@ -57,8 +57,8 @@ def main() -> None:
         for name, fn in (("plain", relation_kl), ("lean", relation_kl_lean)):
             student = torch.randn(args.batch, length, args.student_width, generator=g, requires_grad=True)
 
-            def step(s=student, loss=fn):
-                return loss(s, teacher, mask, args.heads)
+            def step(s=student, loss=fn, t=teacher, m=mask):
+                return loss(s, t, m, args.heads)
 
             memory = saved_bytes(lambda *_: step(), student, teacher)
             times = []

@@ -39,6 +39,10 @@ def main() -> None:
     p.add_argument("--teacher-steps", type=int, default=None,
                    help="pretrain a teacher of the quickstart's shape for this many steps on its shards (default: "
                         "take the quickstart's teacher)")
+    p.add_argument("--teacher", type=Path, default=None, help="a teacher export folder to use instead")
+    p.add_argument("--baseline", choices=("own", "same"), default="own",
+                   help="no_teacher's settings: own (the quickstart teacher's: uniform masking, lr 1e-3, weight decay "
+                        "0.01) or same (the distilled students': count^-0.7 masking, lr 5e-4, no weight decay)")
     p.add_argument("--ft-lr", type=float, default=5e-4, help="fine-tuning learning rate (the quickstart's: 5e-4)")
     p.add_argument("--seeds", type=int, default=5)
     p.add_argument("--layers", type=int, default=2)
@@ -60,6 +64,8 @@ def main() -> None:
                     "run.log_every=100", "checkpoint.every=0", "tracking.enabled=false",
                     f"run.output_dir={args.work / 'teacher'}"], "teacher")
         teacher = args.work / "teacher" / "export"
+    if args.teacher:
+        teacher = args.teacher
     from transformers import AutoConfig
 
     t = AutoConfig.from_pretrained(teacher)
@@ -76,7 +82,8 @@ def main() -> None:
                    "loss.alpha_hidden=1", f"loss.hidden_layers=[{','.join(map(str, mapped))}]"],
         "relations": ["--config", "quickstart_student", f"teacher.path={teacher}", *shape, *kl_mlm,
                       "loss.alpha_relations=1", f"loss.relation_heads={args.heads}"],
-        "no_teacher": ["--config", "quickstart_teacher", "model.family=distilbert",
+        "no_teacher": ["--config", "quickstart_teacher" if args.baseline == "own" else "quickstart_student",
+                       "mode=mlm", "model.family=distilbert",
                        f"model.num_hidden_layers={args.layers}", f"model.hidden_size={args.width}",
                        f"model.num_attention_heads={args.heads}", f"model.intermediate_size={4 * args.width}"],
     }
@@ -86,7 +93,7 @@ def main() -> None:
     results = {}
     for name, extra in ways.items():
         out = args.work / name
-        train_s = run_distil(["train", *extra, *common, f"run.output_dir={out}"])
+        train_s = run_distil(["train", *extra, *common, f"run.output_dir={out}"], name)
         lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
         ft = args.work / "finetune" / name
         run_distil(["finetune", "--model", str(out / "export"), "--task", "custom", "--train", str(task["train"]), "--dev",
@@ -105,7 +112,7 @@ def main() -> None:
             spread = results[a]["std"] + results[b]["std"]
             pairs.append({"a": a, "b": b, "difference": diff, "spread": spread, "exceeds": abs(diff) > spread})
     meta = {"teacher": str(teacher), "teacher_steps": args.teacher_steps or "the quickstart's",
-            "teacher_shape": [t.num_hidden_layers, t.hidden_size], "ft_lr": args.ft_lr,
+            "teacher_shape": [t.num_hidden_layers, t.hidden_size], "ft_lr": args.ft_lr, "baseline": args.baseline,
             "student_shape": [args.layers, args.width, args.heads], "steps": args.steps, "seeds": args.seeds,
             "hidden_layers": mapped}
     if args.out:
