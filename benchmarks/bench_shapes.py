@@ -111,7 +111,7 @@ def main() -> None:
             diff = results[a]["mean"] - results[b]["mean"]
             spread = results[a]["std"] + results[b]["std"]
             pairs.append({"a": a, "b": b, "difference": diff, "spread": spread, "exceeds": abs(diff) > spread})
-    meta = {"teacher": str(teacher), "teacher_steps": args.teacher_steps or "the quickstart's",
+    meta = {"teacher": str(teacher), "teacher_steps": args.teacher_steps or ("given" if args.teacher else "the quickstart's"),
             "teacher_shape": [t.num_hidden_layers, t.hidden_size], "ft_lr": args.ft_lr, "baseline": args.baseline,
             "student_shape": [args.layers, args.width, args.heads], "steps": args.steps, "seeds": args.seeds,
             "hidden_layers": mapped}
