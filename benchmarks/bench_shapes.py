@@ -40,6 +40,7 @@ def main() -> None:
                    help="pretrain a teacher of the quickstart's shape for this many steps on its shards (default: "
                         "take the quickstart's teacher)")
     p.add_argument("--teacher", type=Path, default=None, help="a teacher export folder to use instead")
+    p.add_argument("--teacher-width", type=int, default=128, help="with --teacher-steps: its hidden size (FFN 4x)")
     p.add_argument("--baseline", choices=("own", "same"), default="own",
                    help="no_teacher's settings: own (the quickstart teacher's: uniform masking, lr 1e-3, weight decay "
                         "0.01) or same (the distilled students': count^-0.7 masking, lr 5e-4, no weight decay)")
@@ -61,6 +62,7 @@ def main() -> None:
     args.work.mkdir(parents=True)
     if args.teacher_steps:
         run_distil(["train", "--config", "quickstart_teacher", f"data.shards={shards}", f"run.max_steps={args.teacher_steps}",
+                    f"model.hidden_size={args.teacher_width}", f"model.intermediate_size={4 * args.teacher_width}",
                     "run.log_every=100", "checkpoint.every=0", "tracking.enabled=false",
                     f"run.output_dir={args.work / 'teacher'}"], "teacher")
         teacher = args.work / "teacher" / "export"
