@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from distil import kernels
+from distil.common.errors import UserError
 from distil.pretrain import layer_losses
 from distil.pretrain.config import LossConfig
 from distil.pretrain.families import family_of
@@ -120,6 +121,12 @@ class DistillationObjective(nn.Module):
         self._teacher = [teacher]
         # Layer losses and their projections (trained, checkpointed with the student, not exported).
         self.plan = LayerPlan(cfg, teacher.config, student.config)
+        for model in (student, teacher):
+            unpadded = str(getattr(model.config, "_attn_implementation", "")).startswith("flash")
+            if self.plan.relations and unpadded and family_of(model).name == "modernbert":
+                raise UserError("loss.alpha_relations with a ModernBERT under flash-attention: its unpadded layout "
+                                "hides the batch from the query/key/value projections; load it with sdpa or eager "
+                                "attention, or set loss.alpha_relations=0")
         if self.plan.attentions:  # attention probabilities come only from the eager implementation
             for model in (student, teacher):
                 model.set_attn_implementation("eager")

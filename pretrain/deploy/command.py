@@ -126,6 +126,7 @@ def export_model(cfg: ExportConfig) -> dict[str, Any]:
     out = check_output(cfg)
     source = load_source(cfg.model, cfg.task)  # type: ignore[arg-type]
     dev = dev_set(source, cfg.dev, cfg.max_seq_len, cfg.throughput_batch, cfg.max_examples)  # type: ignore[arg-type]
+    threads = torch.get_num_threads()
     torch.set_num_threads(cfg.threads)
     report: dict[str, Any] = {
         "created": datetime.now(UTC).isoformat(timespec="seconds"), "model": str(source.path.resolve()),
@@ -172,7 +173,10 @@ def export_model(cfg: ExportConfig) -> dict[str, Any]:
             shutil.copy2(source.path / TASK_FILE, folder / TASK_FILE)
         (folder / REPORT).write_text(_json(report))
 
-    atomic_write_folder(out, fill)
+    try:
+        atomic_write_folder(out, fill)
+    finally:
+        torch.set_num_threads(threads)  # the caller's (distil finetune onnx=true goes on after)
     return report
 
 

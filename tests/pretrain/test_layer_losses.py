@@ -224,3 +224,11 @@ def test_the_shipped_narrow_recipes_fit_a_bert_base_shaped_teacher(name):
     assert plan.relations == name.startswith("minilm") and plan.attentions == name.startswith("tinybert")
     if plan.hidden_states:
         assert plan.hidden_pairs == [(0, 0), (3, 1), (6, 2), (9, 3), (12, 4)] and len(plan.projections) == 5
+
+
+def test_relations_refuse_a_modernbert_under_unpadded_flash_attention():
+    teacher = tiny_teacher("modernbert")
+    student, _ = models.build_student(teacher, StudentConfig(hidden_size=16, num_attention_heads=2))
+    teacher.config._attn_implementation = "flash_attention_2"  # as loaded on a GPU with flash-attn installed
+    with pytest.raises(UserError, match=r"ModernBERT under flash-attention"):
+        DistillationObjective(student, teacher, LossConfig(alpha_cos=0, alpha_relations=1, relation_heads=2))
