@@ -146,9 +146,14 @@ def usable_positions(config) -> int | None:
     return int(max_pos) - (family.position_offset(config) if family else 0)
 
 
+def ffn_width(config) -> int:
+    """The feed-forward width (DistilBERT calls it hidden_dim)."""
+    return int(config.hidden_dim if config.model_type == "distilbert" else config.intermediate_size)
+
+
 def dims(config) -> tuple[int, int, int]:
     """(hidden, feed-forward, layers) for the FLOP count; ModernBERT's gated MLP counts as 1.5x its width."""
-    ffn = getattr(config, "hidden_dim", None) if config.model_type == "distilbert" else config.intermediate_size
+    ffn = ffn_width(config)
     if config.model_type == "modernbert":
         ffn = int(1.5 * ffn)
     return int(config.hidden_size), int(ffn), int(config.num_hidden_layers)
@@ -158,11 +163,10 @@ def dims(config) -> tuple[int, int, int]:
 
 
 def same_widths(teacher_config, student_config) -> bool:
-    def ffn(c):
-        return c.hidden_dim if c.model_type == "distilbert" else c.intermediate_size
+    def widths(c):
+        return c.hidden_size, c.num_attention_heads, ffn_width(c)
 
-    return (teacher_config.hidden_size, teacher_config.num_attention_heads, ffn(teacher_config)) == (
-        student_config.hidden_size, student_config.num_attention_heads, ffn(student_config))
+    return widths(teacher_config) == widths(student_config)
 
 
 def student_family(teacher: Family, asked: str) -> Family:

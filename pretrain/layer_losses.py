@@ -159,10 +159,6 @@ class LayerPlan(nn.Module):
         self.project = s_width != t_width
         self.projections = nn.ModuleList(
             [nn.Linear(s_width, t_width) for _ in self.hidden_pairs] if self.project else [])
-        if cfg.alpha_cos > 0 and self.project:
-            raise UserError(f"loss.alpha_cos > 0 needs equal hidden sizes (teacher {t_width}, student {s_width}): set "
-                            "loss.alpha_cos=0 and use loss.alpha_hidden with loss.hidden_loss=cosine (through a "
-                            "learned projection)")
 
     @property
     def hidden_states(self) -> bool:

@@ -106,15 +106,18 @@ def compare(reference: list[np.ndarray], other: list[np.ndarray], atol: float, r
 
 
 def measure_form(name: str, run: runtime.Runner, source: Source, dev: DevSet, files: list[Path],
-                 reference: dict[str, float] | None) -> tuple[dict[str, Any], list[np.ndarray]]:
+                 reference: dict[str, Any] | None, check=None) -> tuple[dict[str, Any], list[np.ndarray]]:
+    """The form's outputs and dev score; then `check(form, outputs)` (which raises to refuse it) before any
+    time is spent timing it."""
     outputs = [run(batch) for batch in dev.batches]
     metrics = score(source, outputs, dev)
-    timing = runtime.time_runner(run, dev.singles, dev.batches, dev.examples)
     form: dict[str, Any] = {"form": name, "files": [f.name for f in files],
-                            "size_bytes": runtime.size_on_disk(files), "score": metrics["score"],
-                            "metrics": metrics, **asdict(timing)}
+                            "size_bytes": runtime.size_on_disk(files), "score": metrics["score"], "metrics": metrics}
     if reference is not None:
         form["score_drop_points"] = 100.0 * (reference["score"] - metrics["score"])
+    if check is not None:
+        check(form, outputs)
+    form.update(asdict(runtime.time_runner(run, dev.singles, dev.batches, dev.examples)))
     return form, outputs
 
 
@@ -139,34 +142,37 @@ def export_model(cfg: ExportConfig) -> dict[str, Any]:
     }
 
     def fill(folder: Path) -> None:
-        import onnxruntime  # noqa: F401 - present (require_extra)
-
         forms = report["forms"]
         forms["pytorch-fp32"], reference = measure_form("pytorch-fp32", runtime.torch_runner(source.model), source,
                                                         dev, source.weight_files, None)
+        torch_metrics = forms["pytorch-fp32"]["metrics"]
+
+        def close_to_pytorch(_form: dict[str, Any], outputs: list[np.ndarray]) -> None:
+            report["check"] = compare(reference, outputs, cfg.atol, cfg.rtol)
+            if not report["check"]["passed"]:
+                raise UserError(f"the ONNX model's outputs differ from PyTorch's by up to "
+                                f"{report['check']['max_abs_diff']:.3g} (allowed: {cfg.atol:g} + {cfg.rtol:g} x "
+                                f"|output|) on {cfg.dev}: nothing written; raise --atol/--rtol if that is acceptable, "
+                                "or try another --opset")
+
+        def score_kept(form: dict[str, Any], _outputs: list[np.ndarray]) -> None:
+            drop = form["score_drop_points"]
+            if drop > cfg.max_score_drop:
+                without = "--no-int8" if form["form"] == "onnx-int8" else "without --fp16"
+                raise UserError(f"the {form['form']} model scores {drop:.2f} points below PyTorch on {cfg.dev} "
+                                f"(allowed: {cfg.max_score_drop:g}): nothing written; raise --max-score-drop to "
+                                f"accept it, or export {without}")
+
         runtime.export_onnx(source.model, _export_sample(dev), folder / FILES["onnx-fp32"], cfg.opset)
-        onnx_files = {"onnx-fp32": _model_files(folder, FILES["onnx-fp32"])}
-        fp32 = runtime.onnx_runner(folder / FILES["onnx-fp32"], cfg.threads)
-        forms["onnx-fp32"], outputs = measure_form("onnx-fp32", fp32, source, dev, onnx_files["onnx-fp32"],
-                                                   forms["pytorch-fp32"]["metrics"])
-        report["check"] = compare(reference, outputs, cfg.atol, cfg.rtol)
-        if not report["check"]["passed"]:
-            raise UserError(f"the ONNX model's outputs differ from PyTorch's by up to {report['check']['max_abs_diff']:.3g} "
-                            f"(allowed: {cfg.atol:g} + {cfg.rtol:g} x |output|) on {cfg.dev}: nothing written; "
-                            "raise --atol/--rtol if that is acceptable, or try another --opset")
+        forms["onnx-fp32"], _ = measure_form("onnx-fp32", runtime.onnx_runner(folder / FILES["onnx-fp32"], cfg.threads),
+                                             source, dev, _model_files(folder, FILES["onnx-fp32"]), torch_metrics,
+                                             close_to_pytorch)
         for name, wanted, convert in (("onnx-int8", cfg.int8, runtime.quantize_int8),
                                       ("onnx-fp16", cfg.fp16, runtime.convert_fp16)):
-            if not wanted:
-                continue
-            convert(folder / FILES["onnx-fp32"], folder / FILES[name])
-            run = runtime.onnx_runner(folder / FILES[name], cfg.threads)
-            forms[name], _ = measure_form(name, run, source, dev, _model_files(folder, FILES[name]),
-                                          forms["pytorch-fp32"]["metrics"])
-            drop = forms[name]["score_drop_points"]
-            if drop > cfg.max_score_drop:
-                raise UserError(f"the {name} model scores {drop:.2f} points below PyTorch on {cfg.dev} (allowed: "
-                                f"{cfg.max_score_drop:g}): nothing written; raise --max-score-drop to accept it, or "
-                                f"export without it ({'--no-int8' if name == 'onnx-int8' else 'without --fp16'})")
+            if wanted:
+                convert(folder / FILES["onnx-fp32"], folder / FILES[name])
+                forms[name], _ = measure_form(name, runtime.onnx_runner(folder / FILES[name], cfg.threads), source,
+                                              dev, _model_files(folder, FILES[name]), torch_metrics, score_kept)
         source.model.config.save_pretrained(str(folder))
         source.tokenizer.save_pretrained(str(folder))
         if (source.path / TASK_FILE).is_file():

@@ -13,7 +13,6 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
@@ -171,6 +170,3 @@ def time_runner(run: Runner, singles: list[Batch], batches: list[Batch], example
 def size_on_disk(paths: Sequence[Path]) -> int:
     return int(sum(p.stat().st_size for p in paths if p.is_file()))
 
-
-def describe(value: Any) -> str:
-    return f"{value:.3g}" if isinstance(value, float) else str(value)

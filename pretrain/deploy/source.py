@@ -78,7 +78,7 @@ def task_spec(task_info: dict | None, task_name: str | None, path: str):
     return custom_task(tuple(labels) if labels is not None else None, bool(task_info.get("has_pair")))
 
 
-def load_source(path: str, task_name: str | None, kind: str | None = None) -> Source:
+def load_source(path: str, task_name: str | None) -> Source:
     from transformers import AutoModelForMaskedLM, AutoModelForSequenceClassification
 
     from distil.pretrain.finetune.model import load_tokenizer
@@ -92,9 +92,8 @@ def load_source(path: str, task_name: str | None, kind: str | None = None) -> So
     if family not in FAMILIES:
         raise UserError(f"--model {path} is a {family!r} model: distil export takes the families {NAMES}")
     found = _kind_of(config, path)
-    if kind is not None and kind != found:
-        raise UserError(f"--model {path} is a {found} model, not a {kind}: export it as a {found}, or fine-tune it "
-                        "first (distil finetune save_models=true)")
+    if found == "masked-lm" and task_name:
+        raise UserError(f"--model {path} is a masked LM: --task is for fine-tuned classifiers; leave it out")
     task_info = read_task_file(folder)
     loader = AutoModelForSequenceClassification if found == "sequence-classification" else AutoModelForMaskedLM
     try:
@@ -111,8 +110,6 @@ def load_source(path: str, task_name: str | None, kind: str | None = None) -> So
     if task is not None and model.config.num_labels != task.num_labels:
         raise UserError(f"--model {path} has {model.config.num_labels} outputs but task {task.name} has "
                         f"{task.num_labels}: give the --task it was fine-tuned on")
-    if found == "masked-lm" and task_name:
-        raise UserError(f"--model {path} is a masked LM: --task is for fine-tuned classifiers; leave it out")
     model.eval()
     run_id = (task_info or {}).get("mlflow_run_id")
     weights = sorted(folder.glob("*.safetensors")) or sorted(folder.glob("*.bin"))

@@ -9,7 +9,7 @@ from dataclasses import replace
 
 import pytest
 import torch
-from trainer_helpers import FAMILY_SPECIALS, VOCAB, tiny_teacher
+from trainer_helpers import FAMILY_SPECIALS, VOCAB, family_manifest, tiny_teacher
 
 from distil.common.errors import UserError
 from distil.pretrain import families, layer_losses, models
@@ -153,7 +153,7 @@ def test_the_cosine_of_the_recipe_across_widths_points_to_the_projected_loss():
     teacher = tiny_teacher("bert")
     student, _ = models.build_student(teacher, StudentConfig(hidden_size=16, num_attention_heads=2))
     with pytest.raises(UserError, match=r"use loss.alpha_hidden with loss.hidden_loss=cosine"):
-        LayerPlan(LossConfig(), teacher.config, student.config)
+        models.check_compatible(family_manifest("bert"), teacher, student, need_cosine=True)
 
 
 @pytest.mark.parametrize("family", list(families.FAMILIES))
@@ -163,7 +163,7 @@ def test_students_of_any_shape_for_every_family(family):
     student, layer_map = models.build_student(teacher, cfg)
     c = student.config
     assert (c.num_hidden_layers, c.hidden_size, c.num_attention_heads) == (3, 16, 2)
-    assert (c.hidden_dim if c.model_type == "distilbert" else c.intermediate_size) == 24
+    assert families.ffn_width(c) == 24
     ids = torch.randint(5, VOCAB - 1, (2, 9))
     ids[:, 0] = FAMILY_SPECIALS[family].cls
     with torch.no_grad():
