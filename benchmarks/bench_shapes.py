@@ -106,6 +106,17 @@ def main() -> None:
         results[name] = {"scores": scores, "mean": statistics.fmean(scores), "std": statistics.stdev(scores),
                          "train_seconds": train_s, "final_loss": lines[-1]["loss"],
                          "parameters": report["num_parameters"]}
+    # What the pretraining itself left in each student: held-out masked-LM quality and agreement with the teacher
+    # (uniform masking, as BERT's own evaluation), independent of the fine-tuning task.
+    report_path = args.work / "eval_report.json"
+    run_distil(["evaluate", "--shards", str(shards), "--teacher", str(teacher), "--mask-smoothing", "0",
+                "--output", str(report_path), "--no-tracking",
+                *(x for name in results for x in ("--model", str(args.work / name / "export")))], "held-out MLM")
+    held_out = {Path(m["path"]).parent.name: m for m in json.loads(report_path.read_text())["models"]}
+    teacher_eval = next(m for m in held_out.values() if m["role"] == "teacher")
+    for name, r in results.items():
+        m = held_out[name]
+        r.update(mlm_loss=m["mlm_loss"], top1=m["top1_accuracy"], kl_from_teacher=m["kl_from_teacher"])
     names = list(results)
     pairs = []
     for i, a in enumerate(names):
@@ -116,15 +127,17 @@ def main() -> None:
     meta = {"teacher": str(teacher), "teacher_steps": args.teacher_steps or ("given" if args.teacher else "the quickstart's"),
             "teacher_shape": [t.num_hidden_layers, t.hidden_size], "ft_lr": args.ft_lr, "baseline": args.baseline,
             "student_shape": [args.layers, args.width, args.heads], "steps": args.steps, "seeds": args.seeds,
-            "hidden_layers": mapped}
+            "hidden_layers": mapped, "teacher_mlm_loss": teacher_eval["mlm_loss"], "teacher_top1": teacher_eval["top1_accuracy"]}
     if args.out:
         args.out.write_text(json.dumps({"meta": meta, "results": results, "pairs": pairs}, indent=2) + "\n")
     print(json.dumps(meta))
-    print("| way | distillation s | final train loss | dev score mean | std over seeds | per seed |")
-    print("|---|---:|---:|---:|---:|---|")
+    print(f"teacher held-out MLM loss {teacher_eval['mlm_loss']:.3f}, top-1 {teacher_eval['top1_accuracy']:.3f}")
+    print("| way | distillation s | final train loss | held-out MLM loss | top-1 | KL(t||s) | dev score mean | "
+          "std over seeds | per seed |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---|")
     for name, r in results.items():
-        print(f"| {name} | {r['train_seconds']:.0f} | {r['final_loss']:.3f} | {r['mean']:.2f} | {r['std']:.2f} | "
-              f"{', '.join(f'{s:.1f}' for s in r['scores'])} |")
+        print(f"| {name} | {r['train_seconds']:.0f} | {r['final_loss']:.3f} | {r['mlm_loss']:.3f} | {r['top1']:.3f} | "
+              f"{r['kl_from_teacher']:.3f} | {r['mean']:.2f} | {r['std']:.2f} | {', '.join(f'{s:.1f}' for s in r['scores'])} |")
     print("\n| a | b | mean a - mean b | spread (std a + std b) | exceeds the spread |")
     print("|---|---|---:|---:|---|")
     for pr in pairs:
