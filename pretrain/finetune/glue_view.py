@@ -10,7 +10,8 @@ compared only when measured on the same device, batch size and thread count.
 
 A student's teacher is the `--teacher` given to `distil finetune`, else the `teacher.path` of the distil
 training run that exported the model (matched by `<run.output_dir>/export`), when it is in the experiment.
-The latest finished parent run of a model and task wins.
+A model fine-tuned with `--distill-from` (the paper's "(D)" step) is a row of its own, named "<model> (D)",
+under the same teacher. The latest finished parent run of a model, task and kind wins.
 """
 
 from __future__ import annotations
@@ -46,7 +47,7 @@ class Inference:
 
 @dataclass
 class GlueRow:
-    path: str  # resolved model folder: the row's identity
+    path: str  # resolved model folder (+ " (D)" when fine-tuned with --distill-from): the row's identity
     name: str
     model_type: str
     teacher: str = ""  # resolved teacher folder, "" when unknown
@@ -100,8 +101,10 @@ def build_rows(parents: list[Any], distilled_from: dict[str, str], mlm_teachers:
         task = params.get("finetune.task")
         if not path or not task or "dev_score" not in metrics:
             continue
-        row = rows.setdefault(path, GlueRow(path=path, name=params.get("finetune.name") or Path(path).name,
-                                            model_type=params.get("finetune.model_type", "")))
+        distilled = bool(params.get("finetune.distill_from"))  # the (D) step: its own row beside the plain one
+        key = f"{path} (D)" if distilled else path
+        row = rows.setdefault(key, GlueRow(path=key, name=params.get("finetune.name") or Path(path).name + (
+            " (D)" if distilled else ""), model_type=params.get("finetune.model_type", "")))
         row.name = params.get("finetune.name") or row.name
         teacher = _resolved(params.get("finetune.teacher", "")) or distilled_from.get(path, "")
         row.teacher = teacher or row.teacher

@@ -120,6 +120,7 @@ class Features(torch.utils.data.Dataset):
         self.encodings = encodings
         self.labels = labels
         self.size = len(next(iter(encodings.values())))
+        self.teacher_logits: list | None = None  # with --distill-from (train split): the task teacher's, per example
 
     def __len__(self) -> int:
         return self.size
@@ -128,6 +129,8 @@ class Features(torch.utils.data.Dataset):
         item = {k: v[i] for k, v in self.encodings.items()}
         if self.labels is not None:
             item["labels"] = self.labels[i]
+        if self.teacher_logits is not None:
+            item["teacher_logits"] = self.teacher_logits[i]
         return item
 
 

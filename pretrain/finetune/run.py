@@ -15,6 +15,7 @@ OUTPUT/seed_<n>/              each seed's test predictions (and model/, with sav
 from __future__ import annotations
 
 import shutil
+import time
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -52,6 +53,14 @@ class FinetuneConfig:
     output: str | None = None
     name: str | None = None  # the model's name in `distil review` (default: its folder's, or its parent's for export/)
     teacher: str | None = None  # the teacher this model was distilled from: review shows it as % of the teacher
+    # Distillation during fine-tuning (the paper's "(D)"): a teacher fine-tuned on this task (a seed_<n>/model folder
+    # saved by `distil finetune save_models=true`); the loss is alpha_kd x KL(teacher || model at temperature) x T^2
+    # + alpha_task x the task loss (regression: MSE to the teacher's prediction). Defaults: the transformers
+    # example's task-distillation script (0.5, 0.5, T = 2). Not `teacher`, which only names the pretraining teacher.
+    distill_from: str | None = None
+    alpha_kd: float = 0.5
+    alpha_task: float = 0.5
+    temperature: float = 2.0
     problem: str = "auto"  # custom task: auto | classification | regression
     seeds: int = 5
     seed: int = 42  # the first seed; the others follow it (42, 43, ...)
@@ -91,7 +100,8 @@ class FinetuneConfig:
                   ("inference_max_examples", self.inference_max_examples is None or self.inference_max_examples >= 1,
                    ">= 1 (or null)"),
                   ("inference_threads", self.inference_threads is None or self.inference_threads >= 1,
-                   ">= 1 (or null)")]
+                   ">= 1 (or null)"), ("alpha_kd", self.alpha_kd >= 0, ">= 0"),
+                  ("alpha_task", self.alpha_task >= 0, ">= 0"), ("temperature", self.temperature > 0, "> 0")]
         for key, ok, rule in checks:
             if not ok:
                 raise UserError(f"{key}={getattr(self, key)} must be {rule}")
@@ -101,6 +111,8 @@ class FinetuneConfig:
             raise UserError(f"device={self.device!r}: give one of {', '.join(DEVICES)}")
         if self.precision not in PRECISIONS:
             raise UserError(f"precision={self.precision!r}: give one of {', '.join(PRECISIONS)}")
+        if self.distill_from and self.alpha_kd + self.alpha_task <= 0:
+            raise UserError("alpha_kd and alpha_task are both 0: give at least one a positive weight")
         if self.onnx and not self.save_models:
             raise UserError("onnx=true exports the median seed's saved model: set save_models=true too")
 
@@ -138,6 +150,9 @@ class Prepared:
     splits: dict[str, Split]  # train, dev, dev_mm, test, test_mm (those given)
     labels: dict[str, list | None]
     accepted: set[str] = field(default_factory=set)
+    task_teacher: Any = None  # distill.TaskTeacher with --distill-from
+    teacher_model: Any = None
+    teacher_tokenizer: Any = None
 
 
 def check_output(cfg: FinetuneConfig) -> Path:
@@ -188,8 +203,15 @@ def prepare(cfg: FinetuneConfig) -> Prepared:
         if glue is None:
             check_pairs(task, split)
         labels[key] = encode_labels(task, split) if split.labels is not None else None
+    task_teacher = teacher_model = teacher_tokenizer = None
+    if cfg.distill_from:
+        from distil.pretrain.finetune.distill import check_task_teacher, load_task_teacher
+
+        task_teacher = check_task_teacher(cfg.distill_from, task, cfg.model)  # type: ignore[arg-type]
+        teacher_model, teacher_tokenizer = load_task_teacher(task_teacher, task, cfg.max_seq_len)
     model = load_for_task(cfg.model, task, cfg.seed_list[0])  # type: ignore[arg-type]
-    return Prepared(task, device, tokenizer, info.model_type, model, splits, labels, forward_names(model))
+    return Prepared(task, device, tokenizer, info.model_type, model, splits, labels, forward_names(model),
+                    task_teacher, teacher_model, teacher_tokenizer)
 
 
 def print_summary(report: dict[str, Any]) -> None:
@@ -227,21 +249,43 @@ def finetune_run(cfg: FinetuneConfig) -> dict[str, Any]:
     prep = prepare(cfg)
     out = check_output(cfg)
     task = prep.task
-    name = cfg.name or model_label(cfg.model)  # type: ignore[arg-type]
+    name = cfg.name or model_label(cfg.model) + (" (D)" if cfg.distill_from else "")  # type: ignore[arg-type]
     features = {key: tokenize(prep.tokenizer, split, prep.labels[key], cfg.max_seq_len, prep.accepted)
                 for key, split in prep.splits.items()}
+    distillation = None
+    if prep.task_teacher is not None:
+        from distil.pretrain.finetune.distill import teacher_logits
+
+        started = time.perf_counter()
+        train = prep.splits["train"]
+        features["train"].teacher_logits = teacher_logits(
+            prep.teacher_model, prep.teacher_tokenizer, train.texts, train.pairs, cfg.max_seq_len, prep.device,
+            cfg.precision, cfg.eval_batch_size)
+        seconds = time.perf_counter() - started
+        distillation = {"teacher": prep.task_teacher.path, "teacher_model_type": prep.task_teacher.model_type,
+                        "teacher_run_id": prep.task_teacher.run_id, "teacher_dev": prep.task_teacher.dev,
+                        "alpha_kd": cfg.alpha_kd, "alpha_task": cfg.alpha_task, "temperature": cfg.temperature,
+                        "teacher_precision": ("bf16" if cfg.precision == "bf16" else "fp16")
+                        if prep.device.type == "cuda" else "fp32", "teacher_seconds": seconds}
+        click.echo(f"distilling from {prep.task_teacher.path} (dev score {prep.task_teacher.dev.get('dev_score', float('nan')):.4f}): "
+                   f"its logits on {len(train)} train examples in {seconds:.1f} s; loss = {cfg.alpha_kd:g} x KL at "
+                   f"T={cfg.temperature:g} + {cfg.alpha_task:g} x task")
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
     model_path = str(Path(cfg.model).resolve())  # type: ignore[arg-type]
     teacher_path = str(Path(cfg.teacher).resolve()) if cfg.teacher else ""
     settings = {k: v for k, v in asdict(cfg).items()
                 if k not in ("model", "task", "train", "dev", "dev_mismatched", "test", "test_mismatched", "output",
-                             "name", "teacher", "overwrite", "tracking", "tracking_uri", "experiment")}
+                             "name", "teacher", "overwrite", "tracking", "tracking_uri", "experiment", "distill_from")
+                and (cfg.distill_from or k not in ("alpha_kd", "alpha_task", "temperature"))}
     params = {"finetune.model": model_path, "finetune.name": name, "finetune.task": task.name,
               "finetune.teacher": teacher_path, "finetune.model_type": prep.model_type,
+              **({"finetune.distill_from": prep.task_teacher.path} if prep.task_teacher else {}),
               **{f"finetune.{k}": v for k, v in settings.items() if v is not None}}
     num_parameters = count_parameters(prep.first_model)
     tags = {"distil.num_parameters": str(num_parameters), "distil.finetune.task": task.name}
+    if prep.task_teacher is not None and prep.task_teacher.run_id:
+        tags["distil.finetune.teacher_run_id"] = prep.task_teacher.run_id  # the teacher's own fine-tuning run
     run_name = f"finetune-{name}-{task.name}"
     report: dict[str, Any] = {
         "created": datetime.now(UTC).isoformat(timespec="seconds"), "model": model_path, "name": name,
@@ -251,7 +295,8 @@ def finetune_run(cfg: FinetuneConfig) -> dict[str, Any]:
         "settings": settings, "device": str(prep.device),
         "data": {k: {"path": str(Path(s.path).resolve()), "examples": len(s), "skipped_rows": s.skipped, "labelled": s.labels is not None}
                  for k, s in prep.splits.items()},
-        "num_parameters": num_parameters, "seeds": [], "median": {}, "median_seed": None, "inference": None,
+        "num_parameters": num_parameters, "distillation": distillation, "seeds": [], "median": {},
+        "median_seed": None, "inference": None,
     }
     for split in prep.splits.values():
         if split.skipped:
@@ -362,7 +407,12 @@ def load_finetune_config(config_path: str | None, overrides: tuple[str, ...], op
 @click.option("--batch-size", type=int, help="Train batch size per device.  [default: 32]")
 @click.option("--max-seq-len", type=int, help="Tokens per example (pairs truncated longest first).  [default: 128]")
 @click.option("--name", help="The model's name in distil review (default: its folder's).")
-@click.option("--teacher", metavar="DIR", help="The teacher this model was distilled from (review: % of teacher).")
+@click.option("--teacher", metavar="DIR", help="The teacher this model was distilled from (review: % of teacher); "
+                                                "names it only, trains nothing from it.")
+@click.option("--distill-from", metavar="DIR",
+              help="A teacher fine-tuned on this task (OUTPUT/seed_<n>/model of distil finetune save_models=true): "
+                   "train on alpha_kd x KL(teacher || model at temperature) x T^2 + alpha_task x the task loss "
+                   "(the paper's (D) step; key=value: alpha_kd, alpha_task, temperature).")
 @click.option("--device", help="auto, cpu or cuda.  [default: auto]")
 @click.option("--overwrite", is_flag=True, help="Replace a non-empty --output folder.")
 @click.option("--tracking-uri", help="MLflow store or server (default: MLFLOW_TRACKING_URI, else runs/mlflow.db).")

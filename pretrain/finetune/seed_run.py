@@ -30,7 +30,10 @@ def training_arguments(cfg: FinetuneConfig, device: torch.device, output_dir: Pa
         seed=seed, data_seed=seed, eval_strategy="epoch" if cfg.eval_every_epoch else "no",
         logging_strategy="epoch", save_strategy="no", report_to="none", use_cpu=device.type == "cpu",
         fp16=cfg.precision == "fp16", bf16=cfg.precision == "bf16", dataloader_num_workers=0,
-        disable_tqdm=not sys.stderr.isatty(), log_level="error")
+        disable_tqdm=not sys.stderr.isatty(), log_level="error",
+        # the features hold only the model's own inputs, plus the task teacher's logits with --distill-from, which
+        # Trainer would otherwise drop before the loss sees them (they are not an argument of the model's forward)
+        remove_unused_columns=False)
 
 
 def write_task_file(folder: Path, cfg: FinetuneConfig, task: TaskSpec, seed: int, run_id: str | None,
@@ -41,7 +44,8 @@ def write_task_file(folder: Path, cfg: FinetuneConfig, task: TaskSpec, seed: int
 
     info = {"task": task.name, "labels": list(task.labels) if task.labels is not None else None,
             "has_pair": task.pair is not None, "max_seq_len": cfg.max_seq_len, "seed": seed,
-            "model": str(Path(cfg.model).resolve()), "mlflow_run_id": run_id, "dev": dev}  # type: ignore[arg-type]
+            "model": str(Path(cfg.model).resolve()), "mlflow_run_id": run_id, "dev": dev,  # type: ignore[arg-type]
+            "distilled_from": str(Path(cfg.distill_from).resolve()) if cfg.distill_from else None}
     (folder / "distil_task.json").write_text(json.dumps(info, indent=2) + "\n")
 
 
@@ -71,9 +75,15 @@ def run_seed(cfg: FinetuneConfig, prep: Prepared, seed: int, model, features: di
     log = EpochLog(child, seed)
     status = "FAILED"
     try:
-        trainer = Trainer(model=model, args=training_arguments(cfg, prep.device, folder / "trainer", seed),
-                          data_collator=DataCollatorWithPadding(prep.tokenizer), train_dataset=features["train"],
-                          eval_dataset=evals, compute_metrics=metrics_of, callbacks=[log])
+        trainer_class = Trainer
+        if prep.task_teacher is not None:
+            from distil.pretrain.finetune.distill import distilling_trainer
+
+            trainer_class = distilling_trainer(task, cfg.alpha_kd, cfg.alpha_task, cfg.temperature)
+        trainer = trainer_class(model=model, args=training_arguments(cfg, prep.device, folder / "trainer", seed),
+                                data_collator=DataCollatorWithPadding(prep.tokenizer),
+                                train_dataset=features["train"], eval_dataset=evals, compute_metrics=metrics_of,
+                                callbacks=[log])
         trainer.remove_callback(PrinterCallback)  # EpochLog prints one line per epoch instead of raw dicts
         if not sys.stderr.isatty():
             trainer.remove_callback(ProgressCallback)
