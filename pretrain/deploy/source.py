@@ -31,6 +31,7 @@ class Source:
     task: Any  # a finetune TaskSpec for sequence classification / regression, None for a masked LM
     run_id: str | None  # the MLflow run that made the model, when known
     weight_files: list[Path] = field(default_factory=list)
+    task_info: dict | None = None  # distil_task.json beside a fine-tuned model
 
 
 @dataclass
@@ -113,7 +114,7 @@ def load_source(path: str, task_name: str | None) -> Source:
     model.eval()
     run_id = (task_info or {}).get("mlflow_run_id")
     weights = sorted(folder.glob("*.safetensors")) or sorted(folder.glob("*.bin"))
-    return Source(folder, found, family, model, load_tokenizer(str(folder)), task, run_id, weights)
+    return Source(folder, found, family, model, load_tokenizer(str(folder)), task, run_id, weights, task_info)
 
 
 def _batches(tokenizer, encodings: list[dict[str, list[int]]], batch_size: int) -> list[dict[str, np.ndarray]]:
@@ -127,7 +128,7 @@ def _batches(tokenizer, encodings: list[dict[str, list[int]]], batch_size: int) 
 def dev_set(source: Source, dev: str, max_seq_len: int, batch_size: int, max_examples: int | None) -> DevSet:
     """The dev file tokenised (truncated to max_seq_len) into single-example and padded batches."""
     from distil.pretrain.finetune.data import encode_labels, read_split
-    from distil.pretrain.finetune.model import forward_names
+    from distil.pretrain.finetune.model import encode, forward_names
 
     accepted = forward_names(source.model) & {"input_ids", "attention_mask", "token_type_ids"}
     tok = source.tokenizer
@@ -139,7 +140,8 @@ def dev_set(source: Source, dev: str, max_seq_len: int, batch_size: int, max_exa
         labels = encode_labels(source.task, split)
         n = len(split) if max_examples is None else min(len(split), max_examples)
         pairs = split.pairs[:n] if split.pairs is not None else None
-        raw = tok(split.texts[:n], pairs, truncation=True, max_length=max_seq_len)
+        info = source.task_info or {}  # the fine-tuning's window of each text (IMDb: head + tail)
+        raw = encode(tok, split.texts[:n], pairs, max_seq_len, info.get("truncation", "head"), info.get("head_tokens"))
         encodings = [{k: raw[k][i] for k in raw if k in accepted} for i in range(n)]
         label_batches = [np.asarray(labels[s : s + batch_size]) for s in range(0, n, batch_size)]
     else:

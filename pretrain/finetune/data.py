@@ -255,5 +255,49 @@ def check_pairs(task: TaskSpec, split: Split) -> None:
                         "same columns")
 
 
+IMDB_LABELS = {"neg": "neg", "pos": "pos", "0": "neg", "1": "pos", "negative": "neg", "positive": "pos"}
+
+
+def read_imdb(path: str, *, kind: str) -> Split:
+    """IMDb's aclImdb layout (a folder with pos/ and neg/, one review per .txt file; other subfolders such as
+    unsup/ are not read), or a CSV / TSV / JSONL file with text and label (neg/pos, 0/1 or negative/positive)."""
+    p = Path(path)
+    if not p.is_dir():
+        split = read_custom(path, kind=kind)
+        if split.labels is not None:
+            for i, (raw, line) in enumerate(zip(split.labels, split.lines, strict=True)):
+                if raw.lower() not in IMDB_LABELS:
+                    raise UserError(f"{split.path} line {line}: label {raw!r} is not an IMDb label (neg or pos, 0 or 1)")
+                split.labels[i] = IMDB_LABELS[raw.lower()]
+        return split
+    folders = {label: p / label for label in ("neg", "pos") if (p / label).is_dir()}
+    if not folders:
+        raise UserError(f"--{kind} {path}: a folder in IMDb's layout holds pos/ and neg/ subfolders of .txt reviews "
+                        "(e.g. aclImdb/train); none here")
+    if kind != "test" and len(folders) < 2:
+        raise UserError(f"--{kind} {path}: only {next(iter(folders))}/ is there: a labelled IMDb folder has both pos/ "
+                        "and neg/")
+    texts, labels, index, lines = [], [], [], []
+    for label, folder in sorted(folders.items()):
+        files = sorted(folder.glob("*.txt"))
+        if not files:
+            raise UserError(f"{folder}: no .txt reviews")
+        for file in files:
+            try:
+                text = file.read_text(encoding="utf-8")
+            except (OSError, UnicodeDecodeError) as error:
+                raise UserError(f"{file}: not a readable UTF-8 text file ({error})") from None
+            texts.append(" ".join(text.replace("<br />", " ").split()))  # the reviews' HTML line breaks
+            labels.append(label)
+            index.append(f"{label}/{file.stem}")
+            lines.append(1)
+    # the files of one folder share a name pattern: the path is the place to name in an error
+    return Split(str(p), texts, None, labels, index, lines)
+
+
 def read_split(task: TaskSpec | None, path: str, *, kind: str) -> Split:
-    return read_custom(path, kind=kind) if task is None else read_glue(task, path, kind=kind)
+    if task is None:
+        return read_custom(path, kind=kind)
+    if task.name == "imdb":
+        return read_imdb(path, kind=kind)
+    return read_glue(task, path, kind=kind)

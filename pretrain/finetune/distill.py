@@ -129,15 +129,17 @@ def load_task_teacher(teacher: TaskTeacher, task: TaskSpec, max_seq_len: int):
 
 @torch.inference_mode()
 def teacher_logits(model, tokenizer, texts: list[str], pairs: list[str] | None, max_seq_len: int,
-                   device: torch.device, precision: str, batch_size: int) -> list[list[float]]:
-    """The teacher's logits for every example, in order (one list of floats each)."""
+                   device: torch.device, precision: str, batch_size: int, truncation: str = "head",
+                   head_tokens: int | None = None) -> list[list[float]]:
+    """The teacher's logits for every example, in order (one list of floats each), on the same window of each
+    text as the student sees (the same truncation)."""
     from transformers import DataCollatorWithPadding
 
-    from distil.pretrain.finetune.model import forward_names
+    from distil.pretrain.finetune.model import encode, forward_names
 
     model.eval().to(device)
     names = forward_names(model)
-    encodings = tokenizer(texts, pairs, truncation=True, max_length=max_seq_len)
+    encodings = encode(tokenizer, texts, pairs, max_seq_len, truncation, head_tokens)
     keys = [k for k in encodings if k in names]
     collator = DataCollatorWithPadding(tokenizer)
     dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(precision, torch.float16)

@@ -69,6 +69,10 @@ class FinetuneConfig:
     batch_size: int = 32  # per device
     eval_batch_size: int = 64
     max_seq_len: int = 128
+    # long texts: head (the first tokens), head_tail (the first head_tokens and the last ones: IMDb's best in Sun
+    # et al. 2019), auto (head_tail for imdb, head elsewhere); pairs are always cut longest first
+    truncation: str = "auto"
+    head_tokens: int | None = None  # head_tail: tokens kept from the start (None: a quarter of the window)
     weight_decay: float = 0.0
     warmup_ratio: float = 0.0
     eval_every_epoch: bool = True  # dev metrics after every epoch (else only after the last)
@@ -107,6 +111,12 @@ class FinetuneConfig:
                 raise UserError(f"{key}={getattr(self, key)} must be {rule}")
         if self.problem not in PROBLEMS:
             raise UserError(f"problem={self.problem!r}: give one of {', '.join(PROBLEMS)}")
+        from distil.pretrain.finetune.model import TRUNCATIONS
+
+        if self.truncation not in TRUNCATIONS:
+            raise UserError(f"truncation={self.truncation!r}: give one of {', '.join(TRUNCATIONS)}")
+        if self.head_tokens is not None and not 0 <= self.head_tokens <= self.max_seq_len - 2:
+            raise UserError(f"head_tokens={self.head_tokens} must be in [0, max_seq_len - 2 = {self.max_seq_len - 2}]")
         if self.device not in DEVICES:
             raise UserError(f"device={self.device!r}: give one of {', '.join(DEVICES)}")
         if self.precision not in PRECISIONS:
@@ -115,6 +125,14 @@ class FinetuneConfig:
             raise UserError("alpha_kd and alpha_task are both 0: give at least one a positive weight")
         if self.onnx and not self.save_models:
             raise UserError("onnx=true exports the median seed's saved model: set save_models=true too")
+
+    def truncation_for(self, task: TaskSpec) -> str:
+        """The truncation actually used for `task` (auto resolved)."""
+        from distil.pretrain.finetune.tasks import LONG_TASKS
+
+        if self.truncation == "auto":
+            return "head_tail" if task.name in LONG_TASKS else "head"
+        return self.truncation
 
     @property
     def seed_list(self) -> list[int]:
@@ -198,6 +216,9 @@ def prepare(cfg: FinetuneConfig) -> Prepared:
         if path:
             splits[key] = read_split(glue, path, kind=kinds[key])
     task = glue or infer_custom_task(splits["train"], cfg.problem)
+    if cfg.truncation == "head_tail" and task.pair is not None:
+        raise UserError(f"truncation=head_tail is for single-text tasks; {task.name} has text pairs (cut longest "
+                        "first): use truncation=head")
     labels: dict[str, list | None] = {}
     for key, split in splits.items():
         if glue is None:
@@ -250,8 +271,9 @@ def finetune_run(cfg: FinetuneConfig) -> dict[str, Any]:
     out = check_output(cfg)
     task = prep.task
     name = cfg.name or model_label(cfg.model) + (" (D)" if cfg.distill_from else "")  # type: ignore[arg-type]
-    features = {key: tokenize(prep.tokenizer, split, prep.labels[key], cfg.max_seq_len, prep.accepted)
-                for key, split in prep.splits.items()}
+    truncation = cfg.truncation_for(task)
+    features = {key: tokenize(prep.tokenizer, split, prep.labels[key], cfg.max_seq_len, prep.accepted, truncation,
+                              cfg.head_tokens) for key, split in prep.splits.items()}
     distillation = None
     if prep.task_teacher is not None:
         from distil.pretrain.finetune.distill import teacher_logits
@@ -260,7 +282,7 @@ def finetune_run(cfg: FinetuneConfig) -> dict[str, Any]:
         train = prep.splits["train"]
         features["train"].teacher_logits = teacher_logits(
             prep.teacher_model, prep.teacher_tokenizer, train.texts, train.pairs, cfg.max_seq_len, prep.device,
-            cfg.precision, cfg.eval_batch_size)
+            cfg.precision, cfg.eval_batch_size, truncation, cfg.head_tokens)
         seconds = time.perf_counter() - started
         distillation = {"teacher": prep.task_teacher.path, "teacher_model_type": prep.task_teacher.model_type,
                         "teacher_run_id": prep.task_teacher.run_id, "teacher_dev": prep.task_teacher.dev,
@@ -292,6 +314,7 @@ def finetune_run(cfg: FinetuneConfig) -> dict[str, Any]:
         "model_type": prep.model_type, "teacher": teacher_path or None, "task": task.name,
         "problem": "regression" if task.is_regression else "classification",
         "labels": list(task.labels) if task.labels else None, "metrics": list(task.metrics),
+        "truncation": {"mode": truncation, "head_tokens": cfg.head_tokens if truncation == "head_tail" else None},
         "settings": settings, "device": str(prep.device),
         "data": {k: {"path": str(Path(s.path).resolve()), "examples": len(s), "skipped_rows": s.skipped, "labelled": s.labels is not None}
                  for k, s in prep.splits.items()},

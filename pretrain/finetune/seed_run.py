@@ -45,7 +45,8 @@ def write_task_file(folder: Path, cfg: FinetuneConfig, task: TaskSpec, seed: int
     info = {"task": task.name, "labels": list(task.labels) if task.labels is not None else None,
             "has_pair": task.pair is not None, "max_seq_len": cfg.max_seq_len, "seed": seed,
             "model": str(Path(cfg.model).resolve()), "mlflow_run_id": run_id, "dev": dev,  # type: ignore[arg-type]
-            "distilled_from": str(Path(cfg.distill_from).resolve()) if cfg.distill_from else None}
+            "distilled_from": str(Path(cfg.distill_from).resolve()) if cfg.distill_from else None,
+            "truncation": cfg.truncation_for(task), "head_tokens": cfg.head_tokens}
     (folder / "distil_task.json").write_text(json.dumps(info, indent=2) + "\n")
 
 

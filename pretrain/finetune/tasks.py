@@ -75,6 +75,14 @@ GLUE_TASKS: dict[str, TaskSpec] = {
                      label_names={"0": "not_entailment", "1": "entailment"}),
 }
 
+# Long documents: IMDb's movie reviews (Maas et al. 2011; the paper's Table 2), its aclImdb folder layout (a folder
+# with pos/ and neg/ holding one review per .txt file) or a CSV / TSV / JSONL file with text and label columns.
+DOCUMENT_TASKS: dict[str, TaskSpec] = {
+    "imdb": TaskSpec("imdb", ("neg", "pos"), ("accuracy",), text="text", pair=None, label="label",
+                     label_names={"neg": "negative", "pos": "positive"}),
+}
+LONG_TASKS = frozenset(DOCUMENT_TASKS)  # truncation=auto keeps their head and tail (docs/finetune.md)
+
 # the paper's Table 1 order
 GLUE_ORDER = ("cola", "mnli", "mrpc", "qnli", "qqp", "rte", "sst2", "stsb", "wnli")
 ALIASES = {"sst-2": "sst2", "sts-b": "stsb", "mnli-m": "mnli", "mnli_matched": "mnli"}
@@ -82,14 +90,16 @@ PROBLEMS = ("auto", "classification", "regression")
 
 
 def task_names() -> str:
-    return ", ".join((*GLUE_ORDER, "custom"))
+    return ", ".join((*GLUE_ORDER, *DOCUMENT_TASKS, "custom"))
 
 
 def glue_task(name: str) -> TaskSpec:
+    """A named task: one of GLUE's, or IMDb."""
     key = ALIASES.get(name.lower(), name.lower())
-    if key not in GLUE_TASKS:
+    known = {**GLUE_TASKS, **DOCUMENT_TASKS}
+    if key not in known:
         raise UserError(f"--task {name!r} is not a task distil knows: give one of {task_names()}")
-    return GLUE_TASKS[key]
+    return known[key]
 
 
 def custom_task(labels: tuple[str, ...] | None, has_pair: bool) -> TaskSpec:
