@@ -104,7 +104,12 @@ def load_task_teacher(teacher: TaskTeacher, task: TaskSpec, max_seq_len: int):
     """The teacher's model (its own head, unchanged) and tokenizer, checked against max_seq_len."""
     from transformers import AutoModelForSequenceClassification
 
-    from distil.pretrain.finetune.model import check_tokenizer_fits, inspect_model_folder, load_tokenizer, quiet
+    from distil.pretrain.finetune.model import (
+        check_tokenizer_fits,
+        inspect_model_folder,
+        load_tokenizer,
+        quiet,
+    )
 
     tokenizer = load_tokenizer(teacher.path)
     info = inspect_model_folder(teacher.path)

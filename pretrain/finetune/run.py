@@ -73,6 +73,12 @@ class FinetuneConfig:
     # et al. 2019), auto (head_tail for imdb, head elsewhere); pairs are always cut longest first
     truncation: str = "auto"
     head_tokens: int | None = None  # head_tail: tokens kept from the start (None: a quarter of the window)
+    # question answering (squad, squad_v2): windows over long contexts and the answer search (qa.py)
+    doc_stride: int = 128  # tokens shared by consecutive windows of a context
+    max_query_len: int = 64  # questions are cut to this many tokens
+    max_answer_len: int = 30  # longest answer span, in tokens
+    n_best: int = 20  # start and end candidates per window
+    null_threshold: float = 0.0  # squad_v2: answer "" when the null score beats the best span by more than this
     weight_decay: float = 0.0
     warmup_ratio: float = 0.0
     eval_every_epoch: bool = True  # dev metrics after every epoch (else only after the last)
@@ -264,7 +270,13 @@ def finetune_run(cfg: FinetuneConfig) -> dict[str, Any]:
     from transformers.utils import logging as hf_logging
 
     from distil.pretrain.finetune.model import count_parameters, time_inference, tokenize
+    from distil.pretrain.finetune.qa import qa_task_name
 
+    version = qa_task_name(cfg.task)
+    if version is not None:
+        from distil.pretrain.finetune.qa_run import qa_finetune_run
+
+        return qa_finetune_run(cfg, version)
     tracking = FinetuneTracking(cfg.tracking, cfg.tracking_uri, cfg.experiment)
     tracking.check()
     prep = prepare(cfg)
@@ -418,7 +430,7 @@ def load_finetune_config(config_path: str | None, overrides: tuple[str, ...], op
 @click.argument("overrides", nargs=-1, metavar="[key=value]...")
 @click.option("--model", metavar="DIR", help="Encoder folder (a distil export, a saved BERT / DistilBERT).  [required]")
 @click.option("--task", metavar="NAME", help=f"One of {task_names()}.  [required]")
-@click.option("--train", metavar="FILE", help="Train file: the task's GLUE TSV, or CSV / TSV / JSONL for custom.  [required]")
+@click.option("--train", metavar="FILE", help="Train file: the task's GLUE TSV, SQuAD JSON, an IMDb folder, or CSV / TSV / JSONL for custom.  [required]")
 @click.option("--dev", metavar="FILE", help="Dev file (MNLI: matched), in the same layout.  [required]")
 @click.option("--dev-mismatched", metavar="FILE", help="MNLI only: the mismatched dev file.")
 @click.option("--test", metavar="FILE", help="Test file (GLUE's test layout): predictions in the output folder.")
