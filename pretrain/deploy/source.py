@@ -51,7 +51,8 @@ def _kind_of(config: dict, path: str) -> str:
                 return kind
     heads = ", ".join(architectures) or "no architectures in config.json"
     raise UserError(f"--model {path} has no head distil export takes ({heads}): give a masked LM (a training run's "
-                    "export/) or a model fine-tuned by distil finetune with save_models=true")
+                    "export/) or a sentence classifier / regressor fine-tuned by distil finetune with "
+                    "save_models=true (question-answering models are not exported yet)")
 
 
 def read_task_file(folder: Path) -> dict | None:

@@ -26,6 +26,8 @@ from distil.pretrain.finetune.tasks import GLUE_ORDER
 
 FINETUNE_MODES = ("finetune", "finetune-seed")
 TABLE3_TASK = "stsb"  # the paper's Table 3 times a pass over STS-B's dev set
+TABLE2_TASKS = ("imdb", "squad", "squad_v2")  # the paper's Table 2: its own table, not in Table 1's macro
+TABLE2_HEADS = {"imdb": "IMDb acc.", "squad": "SQuAD EM/F1", "squad_v2": "SQuAD 2.0 EM/F1"}
 
 
 def is_finetune_run(run: Any) -> bool:
@@ -59,8 +61,13 @@ class GlueRow:
     inference: dict[str, Inference] = field(default_factory=dict)
 
     @property
+    def glue_scores(self) -> dict[str, float]:
+        return {t: v for t, v in self.scores.items() if t not in TABLE2_TASKS}
+
+    @property
     def macro(self) -> float | None:
-        return statistics.fmean(self.scores.values()) if self.scores else None
+        scores = self.glue_scores
+        return statistics.fmean(scores.values()) if scores else None
 
 
 def _resolved(path: str) -> str:
@@ -149,7 +156,7 @@ def teacher_of(row: GlueRow, rows: list[GlueRow]) -> GlueRow | None:
 
 def relative_scores(student: GlueRow, teacher: GlueRow) -> tuple[dict[str, float], float | None]:
     """Per task and macro: the student's score as % of the teacher's (macro over the tasks both have)."""
-    shared = [t for t in student.scores if t in teacher.scores]
+    shared = [t for t in student.glue_scores if t in teacher.glue_scores]
     per_task = {t: 100 * student.scores[t] / teacher.scores[t] for t in shared if teacher.scores[t] > 0}
     if not shared:
         return per_task, None
@@ -159,7 +166,7 @@ def relative_scores(student: GlueRow, teacher: GlueRow) -> tuple[dict[str, float
 
 
 def task_columns(rows: list[GlueRow]) -> list[str]:
-    present = {t for r in rows for t in r.scores}
+    present = {t for r in rows for t in r.glue_scores}
     return [t for t in GLUE_ORDER if t in present] + sorted(present - set(GLUE_ORDER))
 
 
@@ -183,6 +190,60 @@ def render_glue_table(rows: list[GlueRow], title: str, console: Any) -> None:
     console.print("scores x 100, median over seeds; a task's score is the mean of GLUE's metrics for it (CoLA: "
                   "Matthews corr.; MRPC, QQP: F1 and accuracy; STS-B: Pearson and Spearman; MNLI: matched "
                   "accuracy; others: accuracy); macro: mean over the row's tasks", soft_wrap=True)
+
+
+def table2_cell(row: GlueRow, task: str) -> str:
+    metrics = row.metrics.get(task)
+    if not metrics:
+        return "-"
+    if task == "imdb":
+        return f"{100 * metrics['dev_accuracy']:.2f}"
+    return f"{100 * metrics['dev_exact']:.1f}/{100 * metrics['dev_f1']:.1f}"
+
+
+def render_table2(rows: list[GlueRow], title: str, console: Any) -> bool:
+    """The paper's Table 2: IMDb accuracy and SQuAD EM/F1 per model (a "(D)" student as its own row), with
+    parameters and each task's dev-pass time, and under each student both as a percentage of its teacher's."""
+    from rich.table import Table
+
+    rows = [r for r in rows if any(t in r.scores for t in TABLE2_TASKS)]
+    tasks = [t for t in TABLE2_TASKS if any(t in r.scores for r in rows)]
+    if not rows:
+        return False
+    timed = [t for t in tasks if any(t in r.inference for r in rows)]
+    table = Table(title=title, header_style="bold")
+    for column in ("model", "role", "params", *(TABLE2_HEADS[t] for t in tasks), *(f"{t} dev pass s" for t in timed)):
+        table.add_column(column, justify="left" if column in ("model", "role") else "right", no_wrap=True)
+    for row in rows:
+        times = [f"{row.inference[t].seconds:.3g}" if t in row.inference else "-" for t in timed]
+        table.add_row(row.name, row.role, fmt_count(row.num_parameters), *(table2_cell(row, t) for t in tasks), *times)
+        teacher = teacher_of(row, rows)
+        if teacher is None:
+            continue
+        params = (f"{100 * row.num_parameters / teacher.num_parameters:.0f}%"
+                  if row.num_parameters and teacher.num_parameters else "-")
+        scores = []
+        for t in tasks:
+            mine, theirs = row.metrics.get(t), teacher.metrics.get(t)
+            if not mine or not theirs:
+                scores.append("-")
+            elif t == "imdb":
+                scores.append(f"{100 * mine['dev_accuracy'] / theirs['dev_accuracy']:.1f}%"
+                              if theirs["dev_accuracy"] > 0 else "-")
+            else:
+                parts = [f"{100 * mine[k] / theirs[k]:.1f}%" if theirs[k] > 0 else "-" for k in ("dev_exact", "dev_f1")]
+                scores.append("/".join(parts))
+        ratios = []
+        for t in timed:
+            mine_t, theirs_t = row.inference.get(t), teacher.inference.get(t)
+            ratios.append(f"{100 * mine_t.seconds / theirs_t.seconds:.0f}%" if mine_t and theirs_t
+                          and mine_t.setting == theirs_t.setting and theirs_t.seconds > 0 else "-")
+        table.add_row(f"  % of {teacher.name}", "", params, *scores, *ratios, style="italic")
+    console.print(table)
+    console.print("x 100, median over seeds, dev sets; IMDb: accuracy; SQuAD: exact match / F1 (the official "
+                  "scripts' normalisation); \"(D)\": fine-tuned with --distill-from (a task teacher); times compared "
+                  "only on the same device, batch size and threads", soft_wrap=True)
+    return True
 
 
 def table3_task(rows: list[GlueRow]) -> str | None:
@@ -233,7 +294,7 @@ def plot_glue(rows: list[GlueRow], path: Path, title: str) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    tasks = task_columns(rows)
+    tasks = task_columns(rows) + [t for t in TABLE2_TASKS if any(t in r.scores for r in rows)]
     groups = [*tasks, "macro"]
     width = 0.8 / max(1, len(rows))
     fig, ax = plt.subplots(figsize=(max(6.0, 1.1 * len(groups) + 2), 4.5))
@@ -275,7 +336,10 @@ def review_glue(client: Any, experiment: str, experiment_id: str, filter_string:
     if not rows:
         return None
     console = Console(width=max(160, Console().width))
-    render_glue_table(rows, f"experiment {experiment}: GLUE-style fine-tuning (Table 1), {len(rows)} model(s)",
-                      console)
-    render_inference_table(rows, console)
+    glue = [r for r in rows if r.glue_scores]
+    if glue:
+        render_glue_table(glue, f"experiment {experiment}: GLUE-style fine-tuning (Table 1), {len(glue)} model(s)",
+                          console)
+        render_inference_table(glue, console)
+    render_table2(rows, f"experiment {experiment}: IMDb and SQuAD (Table 2)", console)
     return plot_glue(rows, plot_path, f"experiment {experiment}: fine-tuning dev scores")

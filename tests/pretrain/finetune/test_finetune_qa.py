@@ -317,3 +317,49 @@ def test_qa_mistakes_are_one_error_line_and_write_nothing(case, models, qa_files
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and needle in lines[0], result.stderr
     assert not out.exists()
+
+
+def test_review_lays_out_table_2_with_the_d_student_as_its_own_row(models, qa_files, tmp_path):
+    """Teacher, student and student (D) on SQuAD and IMDb in one experiment: review's Table 2 shows each with
+    its EM/F1 and accuracy as the reports hold them, and the (D) row apart from the plain student's."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    rng = random.Random(7)
+    imdb = {}
+    for split, n in (("train", 32), ("test", 16)):
+        for i in range(n):
+            label = "pos" if i % 2 else "neg"
+            folder = tmp_path / "aclImdb" / split / label
+            folder.mkdir(parents=True, exist_ok=True)
+            word = rng.choice(POSITIVE if label == "pos" else NEGATIVE)
+            (folder / f"{i}_5.txt").write_text(f"the {rng.choice(SUBJECTS)} was {rng.choice(FILLERS)} {word}")
+        imdb[split] = str(tmp_path / "aclImdb" / split)
+    common = [*FAST, "--epochs", "2", "--lr", "3e-3", "--tracking-uri", uri, "--experiment", "t2",
+              "inference=true", "inference_max_examples=8"]
+    reports = {}
+
+    def finetune(name: str, model: str, task: str, *extra: str) -> None:
+        files = (["--train", qa_files["train"], "--dev", qa_files["dev"]] if task == "squad"
+                 else ["--train", imdb["train"], "--dev", imdb["test"]])
+        out = tmp_path / f"{name}-{task}"
+        result = run(["--model", model, "--task", task, *files, "--output", str(out), *common, *extra])
+        assert result.exit_code == 0, result.output
+        reports[(name, task)] = json.loads((out / "report.json").read_text())
+
+    for task in ("squad", "imdb"):
+        finetune("teacher", models["teacher"], task, "save_models=true")
+        finetune("student", models["student"], task, "--teacher", models["teacher"])
+        finetune("student-d", models["student"], task, "--teacher", models["teacher"], "--distill-from",
+                 str(tmp_path / f"teacher-{task}" / "seed_42" / "model"))
+    review = CliRunner().invoke(main, ["review", "--experiment", "t2", "--tracking-uri", uri,
+                                       "--output", str(tmp_path / "cmp.png")], catch_exceptions=False)
+    assert review.exit_code == 0, review.output
+    assert "Table 2" in review.output and "Table 1" not in review.output  # no GLUE task here
+    rows = {line.strip("│ ").split("│")[0].strip(): line for line in review.output.splitlines() if "│" in line}
+    for name, label in (("teacher", "teacher"), ("student", "student"), ("student-d", "student (D)")):
+        squad, imdb_report = reports[(name, "squad")]["median"], reports[(name, "imdb")]["median"]
+        row = rows[label]
+        assert f"{100 * squad['dev_exact']:.1f}/{100 * squad['dev_f1']:.1f}" in row, (label, row)
+        assert f"{100 * imdb_report['dev_accuracy']:.2f}" in row, (label, row)
+    assert reports[("student-d", "squad")]["name"] == "student (D)"
+    assert sum(line.strip("│ ").startswith("% of teacher") for line in review.output.splitlines()) == 2
+    assert (tmp_path / "cmp_glue.png").read_bytes()[:4] == b"\x89PNG"
