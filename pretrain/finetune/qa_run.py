@@ -12,19 +12,14 @@ import json
 import shutil
 import sys
 import time
-from dataclasses import asdict
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import click
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from distil.common.errors import UserError
-from distil.common.files import atomic_write_folder, atomic_write_json
-from distil.pretrain.finetune.metrics import median_metrics, median_seed
 from distil.pretrain.finetune.qa import (
     QAExample,
     QAFeatures,
@@ -32,6 +27,13 @@ from distil.pretrain.finetune.qa import (
     predict_answers,
     read_squad,
     squad_scores,
+)
+from distil.pretrain.finetune.runner import (
+    RunRecord,
+    announce,
+    distillation_record,
+    run_seeds,
+    timed_inference,
 )
 from distil.pretrain.finetune.tasks import TaskSpec
 from distil.pretrain.finetune.track import EpochLog, FinetuneTracking
@@ -142,9 +144,8 @@ def qa_finetune_run(cfg: FinetuneConfig, version: str) -> dict[str, Any]:
         forward_names,
         inspect_model_folder,
         load_tokenizer,
-        time_inference,
     )
-    from distil.pretrain.finetune.run import check_output, model_label, print_summary, resolve_device
+    from distil.pretrain.finetune.run import check_output, resolve_device
 
     tracking = FinetuneTracking(cfg.tracking, cfg.tracking_uri, cfg.experiment)
     tracking.check()
@@ -172,6 +173,8 @@ def qa_finetune_run(cfg: FinetuneConfig, version: str) -> dict[str, Any]:
                                       labelled=True),
                "dev": make_features(tokenizer, dev, cfg.max_seq_len, cfg.doc_stride, cfg.max_query_len, accepted,
                                     labelled=True)}
+    record = RunRecord(cfg, version, info.model_type, count_parameters(first_model), teacher.run_id if teacher else None,
+                       teacher.path if teacher else None, skip=("problem", "truncation", "head_tokens"))
     distillation = None
     if teacher is not None:
         started = time.perf_counter()
@@ -184,91 +187,32 @@ def qa_finetune_run(cfg: FinetuneConfig, version: str) -> dict[str, Any]:
                             "fine-tuned from the same vocabulary)")
         windows["train"].teacher = teacher_span_logits(teacher_model, teacher_tokenizer, theirs, device, cfg.precision,
                                                        cfg.eval_batch_size)
-        seconds = time.perf_counter() - started
-        distillation = {"teacher": teacher.path, "teacher_model_type": teacher.model_type,
-                        "teacher_run_id": teacher.run_id, "teacher_dev": teacher.dev, "alpha_kd": cfg.alpha_kd,
-                        "alpha_task": cfg.alpha_task, "temperature": cfg.temperature,
-                        "teacher_precision": ("bf16" if cfg.precision == "bf16" else "fp16")
-                        if device.type == "cuda" else "fp32", "teacher_seconds": seconds}
+        distillation = distillation_record(teacher, cfg, device, time.perf_counter() - started)
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
+    report = record.finish_report(
+        problem="question-answering", labels=None, metrics=list(task.metrics), settings=record.settings,
+        device=str(device), distillation=distillation,
+        data={k: {"path": str(Path(p).resolve()), "examples": len(ex), "windows": len(windows[k]),
+                  "unanswerable": sum(not e.answers for e in ex)}
+              for k, p, ex in (("train", cfg.train, train), ("dev", cfg.dev, dev))})
+    announce(record, cfg, info.model_type, f"{version}: {len(train)} train questions ({len(windows['train'])} "
+             f"windows) / {len(dev)} dev", device)
 
-    name = cfg.name or model_label(cfg.model) + (" (D)" if cfg.distill_from else "")  # type: ignore[arg-type]
-    model_path = str(Path(cfg.model).resolve())  # type: ignore[arg-type]
-    teacher_path = str(Path(cfg.teacher).resolve()) if cfg.teacher else ""
-    settings = {k: v for k, v in asdict(cfg).items()
-                if k not in ("model", "task", "train", "dev", "dev_mismatched", "test", "test_mismatched", "output",
-                             "name", "teacher", "overwrite", "tracking", "tracking_uri", "experiment", "distill_from",
-                             "problem", "truncation", "head_tokens")
-                and (cfg.distill_from or k not in ("alpha_kd", "alpha_task", "temperature"))}
-    params = {"finetune.model": model_path, "finetune.name": name, "finetune.task": version,
-              "finetune.teacher": teacher_path, "finetune.model_type": info.model_type,
-              **({"finetune.distill_from": teacher.path} if teacher else {}),
-              **{f"finetune.{k}": v for k, v in settings.items() if v is not None}}
-    num_parameters = count_parameters(first_model)
-    tags = {"distil.num_parameters": str(num_parameters), "distil.finetune.task": version}
-    if teacher is not None and teacher.run_id:
-        tags["distil.finetune.teacher_run_id"] = teacher.run_id
-    run_name = f"finetune-{name}-{version}"
-    report: dict[str, Any] = {
-        "created": datetime.now(UTC).isoformat(timespec="seconds"), "model": model_path, "name": name,
-        "model_type": info.model_type, "teacher": teacher_path or None, "task": version, "problem": "question-answering",
-        "labels": None, "metrics": list(task.metrics), "settings": settings, "device": str(device),
-        "data": {k: {"path": str(Path(p).resolve()), "examples": len(ex), "windows": len(windows[k]),
-                     "unanswerable": sum(not e.answers for e in ex)}
-                 for k, p, ex in (("train", cfg.train, train), ("dev", cfg.dev, dev))},
-        "num_parameters": num_parameters, "distillation": distillation, "seeds": [], "median": {},
-        "median_seed": None, "inference": None,
-    }
-    click.echo(f"fine-tuning {name} ({info.model_type}, {num_parameters:,} parameters) on {version}: {len(train)} "
-               f"train questions ({len(windows['train'])} windows) / {len(dev)} dev, seeds {cfg.seed_list}, "
-               f"{cfg.epochs} epoch(s), lr {cfg.lr:g}, batch {cfg.batch_size}, {device}")
+    def one_seed(seed: int, model, folder: Path):
+        return qa_seed(cfg, version, task, tokenizer, device, seed, model, windows, dev, folder, tracking,
+                       record.run_name, record.params, record.tags)
 
-    def fill(folder: Path) -> None:
-        tracking.start_parent(run_name, params, tags)
-        report["mlflow"] = {"experiment": cfg.experiment, "parent_run_id": tracking.parent_run_id} if cfg.tracking \
-            else None
-        model, last = first_model, None
-        for i, seed in enumerate(cfg.seed_list):
-            if i > 0:
-                model = load_qa_model(cfg.model, "--model", seed)  # type: ignore[arg-type]
-            entry, last = qa_seed(cfg, version, task, tokenizer, device, seed, model, windows, dev,
-                                  folder / f"seed_{seed}", tracking, run_name, params, tags)
-            report["seeds"].append(entry)
-        report["median"] = median_metrics([s["dev"] for s in report["seeds"]])
-        chosen = median_seed([s["seed"] for s in report["seeds"]], [s["dev"]["dev_score"] for s in report["seeds"]])
-        report["median_seed"] = chosen
+    def after(folder: Path, chosen: int, last) -> None:
         shutil.copyfile(folder / f"seed_{chosen}" / "predictions.json", folder / "predictions.json")
         if cfg.inference and last is not None:
-            batch = cfg.inference_batch_size or (1 if device.type == "cpu" else cfg.eval_batch_size)
             keys = [k for k in windows["dev"].encodings if k not in ("start_positions", "end_positions")]
             timed = Features({k: windows["dev"].encodings[k] for k in keys}, None)
-            threads = torch.get_num_threads()
-            if device.type == "cpu" and cfg.inference_threads:
-                torch.set_num_threads(cfg.inference_threads)
-            try:
-                report["inference"] = {"split": "dev", "unit": "windows", **time_inference(
-                    last.float(), timed, collator(tokenizer), device, batch, cfg.inference_max_examples)}
-            finally:
-                torch.set_num_threads(threads)
-        atomic_write_json(folder / "report.json", report)
+            report["inference"] = {"unit": "windows", **timed_inference(cfg, device, last, timed, collator(tokenizer))}
 
-    status = "FAILED"
-    try:
-        atomic_write_folder(out, fill)
-        status = "FINISHED"
-    finally:
-        medians = dict(report["median"])
-        inference = report.get("inference")
-        if inference:
-            medians.update({"inference_seconds": inference["seconds"], "inference_examples": inference["examples"],
-                            "inference_batch_size": inference["batch_size"]})
-            tracking.parent.set_tags({"distil.finetune.inference_device": inference["device_name"],
-                                      "distil.finetune.torch_threads": str(inference["torch_threads"])})
-        medians["num_parameters"] = num_parameters
-        tracking.finish_parent(medians, out / "report.json" if status == "FINISHED" else None, status)
-    print_summary(report)
-    return report
+    return run_seeds(cfg, tracking, out, record, first_model,
+                     lambda seed: load_qa_model(cfg.model, "--model", seed),  # type: ignore[arg-type]
+                     one_seed, after)
 
 
 @torch.inference_mode()

@@ -16,8 +16,7 @@ from __future__ import annotations
 
 import shutil
 import time
-from dataclasses import asdict, dataclass, field
-from datetime import UTC, datetime
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -26,9 +25,7 @@ import torch
 
 from distil.common.config import flag, load_command_config, only_overrides
 from distil.common.errors import UserError
-from distil.common.files import atomic_write_folder, atomic_write_json
 from distil.pretrain.finetune.data import Split, check_pairs, encode_labels, infer_custom_task, read_split
-from distil.pretrain.finetune.metrics import median_metrics, median_seed
 from distil.pretrain.finetune.seed_run import run_seed
 from distil.pretrain.finetune.tasks import PROBLEMS, TaskSpec, glue_task, task_names
 from distil.pretrain.finetune.track import FinetuneTracking
@@ -269,8 +266,9 @@ def finetune_run(cfg: FinetuneConfig) -> dict[str, Any]:
     from transformers import DataCollatorWithPadding
     from transformers.utils import logging as hf_logging
 
-    from distil.pretrain.finetune.model import count_parameters, time_inference, tokenize
+    from distil.pretrain.finetune.model import count_parameters, tokenize
     from distil.pretrain.finetune.qa import qa_task_name
+    from distil.pretrain.finetune.runner import RunRecord, distillation_record, run_seeds, timed_inference
 
     version = qa_task_name(cfg.task)
     if version is not None:
@@ -282,12 +280,14 @@ def finetune_run(cfg: FinetuneConfig) -> dict[str, Any]:
     prep = prepare(cfg)
     out = check_output(cfg)
     task = prep.task
-    name = cfg.name or model_label(cfg.model) + (" (D)" if cfg.distill_from else "")  # type: ignore[arg-type]
     truncation = cfg.truncation_for(task)
     features = {key: tokenize(prep.tokenizer, split, prep.labels[key], cfg.max_seq_len, prep.accepted, truncation,
                               cfg.head_tokens) for key, split in prep.splits.items()}
+    teacher = prep.task_teacher
+    record = RunRecord(cfg, task.name, prep.model_type, count_parameters(prep.first_model),
+                       teacher.run_id if teacher else None, teacher.path if teacher else None)
     distillation = None
-    if prep.task_teacher is not None:
+    if teacher is not None:
         from distil.pretrain.finetune.distill import teacher_logits
 
         started = time.perf_counter()
@@ -295,111 +295,58 @@ def finetune_run(cfg: FinetuneConfig) -> dict[str, Any]:
         features["train"].teacher_logits = teacher_logits(
             prep.teacher_model, prep.teacher_tokenizer, train.texts, train.pairs, cfg.max_seq_len, prep.device,
             cfg.precision, cfg.eval_batch_size, truncation, cfg.head_tokens)
-        seconds = time.perf_counter() - started
-        distillation = {"teacher": prep.task_teacher.path, "teacher_model_type": prep.task_teacher.model_type,
-                        "teacher_run_id": prep.task_teacher.run_id, "teacher_dev": prep.task_teacher.dev,
-                        "alpha_kd": cfg.alpha_kd, "alpha_task": cfg.alpha_task, "temperature": cfg.temperature,
-                        "teacher_precision": ("bf16" if cfg.precision == "bf16" else "fp16")
-                        if prep.device.type == "cuda" else "fp32", "teacher_seconds": seconds}
-        click.echo(f"distilling from {prep.task_teacher.path} (dev score {prep.task_teacher.dev.get('dev_score', float('nan')):.4f}): "
-                   f"its logits on {len(train)} train examples in {seconds:.1f} s; loss = {cfg.alpha_kd:g} x KL at "
-                   f"T={cfg.temperature:g} + {cfg.alpha_task:g} x task")
+        distillation = distillation_record(teacher, cfg, prep.device, time.perf_counter() - started)
+        click.echo(f"distilling from {teacher.path} (dev score {teacher.dev.get('dev_score', float('nan')):.4f}): "
+                   f"its logits on {len(train)} train examples in {distillation['teacher_seconds']:.1f} s; loss = "
+                   f"{cfg.alpha_kd:g} x KL at T={cfg.temperature:g} + {cfg.alpha_task:g} x task")
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
-    model_path = str(Path(cfg.model).resolve())  # type: ignore[arg-type]
-    teacher_path = str(Path(cfg.teacher).resolve()) if cfg.teacher else ""
-    settings = {k: v for k, v in asdict(cfg).items()
-                if k not in ("model", "task", "train", "dev", "dev_mismatched", "test", "test_mismatched", "output",
-                             "name", "teacher", "overwrite", "tracking", "tracking_uri", "experiment", "distill_from")
-                and (cfg.distill_from or k not in ("alpha_kd", "alpha_task", "temperature"))}
-    params = {"finetune.model": model_path, "finetune.name": name, "finetune.task": task.name,
-              "finetune.teacher": teacher_path, "finetune.model_type": prep.model_type,
-              **({"finetune.distill_from": prep.task_teacher.path} if prep.task_teacher else {}),
-              **{f"finetune.{k}": v for k, v in settings.items() if v is not None}}
-    num_parameters = count_parameters(prep.first_model)
-    tags = {"distil.num_parameters": str(num_parameters), "distil.finetune.task": task.name}
-    if prep.task_teacher is not None and prep.task_teacher.run_id:
-        tags["distil.finetune.teacher_run_id"] = prep.task_teacher.run_id  # the teacher's own fine-tuning run
-    run_name = f"finetune-{name}-{task.name}"
-    report: dict[str, Any] = {
-        "created": datetime.now(UTC).isoformat(timespec="seconds"), "model": model_path, "name": name,
-        "model_type": prep.model_type, "teacher": teacher_path or None, "task": task.name,
-        "problem": "regression" if task.is_regression else "classification",
-        "labels": list(task.labels) if task.labels else None, "metrics": list(task.metrics),
-        "truncation": {"mode": truncation, "head_tokens": cfg.head_tokens if truncation == "head_tail" else None},
-        "settings": settings, "device": str(prep.device),
-        "data": {k: {"path": str(Path(s.path).resolve()), "examples": len(s), "skipped_rows": s.skipped, "labelled": s.labels is not None}
-                 for k, s in prep.splits.items()},
-        "num_parameters": num_parameters, "distillation": distillation, "seeds": [], "median": {},
-        "median_seed": None, "inference": None,
-    }
+    report = record.finish_report(
+        problem="regression" if task.is_regression else "classification",
+        labels=list(task.labels) if task.labels else None, metrics=list(task.metrics),
+        truncation={"mode": truncation, "head_tokens": cfg.head_tokens if truncation == "head_tail" else None},
+        settings=record.settings, device=str(prep.device),
+        data={k: {"path": str(Path(s.path).resolve()), "examples": len(s), "skipped_rows": s.skipped,
+                  "labelled": s.labels is not None} for k, s in prep.splits.items()},
+        distillation=distillation)
     for split in prep.splits.values():
         if split.skipped:
             click.echo(f"{split.path}: skipped {split.skipped} rows too short for {task.name}'s columns", err=True)
-    click.echo(f"fine-tuning {name} ({prep.model_type}, {num_parameters:,} parameters) on {task.name}: "
+    click.echo(f"fine-tuning {record.name} ({prep.model_type}, {record.num_parameters:,} parameters) on {task.name}: "
                f"{len(prep.splits['train'])} train / {len(prep.splits['dev'])} dev examples, seeds "
                f"{cfg.seed_list}, {cfg.epochs} epoch(s), lr {cfg.lr:g}, batch {cfg.batch_size}, {prep.device}")
 
-    def fill(folder: Path) -> None:
-        tracking.start_parent(run_name, params, tags)
-        report["mlflow"] = {"experiment": cfg.experiment, "parent_run_id": tracking.parent_run_id} if cfg.tracking \
-            else None
-        model = prep.first_model
-        last = None
-        for i, seed in enumerate(cfg.seed_list):
-            if i > 0:
-                from distil.pretrain.finetune.model import load_for_task
+    def load_model(seed: int):
+        from distil.pretrain.finetune.model import load_for_task
 
-                model = load_for_task(cfg.model, task, seed)  # type: ignore[arg-type]
-            entry, last = run_seed(cfg, prep, seed, model, features, folder / f"seed_{seed}", tracking, run_name,
-                                   params, tags)
-            report["seeds"].append(entry)
-        report["median"] = median_metrics([s["dev"] for s in report["seeds"]])
-        chosen = median_seed([s["seed"] for s in report["seeds"]], [s["dev"]["dev_score"] for s in report["seeds"]])
-        report["median_seed"] = chosen
+        return load_for_task(cfg.model, task, seed)  # type: ignore[arg-type]
+
+    def one_seed(seed: int, model, folder: Path):
+        return run_seed(cfg, prep, seed, model, features, folder, tracking, record.run_name, record.params,
+                        record.tags)
+
+    def after(folder: Path, chosen: int, last) -> None:
         for key in ("test", "test_mm"):
             produced = folder / f"seed_{chosen}" / f"{key.replace('_mm', '_mismatched')}_predictions.tsv"
             if produced.is_file():
                 shutil.copyfile(produced, folder / produced.name)
         if cfg.inference and last is not None:
-            device = prep.device
-            batch = cfg.inference_batch_size or (1 if device.type == "cpu" else cfg.eval_batch_size)
-            last = last.float() if cfg.precision != "fp32" else last
-            threads = torch.get_num_threads()
-            if device.type == "cpu" and cfg.inference_threads:
-                torch.set_num_threads(cfg.inference_threads)
-            try:
-                report["inference"] = {"split": "dev", **time_inference(
-                    last, features["dev"], DataCollatorWithPadding(prep.tokenizer), device, batch,
-                    cfg.inference_max_examples)}
-            finally:
-                torch.set_num_threads(threads)
+            report["inference"] = timed_inference(cfg, prep.device, last, features["dev"],
+                                                  DataCollatorWithPadding(prep.tokenizer))
         if cfg.onnx:
             report["forms"] = export_forms(cfg, folder / f"seed_{chosen}" / "model", folder / "onnx")
-        atomic_write_json(folder / "report.json", report)
 
-    status = "FAILED"
-    try:
-        atomic_write_folder(out, fill)
-        status = "FINISHED"
-    finally:
-        medians = dict(report["median"])
-        inference = report.get("inference")
-        if inference:
-            medians.update({"inference_seconds": inference["seconds"], "inference_examples": inference["examples"],
-                            "inference_batch_size": inference["batch_size"]})
-            tracking.parent.set_tags({"distil.finetune.inference_device": inference["device_name"],
-                                      "distil.finetune.torch_threads": str(inference["torch_threads"])})
-        medians["num_parameters"] = num_parameters
+    def form_medians() -> dict[str, float]:
+        medians: dict[str, float] = {}
         for form in (report.get("forms") or {}).values():
             key = form["form"].replace("-", "_")
             medians.update({f"{key}.score": form["score"], f"{key}.size_bytes": form["size_bytes"],
                             f"{key}.latency_ms_median": form["latency_ms_median"],
                             f"{key}.latency_ms_p95": form["latency_ms_p95"],
                             f"{key}.throughput_per_s": form["throughput_per_s"]})
-        tracking.finish_parent(medians, out / "report.json" if status == "FINISHED" else None, status)
-    print_summary(report)
-    return report
+        return medians
+
+    return run_seeds(cfg, tracking, out, record, prep.first_model, load_model, one_seed, after, form_medians)
 
 
 def export_forms(cfg: FinetuneConfig, model: Path, out: Path) -> dict[str, Any]:
