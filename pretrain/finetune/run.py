@@ -275,6 +275,12 @@ def finetune_run(cfg: FinetuneConfig) -> dict[str, Any]:
         from distil.pretrain.finetune.qa_run import qa_finetune_run
 
         return qa_finetune_run(cfg, version)
+    from distil.pretrain.finetune.tagging import tagging_task_name
+
+    if tagging_task_name(cfg.task) is not None:
+        from distil.pretrain.finetune.tagging_run import tagging_finetune_run
+
+        return tagging_finetune_run(cfg)
     tracking = FinetuneTracking(cfg.tracking, cfg.tracking_uri, cfg.experiment)
     tracking.check()
     prep = prepare(cfg)

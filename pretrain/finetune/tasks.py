@@ -90,7 +90,7 @@ PROBLEMS = ("auto", "classification", "regression")
 
 
 def task_names() -> str:
-    return ", ".join((*GLUE_ORDER, *DOCUMENT_TASKS, "squad", "squad_v2", "custom"))
+    return ", ".join((*GLUE_ORDER, *DOCUMENT_TASKS, "squad", "squad_v2", "conll", "custom"))
 
 
 def glue_task(name: str) -> TaskSpec:
