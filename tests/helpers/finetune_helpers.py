@@ -133,3 +133,68 @@ def write_custom(path: Path, rows: list[tuple[str, str | None, str]], *, numeric
         for a, b, y in rows:
             writer.writerow([a, *([b] if has_pair else []), y])
     return path
+
+
+# -- SQuAD and CoNLL files in their official layouts -------------------------------------------------------
+
+
+def squad_json(path: Path, items: list[tuple[str, str, list[tuple[str, int]]]]) -> Path:
+    """items: (context, question, [(answer text, answer_start)]); an empty list: unanswerable (v2.0)."""
+    paragraphs = []
+    for i, (context, question, answers) in enumerate(items):
+        qa = {"id": f"q{i}", "question": question, "answers": [{"text": t, "answer_start": s} for t, s in answers]}
+        if not answers:
+            qa["is_impossible"] = True
+        paragraphs.append({"context": context, "qas": [qa]})
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"version": "test", "data": [{"title": "t", "paragraphs": paragraphs}]}, indent=1))
+    return path
+
+
+def qa_items(n: int, seed: int, sentences: int = 4, unanswerable: float = 0.0):
+    """Contexts of sentences "the <subject> was <filler> <word> ." where one word is of the asked kind and the
+    others of the other kind; the question "the good ?" asks for the positive word, "the bad ?" for the
+    negative one. Unanswerable (v2.0): no word of the asked kind is there."""
+    rng = random.Random(seed)
+    items = []
+    for _ in range(n):
+        positive = rng.random() < 0.5
+        missing = rng.random() < unanswerable
+        asked, other = (POSITIVE, NEGATIVE) if positive else (NEGATIVE, POSITIVE)
+        kinds = [other] * sentences
+        if not missing:
+            kinds[rng.randrange(sentences)] = asked
+        parts, answer, at = [], [], 0
+        for subject, kind in zip(rng.sample(SUBJECTS, sentences), kinds, strict=True):
+            word = rng.choice(kind)
+            sentence = f"the {subject} was {rng.choice(FILLERS)} {word} ."
+            if kind is asked:
+                answer = [(word, at + sentence.index(f" {word} .") + 1)]
+            parts.append(sentence)
+            at += len(sentence) + 1
+        items.append((" ".join(parts), "the good ?" if positive else "the bad ?", answer))
+    return items
+
+
+def conll_sentences(n: int, seed: int) -> list[list[tuple[str, str]]]:
+    """ "the <subject> was <filler> <word>" where <filler> <word> is a POS or NEG entity (B- then I-), and the
+    subject a one-word THING entity."""
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n):
+        positive = rng.random() < 0.5
+        kind = "POS" if positive else "NEG"
+        out.append([("the", "O"), (rng.choice(SUBJECTS), "B-THING"), ("was", "O"), (rng.choice(FILLERS), f"B-{kind}"),
+                    (rng.choice(POSITIVE if positive else NEGATIVE), f"I-{kind}"), (".", "O")])
+    return out
+
+
+def write_conll(path: Path, sentences: list[list[tuple[str, str]]], columns: int = 4) -> Path:
+    lines = ["-DOCSTART- -X- -X- O", ""]
+    for sentence in sentences:
+        for word, tag in sentence:
+            lines.append(" ".join([word, *(["NN", "I-NP"] if columns == 4 else []), tag]))
+        lines.append("")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(lines) + "\n")
+    return path

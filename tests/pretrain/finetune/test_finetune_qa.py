@@ -7,12 +7,11 @@ from __future__ import annotations
 
 import json
 import random
-from pathlib import Path
 
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from finetune_helpers import FILLERS, NEGATIVE, POSITIVE, SUBJECTS, make_models
+from finetune_helpers import FILLERS, NEGATIVE, POSITIVE, SUBJECTS, make_models, qa_items, squad_json
 
 from distil.common.errors import UserError
 from distil.pretrain.cli import main
@@ -70,19 +69,6 @@ def test_the_scores_take_the_best_gold_answer_and_split_has_and_no_answer():
 # -- files -------------------------------------------------------------------------------------------------------
 
 
-def squad_json(path: Path, items: list[tuple[str, str, list[tuple[str, int]]]]) -> Path:
-    """items: (context, question, [(answer text, answer_start)]); an empty list: unanswerable (v2.0)."""
-    paragraphs = []
-    for i, (context, question, answers) in enumerate(items):
-        qa = {"id": f"q{i}", "question": question, "answers": [{"text": t, "answer_start": s} for t, s in answers]}
-        if not answers:
-            qa["is_impossible"] = True
-        paragraphs.append({"context": context, "qas": [qa]})
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({"version": "test", "data": [{"title": "t", "paragraphs": paragraphs}]}, indent=1))
-    return path
-
-
 def test_a_misplaced_answer_names_the_file_and_the_line(tmp_path):
     path = squad_json(tmp_path / "bad.json", [("the film was good", "what was the film ?", [("good", 13)]),
                                               ("the plot was dull", "what was the plot ?", [("dull", 3)])])
@@ -100,31 +86,6 @@ def test_unanswerable_questions_need_squad_v2(tmp_path):
 
 
 # -- windows and answers -----------------------------------------------------------------------------------------
-
-
-def qa_items(n: int, seed: int, sentences: int = 4, unanswerable: float = 0.0):
-    """Contexts of sentences "the <subject> was <filler> <word> ." where one word is of the asked kind and the
-    others of the other kind; the question "the good ?" asks for the positive word, "the bad ?" for the
-    negative one. Unanswerable (v2.0): no word of the asked kind is there."""
-    rng = random.Random(seed)
-    items = []
-    for _ in range(n):
-        positive = rng.random() < 0.5
-        missing = rng.random() < unanswerable
-        asked, other = (POSITIVE, NEGATIVE) if positive else (NEGATIVE, POSITIVE)
-        kinds = [other] * sentences
-        if not missing:
-            kinds[rng.randrange(sentences)] = asked
-        parts, answer, at = [], [], 0
-        for subject, kind in zip(rng.sample(SUBJECTS, sentences), kinds, strict=True):
-            word = rng.choice(kind)
-            sentence = f"the {subject} was {rng.choice(FILLERS)} {word} ."
-            if kind is asked:
-                answer = [(word, at + sentence.index(f" {word} .") + 1)]
-            parts.append(sentence)
-            at += len(sentence) + 1
-        items.append((" ".join(parts), "the good ?" if positive else "the bad ?", answer))
-    return items
 
 
 @pytest.fixture(scope="module")

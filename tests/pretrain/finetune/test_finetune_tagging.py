@@ -6,13 +6,11 @@ tags learns them from a fine-tuned teacher; mistakes in the files are one line n
 from __future__ import annotations
 
 import json
-import random
-from pathlib import Path
 
 import pytest
 import torch
 from click.testing import CliRunner
-from finetune_helpers import FILLERS, NEGATIVE, POSITIVE, SUBJECTS, make_models
+from finetune_helpers import conll_sentences, make_models, write_conll
 
 from distil.common.errors import UserError
 from distil.pretrain.cli import main
@@ -27,30 +25,6 @@ from distil.pretrain.finetune.tagging import (
 )
 
 FAST = ["--seeds", "1", "--batch-size", "8", "--max-seq-len", "32", "--lr", "3e-3", "inference=false"]
-
-
-def conll_sentences(n: int, seed: int) -> list[list[tuple[str, str]]]:
-    """ "the <subject> was <filler> <word>" where <filler> <word> is a POS or NEG entity (B- then I-), and the
-    subject a one-word THING entity."""
-    rng = random.Random(seed)
-    out = []
-    for _ in range(n):
-        positive = rng.random() < 0.5
-        kind = "POS" if positive else "NEG"
-        out.append([("the", "O"), (rng.choice(SUBJECTS), "B-THING"), ("was", "O"), (rng.choice(FILLERS), f"B-{kind}"),
-                    (rng.choice(POSITIVE if positive else NEGATIVE), f"I-{kind}"), (".", "O")])
-    return out
-
-
-def write_conll(path: Path, sentences: list[list[tuple[str, str]]], columns: int = 4) -> Path:
-    lines = ["-DOCSTART- -X- -X- O", ""]
-    for sentence in sentences:
-        for word, tag in sentence:
-            lines.append(" ".join([word, *(["NN", "I-NP"] if columns == 4 else []), tag]))
-        lines.append("")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("\n".join(lines) + "\n")
-    return path
 
 
 @pytest.fixture(scope="module")
