@@ -26,8 +26,11 @@ from distil.pretrain.finetune.tasks import GLUE_ORDER
 
 FINETUNE_MODES = ("finetune", "finetune-seed")
 TABLE3_TASK = "stsb"  # the paper's Table 3 times a pass over STS-B's dev set
-TABLE2_TASKS = ("imdb", "squad", "squad_v2")  # the paper's Table 2: its own table, not in Table 1's macro
-TABLE2_HEADS = {"imdb": "IMDb acc.", "squad": "SQuAD EM/F1", "squad_v2": "SQuAD 2.0 EM/F1"}
+# the paper's Table 2 (and token tagging beside it): their own table, not in Table 1's macro
+TABLE2_TASKS = ("imdb", "squad", "squad_v2", "conll")
+TABLE2_HEADS = {"imdb": "IMDb acc.", "squad": "SQuAD EM/F1", "squad_v2": "SQuAD 2.0 EM/F1", "conll": "CoNLL F1"}
+TABLE2_METRICS = {"imdb": ("dev_accuracy",), "squad": ("dev_exact", "dev_f1"), "squad_v2": ("dev_exact", "dev_f1"),
+                  "conll": ("dev_f1",)}
 
 
 def is_finetune_run(run: Any) -> bool:
@@ -196,9 +199,8 @@ def table2_cell(row: GlueRow, task: str) -> str:
     metrics = row.metrics.get(task)
     if not metrics:
         return "-"
-    if task == "imdb":
-        return f"{100 * metrics['dev_accuracy']:.2f}"
-    return f"{100 * metrics['dev_exact']:.1f}/{100 * metrics['dev_f1']:.1f}"
+    return "/".join(f"{100 * metrics[k]:.2f}" if task == "imdb" else f"{100 * metrics[k]:.1f}"
+                    for k in TABLE2_METRICS[task])
 
 
 def render_table2(rows: list[GlueRow], title: str, console: Any) -> bool:
@@ -227,12 +229,9 @@ def render_table2(rows: list[GlueRow], title: str, console: Any) -> bool:
             mine, theirs = row.metrics.get(t), teacher.metrics.get(t)
             if not mine or not theirs:
                 scores.append("-")
-            elif t == "imdb":
-                scores.append(f"{100 * mine['dev_accuracy'] / theirs['dev_accuracy']:.1f}%"
-                              if theirs["dev_accuracy"] > 0 else "-")
             else:
-                parts = [f"{100 * mine[k] / theirs[k]:.1f}%" if theirs[k] > 0 else "-" for k in ("dev_exact", "dev_f1")]
-                scores.append("/".join(parts))
+                scores.append("/".join(f"{100 * mine[k] / theirs[k]:.1f}%" if theirs[k] > 0 else "-"
+                                       for k in TABLE2_METRICS[t]))
         ratios = []
         for t in timed:
             mine_t, theirs_t = row.inference.get(t), teacher.inference.get(t)
@@ -241,8 +240,8 @@ def render_table2(rows: list[GlueRow], title: str, console: Any) -> bool:
         table.add_row(f"  % of {teacher.name}", "", params, *scores, *ratios, style="italic")
     console.print(table)
     console.print("x 100, median over seeds, dev sets; IMDb: accuracy; SQuAD: exact match / F1 (the official "
-                  "scripts' normalisation); \"(D)\": fine-tuned with --distill-from (a task teacher); times compared "
-                  "only on the same device, batch size and threads", soft_wrap=True)
+                  "scripts' normalisation); CoNLL: seqeval's entity F1; \"(D)\": fine-tuned with --distill-from (a "
+                  "task teacher); times compared only on the same device, batch size and threads", soft_wrap=True)
     return True
 
 
@@ -341,5 +340,5 @@ def review_glue(client: Any, experiment: str, experiment_id: str, filter_string:
         render_glue_table(glue, f"experiment {experiment}: GLUE-style fine-tuning (Table 1), {len(glue)} model(s)",
                           console)
         render_inference_table(glue, console)
-    render_table2(rows, f"experiment {experiment}: IMDb and SQuAD (Table 2)", console)
+    render_table2(rows, f"experiment {experiment}: IMDb, SQuAD and CoNLL (Table 2)", console)
     return plot_glue(rows, plot_path, f"experiment {experiment}: fine-tuning dev scores")

@@ -51,16 +51,17 @@ class QAExample:
     question: str
     context: str
     answers: list[dict[str, Any]]  # [{"text", "answer_start"}]; empty: unanswerable (v2.0)
-    line: int  # the line of its id in the file, for error messages
 
 
 @dataclass
 class QAFeatures:
     """Tokenised windows: the model's inputs per window, and what maps a window back to its question."""
 
-    encodings: dict[str, list]  # input_ids, attention_mask, (token_type_ids), and for training start/end positions
+    # input_ids, attention_mask, (token_type_ids): one int32 array per window (SQuAD's 88K windows as Python lists
+    # of ints would take gigabytes); start/end positions: one int per window
+    encodings: dict[str, list]
     example_index: list[int]
-    offsets: list[list[tuple[int, int] | None]]  # per token: its character span in the context, None elsewhere
+    offsets: list[np.ndarray]  # per window, (tokens, 2) int32: each token's character span in the context, -1 elsewhere
     teacher: dict[str, list] | None = None  # --distill-from: the teacher's start/end logits per window
     labelled: bool = field(default=False)
 
@@ -68,9 +69,11 @@ class QAFeatures:
         return len(self.example_index)
 
 
-def _line_of(raw: str, qid: str) -> int:
-    at = raw.find(json.dumps(qid))
-    return raw.count("\n", 0, at) + 1 if at >= 0 else 0
+def _where(p: Path, raw: str, qid: str) -> str:
+    """The file and the line of a question's id, for an error message (searched only then: files are large)."""
+    at = raw.find(f'"id": {json.dumps(qid)}')
+    at = at if at >= 0 else raw.find(json.dumps(qid))
+    return f"{p} line {raw.count(chr(10), 0, at) + 1}" if at >= 0 else str(p)
 
 
 def read_squad(path: str, *, kind: str, version: str) -> list[QAExample]:
@@ -95,27 +98,26 @@ def read_squad(path: str, *, kind: str, version: str) -> list[QAExample]:
                 raise UserError(f"{p}: a paragraph without a 'context' string")
             for qa in paragraph.get("qas", []):
                 qid, question = str(qa.get("id", "")), qa.get("question")
-                line = _line_of(raw, qid) if qid else 0
-                where = f"{p} line {line}" if line else str(p)
                 if not qid or not isinstance(question, str):
-                    raise UserError(f"{where}: a question needs an 'id' and a 'question' string")
+                    raise UserError(f"{_where(p, raw, qid) if qid else p}: a question needs an 'id' and a 'question' "
+                                    "string")
                 if qid in seen:
-                    raise UserError(f"{where}: question id {qid!r} appears twice")
+                    raise UserError(f"{_where(p, raw, qid)}: question id {qid!r} appears twice")
                 seen.add(qid)
                 answers = [] if qa.get("is_impossible") else list(qa.get("answers") or [])
                 for answer in answers:
                     text, start = answer.get("text"), answer.get("answer_start")
                     if not isinstance(text, str) or not isinstance(start, int):
-                        raise UserError(f"{where}: question {qid!r}: each answer needs 'text' and an integer "
-                                        "'answer_start'")
+                        raise UserError(f"{_where(p, raw, qid)}: question {qid!r}: each answer needs 'text' and an "
+                                        "integer 'answer_start'")
                     if context[start:start + len(text)] != text:
                         found = context[start:start + len(text)]
-                        raise UserError(f"{where}: question {qid!r}: answer {text!r} is not at answer_start {start} "
-                                        f"of its context (found {found!r}); fix answer_start")
+                        raise UserError(f"{_where(p, raw, qid)}: question {qid!r}: answer {text!r} is not at "
+                                        f"answer_start {start} of its context (found {found!r}); fix answer_start")
                 if not answers and version == "squad":
-                    raise UserError(f"{where}: question {qid!r} has no answer: SQuAD v1.1 questions all have one; "
-                                    "use --task squad_v2 for unanswerable questions")
-                examples.append(QAExample(qid, question.strip(), context, answers, line))
+                    raise UserError(f"{_where(p, raw, qid)}: question {qid!r} has no answer: SQuAD v1.1 questions all "
+                                    "have one; use --task squad_v2 for unanswerable questions")
+                examples.append(QAExample(qid, question.strip(), context, answers))
     if not examples:
         raise UserError(f"{p} has no questions: give a SQuAD file with data[].paragraphs[].qas[]")
     return examples
@@ -142,13 +144,15 @@ def make_features(tokenizer, examples: list[QAExample], max_seq_len: int, doc_st
                         f"{max_query_len} tokens do not fit ({str(error)[:160]}): lower doc_stride or "
                         "max_query_len") from None
     mapping = enc["overflow_to_sample_mapping"]
-    encodings: dict[str, list] = {k: enc[k] for k in ("input_ids", "attention_mask", "token_type_ids")
-                                  if k in enc and k in accepted}
-    offsets: list[list[tuple[int, int] | None]] = []
+    encodings: dict[str, list] = {k: [np.asarray(row, dtype=np.int32) for row in enc[k]]
+                                  for k in ("input_ids", "attention_mask", "token_type_ids") if k in enc and k in accepted}
+    offsets: list[np.ndarray] = []
     starts, ends = [], []
     for i, spans in enumerate(enc["offset_mapping"]):
         sequence = enc.sequence_ids(i)
-        offsets.append([tuple(span) if sequence[j] == 1 else None for j, span in enumerate(spans)])
+        window = np.asarray(spans, dtype=np.int32).reshape(-1, 2)
+        window[[s != 1 for s in sequence]] = -1  # the question, special tokens, padding: no place in the context
+        offsets.append(window)
         if not labelled:
             continue
         example = examples[mapping[i]]
@@ -184,10 +188,10 @@ def predict_answers(examples: list[QAExample], features: QAFeatures, start_logit
             starts, ends = start_logits[row][:len(offsets)], end_logits[row][:len(offsets)]
             null_score = min(null_score, float(starts[0] + ends[0]))
             for s in np.argsort(starts)[::-1][:n_best]:
-                if offsets[s] is None:
+                if offsets[s][0] < 0:
                     continue
                 for t in np.argsort(ends)[::-1][:n_best]:
-                    if offsets[t] is None or t < s or t - s + 1 > max_answer_len:
+                    if offsets[t][0] < 0 or t < s or t - s + 1 > max_answer_len:
                         continue
                     score = float(starts[s] + ends[t])
                     if score > best_score:
@@ -283,7 +287,7 @@ class QuestionAnswerer:
 
         from distil.pretrain.finetune.model import forward_names
 
-        examples = [QAExample("q", question.strip(), context, [], 0)]
+        examples = [QAExample("q", question.strip(), context, [])]
         features = make_features(self.tokenizer, examples, self.max_seq_len, self.doc_stride, self.max_query_len,
                                  forward_names(self.model), labelled=False)
         batch = self.tokenizer.pad(dict(features.encodings), return_tensors="pt")

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import sys
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -34,9 +33,10 @@ from distil.pretrain.finetune.runner import (
     distillation_record,
     run_seeds,
     timed_inference,
+    train_seed,
 )
 from distil.pretrain.finetune.tasks import TaskSpec
-from distil.pretrain.finetune.track import EpochLog, FinetuneTracking
+from distil.pretrain.finetune.track import FinetuneTracking
 
 if TYPE_CHECKING:
     from distil.pretrain.finetune.run import FinetuneConfig
@@ -181,7 +181,9 @@ def qa_finetune_run(cfg: FinetuneConfig, version: str) -> dict[str, Any]:
         teacher_tokenizer = load_tokenizer(teacher.path)
         theirs = make_features(teacher_tokenizer, train, cfg.max_seq_len, cfg.doc_stride, cfg.max_query_len,
                                forward_names(teacher_model), labelled=False)
-        if theirs.encodings["input_ids"] != windows["train"].encodings["input_ids"]:
+        mine = windows["train"].encodings["input_ids"]
+        if len(theirs) != len(mine) or not all(np.array_equal(a, b) for a, b in zip(theirs.encodings["input_ids"], mine,
+                                                                                    strict=True)):
             raise UserError(f"--distill-from {teacher.path}: its tokenizer cuts the questions and contexts into other "
                             "tokens than the model's: span distillation needs the same tokenizer (give a teacher "
                             "fine-tuned from the same vocabulary)")
@@ -200,8 +202,7 @@ def qa_finetune_run(cfg: FinetuneConfig, version: str) -> dict[str, Any]:
              f"windows) / {len(dev)} dev", device)
 
     def one_seed(seed: int, model, folder: Path):
-        return qa_seed(cfg, version, task, tokenizer, device, seed, model, windows, dev, folder, tracking,
-                       record.run_name, record.params, record.tags)
+        return qa_seed(cfg, version, task, tokenizer, device, seed, model, windows, dev, folder, tracking, record)
 
     def after(folder: Path, chosen: int, last) -> None:
         shutil.copyfile(folder / f"seed_{chosen}" / "predictions.json", folder / "predictions.json")
@@ -241,12 +242,9 @@ def teacher_span_logits(model, tokenizer, features: QAFeatures, device: torch.de
 
 def qa_seed(cfg: FinetuneConfig, version: str, task: TaskSpec, tokenizer, device: torch.device, seed: int, model,
             windows: dict[str, QAFeatures], dev: list[QAExample], folder: Path, tracking: FinetuneTracking,
-            run_name: str, params: dict[str, Any], tags: dict[str, str]):
+            record: RunRecord):
     """One seed: Trainer on the train windows, dev answers and scores per epoch, predictions.json."""
     from transformers import Trainer
-    from transformers.trainer_callback import PrinterCallback, ProgressCallback
-
-    from distil.pretrain.finetune.seed_run import training_arguments, write_task_file
 
     def answers_of(start_logits: np.ndarray, end_logits: np.ndarray) -> dict[str, str]:
         return predict_answers(dev, windows["dev"], start_logits, end_logits, cfg.n_best, cfg.max_answer_len, version,
@@ -269,35 +267,11 @@ def qa_seed(cfg: FinetuneConfig, version: str, task: TaskSpec, tokenizer, device
                                                 cfg.temperature)
             return (loss, outputs) if return_outputs else loss
 
-    child = tracking.start_seed(f"{run_name}-seed{seed}", seed, params, tags)
-    log = EpochLog(child, seed)
-    status = "FAILED"
-    try:
-        trainer = SpanTrainer(model=model, args=training_arguments(cfg, device, folder / "trainer", seed),
-                              data_collator=collator(tokenizer), train_dataset=WindowSet(windows["train"]),
-                              eval_dataset={"dev": WindowSet(windows["dev"])}, compute_metrics=metrics_of,
-                              callbacks=[log])
-        trainer.remove_callback(PrinterCallback)
-        if not sys.stderr.isatty():
-            trainer.remove_callback(ProgressCallback)
-        started = time.perf_counter()
-        trainer.train()
-        train_seconds = time.perf_counter() - started
-        output = trainer.predict(WindowSet(windows["dev"]), metric_key_prefix="eval_dev")
-        if not cfg.eval_every_epoch:
-            log.on_evaluate(trainer.args, trainer.state, trainer.control, metrics=output.metrics)
+    def write_outputs(output, folder: Path) -> None:
         start_logits, end_logits = output.predictions[:2]
-        folder.mkdir(parents=True, exist_ok=True)
         (folder / "predictions.json").write_text(json.dumps(answers_of(start_logits, end_logits), indent=1,
                                                             ensure_ascii=False) + "\n", encoding="utf-8")
-        entry: dict[str, Any] = {"seed": seed, "dev": log.final(), "history": log.history,
-                                 "train_seconds": train_seconds, "test": None, "mlflow_run_id": child.run_id}
-        if cfg.save_models:
-            trainer.save_model(str(folder / "model"))
-            tokenizer.save_pretrained(str(folder / "model"))
-            write_task_file(folder / "model", cfg, task, seed, child.run_id, entry["dev"])
-        status = "FINISHED"
-    finally:
-        child.finish(status)
-        shutil.rmtree(folder / "trainer", ignore_errors=True)
-    return entry, trainer.model
+
+    return train_seed(cfg, device, seed, model, tokenizer, task, SpanTrainer, collator(tokenizer),
+                      WindowSet(windows["train"]), WindowSet(windows["dev"]), metrics_of, folder, tracking, record,
+                      write_outputs)

@@ -31,6 +31,7 @@ from distil.pretrain.finetune.tasks import PROBLEMS, TaskSpec, glue_task, task_n
 from distil.pretrain.finetune.track import FinetuneTracking
 
 PRECISIONS = ("fp32", "fp16", "bf16")
+QA_SETTINGS = ("doc_stride", "max_query_len", "max_answer_len", "n_best", "null_threshold")  # squad's own
 DEVICES = ("auto", "cpu", "cuda")
 
 
@@ -291,7 +292,7 @@ def finetune_run(cfg: FinetuneConfig) -> dict[str, Any]:
                               cfg.head_tokens) for key, split in prep.splits.items()}
     teacher = prep.task_teacher
     record = RunRecord(cfg, task.name, prep.model_type, count_parameters(prep.first_model),
-                       teacher.run_id if teacher else None, teacher.path if teacher else None)
+                       teacher.run_id if teacher else None, teacher.path if teacher else None, skip=QA_SETTINGS)
     distillation = None
     if teacher is not None:
         from distil.pretrain.finetune.distill import teacher_logits

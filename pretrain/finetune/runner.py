@@ -130,3 +130,49 @@ def run_seeds(cfg: FinetuneConfig, tracking: FinetuneTracking, out: Path, record
 def announce(record: RunRecord, cfg: FinetuneConfig, model_type: str, what: str, device: torch.device) -> None:
     click.echo(f"fine-tuning {record.name} ({model_type}, {record.num_parameters:,} parameters) on {what}, seeds "
                f"{cfg.seed_list}, {cfg.epochs} epoch(s), lr {cfg.lr:g}, batch {cfg.batch_size}, {device}")
+
+
+def train_seed(cfg: FinetuneConfig, device: torch.device, seed: int, model, tokenizer, task, trainer_class,
+               collate, train_set, dev_set, metrics_of, folder: Path, tracking: FinetuneTracking, record: RunRecord,
+               write_outputs: Callable[[Any, Path], None]) -> tuple[dict[str, Any], Any]:
+    """One seed of a QA or tagging run: `trainer_class` (transformers' Trainer with the task's loss) on the train
+    set, dev metrics per epoch under the seed's MLflow child run, `write_outputs(dev prediction, folder)`, the
+    saved model with its distil_task.json; returns the seed's report entry and the trained model."""
+    import shutil
+    import sys
+    import time
+
+    from transformers.trainer_callback import PrinterCallback, ProgressCallback
+
+    from distil.pretrain.finetune.seed_run import training_arguments, write_task_file
+    from distil.pretrain.finetune.track import EpochLog
+
+    child = tracking.start_seed(f"{record.run_name}-seed{seed}", seed, record.params, record.tags)
+    log = EpochLog(child, seed)
+    status = "FAILED"
+    try:
+        trainer = trainer_class(model=model, args=training_arguments(cfg, device, folder / "trainer", seed),
+                                data_collator=collate, train_dataset=train_set, eval_dataset={"dev": dev_set},
+                                compute_metrics=metrics_of, callbacks=[log])
+        trainer.remove_callback(PrinterCallback)  # EpochLog prints one line per epoch instead
+        if not sys.stderr.isatty():
+            trainer.remove_callback(ProgressCallback)
+        started = time.perf_counter()
+        trainer.train()
+        train_seconds = time.perf_counter() - started
+        output = trainer.predict(dev_set, metric_key_prefix="eval_dev")
+        if not cfg.eval_every_epoch:
+            log.on_evaluate(trainer.args, trainer.state, trainer.control, metrics=output.metrics)
+        folder.mkdir(parents=True, exist_ok=True)
+        write_outputs(output, folder)
+        entry: dict[str, Any] = {"seed": seed, "dev": log.final(), "history": log.history,
+                                 "train_seconds": train_seconds, "test": None, "mlflow_run_id": child.run_id}
+        if cfg.save_models:
+            trainer.save_model(str(folder / "model"))
+            tokenizer.save_pretrained(str(folder / "model"))
+            write_task_file(folder / "model", cfg, task, seed, child.run_id, entry["dev"])
+        status = "FINISHED"
+    finally:
+        child.finish(status)
+        shutil.rmtree(folder / "trainer", ignore_errors=True)
+    return entry, trainer.model

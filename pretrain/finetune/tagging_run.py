@@ -9,7 +9,6 @@ OUTPUT/predictions.txt    the median seed's dev tags, CoNLL style: `word gold pr
 from __future__ import annotations
 
 import shutil
-import sys
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -25,6 +24,7 @@ from distil.pretrain.finetune.runner import (
     distillation_record,
     run_seeds,
     timed_inference,
+    train_seed,
 )
 from distil.pretrain.finetune.tagging import (
     Sentence,
@@ -37,7 +37,7 @@ from distil.pretrain.finetune.tagging import (
     tag_scores,
 )
 from distil.pretrain.finetune.tasks import TaskSpec
-from distil.pretrain.finetune.track import EpochLog, FinetuneTracking
+from distil.pretrain.finetune.track import FinetuneTracking
 
 if TYPE_CHECKING:
     from distil.pretrain.finetune.run import FinetuneConfig
@@ -173,7 +173,7 @@ def tagging_finetune_run(cfg: FinetuneConfig) -> dict[str, Any]:
         forward_names,
         inspect_model_folder,
     )
-    from distil.pretrain.finetune.run import check_output, resolve_device
+    from distil.pretrain.finetune.run import QA_SETTINGS, check_output, resolve_device
 
     tracking = FinetuneTracking(cfg.tracking, cfg.tracking_uri, cfg.experiment)
     tracking.check()
@@ -202,8 +202,7 @@ def tagging_finetune_run(cfg: FinetuneConfig) -> dict[str, Any]:
                "dev": align(tokenizer, dev, labels, cfg.max_seq_len, accepted)}
     record = RunRecord(cfg, task.name, info.model_type, count_parameters(first_model),
                        teacher.run_id if teacher else None, teacher.path if teacher else None,
-                       skip=("problem", "truncation", "head_tokens", "doc_stride", "max_query_len", "max_answer_len",
-                             "n_best", "null_threshold"))
+                       skip=("problem", "truncation", "head_tokens", *QA_SETTINGS))
     distillation, teacher_rows = None, None
     if teacher is not None:
         started = time.perf_counter()
@@ -249,9 +248,6 @@ def tagging_seed(cfg: FinetuneConfig, task: TaskSpec, tokenizer, device: torch.d
                  datasets: dict[str, Tagged], dev: list[Sentence], dev_firsts: list[list[int]], folder: Path,
                  tracking: FinetuneTracking, record: RunRecord):
     from transformers import Trainer
-    from transformers.trainer_callback import PrinterCallback, ProgressCallback
-
-    from distil.pretrain.finetune.seed_run import training_arguments, write_task_file
 
     labels = task.labels
     assert labels is not None
@@ -272,36 +268,12 @@ def tagging_seed(cfg: FinetuneConfig, task: TaskSpec, tokenizer, device: torch.d
                                                cfg.temperature)
             return (loss, outputs) if return_outputs else loss
 
-    child = tracking.start_seed(f"{record.run_name}-seed{seed}", seed, record.params, record.tags)
-    log = EpochLog(child, seed)
-    status = "FAILED"
-    try:
-        trainer = TagTrainer(model=model, args=training_arguments(cfg, device, folder / "trainer", seed),
-                             data_collator=collator(tokenizer, len(labels)), train_dataset=datasets["train"],
-                             eval_dataset={"dev": datasets["dev"]}, compute_metrics=metrics_of, callbacks=[log])
-        trainer.remove_callback(PrinterCallback)
-        if not sys.stderr.isatty():
-            trainer.remove_callback(ProgressCallback)
-        started = time.perf_counter()
-        trainer.train()
-        train_seconds = time.perf_counter() - started
-        output = trainer.predict(datasets["dev"], metric_key_prefix="eval_dev")
-        if not cfg.eval_every_epoch:
-            log.on_evaluate(trainer.args, trainer.state, trainer.control, metrics=output.metrics)
+    def write_outputs(output, folder: Path) -> None:
         gold, predicted = decode(np.asarray(output.predictions), np.asarray(output.label_ids), labels)
-        folder.mkdir(parents=True, exist_ok=True)
         lines = []
         for sentence, g, p in zip(dev, gold, predicted, strict=True):
             lines += [f"{w} {a} {b}" for w, a, b in zip(sentence.words, g, p, strict=False)] + [""]
         (folder / "predictions.txt").write_text("\n".join(lines), encoding="utf-8")
-        entry: dict[str, Any] = {"seed": seed, "dev": log.final(), "history": log.history,
-                                 "train_seconds": train_seconds, "test": None, "mlflow_run_id": child.run_id}
-        if cfg.save_models:
-            trainer.save_model(str(folder / "model"))
-            tokenizer.save_pretrained(str(folder / "model"))
-            write_task_file(folder / "model", cfg, task, seed, child.run_id, entry["dev"])
-        status = "FINISHED"
-    finally:
-        child.finish(status)
-        shutil.rmtree(folder / "trainer", ignore_errors=True)
-    return entry, trainer.model
+
+    return train_seed(cfg, device, seed, model, tokenizer, task, TagTrainer, collator(tokenizer, len(labels)),
+                      datasets["train"], datasets["dev"], metrics_of, folder, tracking, record, write_outputs)

@@ -198,3 +198,13 @@ def write_conll(path: Path, sentences: list[list[tuple[str, str]]], columns: int
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("\n".join(lines) + "\n")
     return path
+
+
+def assert_one_error_line(result, *needles: str) -> str:
+    """A refused `distil` command: exit status 2 and exactly one `error:` line on stderr holding every needle."""
+    assert result.exit_code == 2, result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+    return lines[0]

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
-from finetune_helpers import NLI, make_models, rows_for, write_custom, write_glue
+from finetune_helpers import NLI, assert_one_error_line, make_models, rows_for, write_custom, write_glue
 
 from distil.pretrain.cli import main
 from distil.pretrain.finetune.data import encode_labels, infer_custom_task, read_custom, read_glue
@@ -328,11 +328,7 @@ def test_bad_input_is_one_error_line_and_writes_nothing(case, models, tmp_path):
     out = tmp_path / "out"
     result = invoke([*make_args(models["teacher"], inputs), "--output", str(out), *FAST,
                      "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}"])
-    assert result.exit_code == 2, result.output
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
-    for needle in needles:
-        assert needle in lines[0], lines[0]
+    assert_one_error_line(result, *needles)
     assert not out.exists() and not (tmp_path / "mlflow.db").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["inputs"]
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 from click.testing import CliRunner
-from finetune_helpers import make_models, rows_for, write_custom, write_glue
+from finetune_helpers import assert_one_error_line, make_models, rows_for, write_custom, write_glue
 
 from distil.pretrain.cli import main
 from distil.pretrain.finetune.distill import task_distillation_loss
@@ -203,11 +203,7 @@ def test_a_wrong_task_teacher_is_one_error_line_and_writes_nothing(case, trained
     out = tmp_path / "out"
     result = invoke(["--model", model, *files, "--output", str(out), *FAST, "--epochs", "1", "--distill-from", teacher,
                      "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}", *extra])
-    assert result.exit_code == 2, result.output
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
-    for needle in needles:
-        assert needle in lines[0], lines[0]
+    assert_one_error_line(result, *needles)
     assert not out.exists() and not (tmp_path / "mlflow.db").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["inputs"]
 

@@ -11,7 +11,15 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
-from finetune_helpers import FILLERS, NEGATIVE, POSITIVE, SUBJECTS, make_models, write_custom
+from finetune_helpers import (
+    FILLERS,
+    NEGATIVE,
+    POSITIVE,
+    SUBJECTS,
+    assert_one_error_line,
+    make_models,
+    write_custom,
+)
 
 from distil.common.errors import UserError
 from distil.pretrain.cli import main
@@ -134,7 +142,5 @@ def test_imdb_and_truncation_mistakes_are_one_error_line(case, models, tmp_path)
     out = tmp_path / "out"
     result = CliRunner().invoke(main, ["finetune", "--model", models["teacher"], *args, "--output", str(out),
                                        "--max-seq-len", "32", "--epochs", "1", *FAST], catch_exceptions=False)
-    assert result.exit_code == 2, result.output
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: ") and needle in lines[0], result.stderr
+    assert_one_error_line(result, needle)
     assert not out.exists()

@@ -10,7 +10,7 @@ import json
 import pytest
 import torch
 from click.testing import CliRunner
-from finetune_helpers import conll_sentences, make_models, write_conll
+from finetune_helpers import assert_one_error_line, conll_sentences, make_models, write_conll
 
 from distil.common.errors import UserError
 from distil.pretrain.cli import main
@@ -155,7 +155,5 @@ def test_tagging_mistakes_are_one_error_line_and_write_nothing(case, models, tmp
     out = tmp_path / "out"
     result = run(["--model", models["student"], "--task", "conll", "--train", str(train), "--dev", str(dev),
                   "--output", str(out), *FAST, "--epochs", "1", "--no-tracking", *extra])
-    assert result.exit_code == 2, result.output
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: ") and needle in lines[0], result.stderr
+    assert_one_error_line(result, needle)
     assert not out.exists()
