@@ -2,10 +2,9 @@
 student alone, by more than the seed spread, on a question-answering set built from real text?
 
 The set (SQuAD v1.1 JSON, written by this script) is cloze-style extractive QA over the quickstart's corpus
-(the standard library's docstrings): the context is a paragraph, the question one of its sentences with one
-word of four letters or more replaced by "what", and the answer that word where the paragraph has it. One
-question per paragraph; train and dev from disjoint paragraphs. Contexts longer than the window are read in
-overlapping windows.
+(the standard library's docstrings): the context is two consecutive sentences of a paragraph, the question
+one of them with one word of four letters or more (not its first) replaced by "what", and the answer that
+word where the context has it. Up to three questions per paragraph; train and dev from disjoint paragraphs.
 
 Steps: `distil finetune --task squad` of the teacher (its median seed's model is the task teacher), then of
 the student alone and of the student with `--distill-from` that teacher, with --seeds seeds each (same
@@ -32,30 +31,40 @@ from distil_cli import run_distil  # noqa: E402 - benchmarks/distil_cli.py, besi
 WORD = re.compile(r"\b[A-Za-z]{4,}\b")
 
 
-def cloze_set(corpus: Path, out: Path, n_train: int, n_dev: int, seed: int = 0) -> dict[str, Path]:
+def cloze_set(corpus: Path, out: Path, n_train: int, n_dev: int, per_paragraph: int = 3,
+              seed: int = 0) -> dict[str, Path]:
+    """SQuAD v1.1 files of cloze questions over pairs of consecutive sentences of the corpus's paragraphs."""
     from distil.pretrain.finetune.sample_task import SENTENCE_END
 
     rng = random.Random(seed)
-    items = []
+    paragraphs = []
     for number, paragraph in enumerate(corpus.read_text(encoding="utf-8").splitlines()):
         sentences = [s for s in SENTENCE_END.split(paragraph) if len(s.split()) >= 6]
         if len(sentences) < 2:
             continue
-        sentence = rng.choice(sentences)
-        at = paragraph.find(sentence)
-        words = [m for m in WORD.finditer(sentence) if m.start() > 0]
-        if at < 0 or not words:
-            continue
-        word = rng.choice(words)
-        question = sentence[:word.start()] + "what" + sentence[word.end():]
-        items.append({"context": paragraph, "qas": [{"id": f"p{number}", "question": question, "answers": [
-            {"text": word.group(), "answer_start": at + word.start()}]}]})
-    rng.shuffle(items)
-    if len(items) < n_train + n_dev:
-        sys.exit(f"{corpus} gives {len(items)} questions; lower --train-questions / --dev-questions")
+        items = []
+        for k, i in enumerate(rng.sample(range(len(sentences)), min(per_paragraph, len(sentences)))):
+            j = i + 1 if i + 1 < len(sentences) else i - 1  # a neighbouring sentence, in the paragraph's order
+            context = sentences[min(i, j)] + " " + sentences[max(i, j)]
+            at = context.find(sentences[i]) if i < j else context.rfind(sentences[i])
+            words = [m for m in WORD.finditer(sentences[i]) if m.start() > 0]
+            if not words:
+                continue
+            word = rng.choice(words)
+            question = sentences[i][:word.start()] + "what" + sentences[i][word.end():]
+            items.append({"context": context, "qas": [{"id": f"p{number}q{k}", "question": question, "answers": [
+                {"text": word.group(), "answer_start": at + word.start()}]}]})
+        paragraphs.append(items)
+    rng.shuffle(paragraphs)
+    dev, train = [], []
+    for items in paragraphs:  # whole paragraphs to one side: no context is shared between train and dev
+        (dev if len(dev) < n_dev else train).extend(items)
+    dev, train = dev[:n_dev], train[:n_train]
+    if len(train) < n_train:
+        sys.exit(f"{corpus} gives {len(dev) + len(train)} questions; lower --train-questions / --dev-questions")
     paths = {}
     out.mkdir(parents=True, exist_ok=True)
-    for name, chunk in (("dev", items[:n_dev]), ("train", items[n_dev:n_dev + n_train])):
+    for name, chunk in (("dev", dev), ("train", train)):
         paths[name] = out / f"{name}.json"
         paths[name].write_text(json.dumps({"version": "1.1", "data": [{"title": "docstrings", "paragraphs": chunk}]}))
     return paths
@@ -68,7 +77,7 @@ def main() -> None:
     p.add_argument("--teacher", type=Path, default=None, help="teacher folder (default: the quickstart's)")
     p.add_argument("--student", type=Path, default=None, help="student folder (default: the quickstart's)")
     p.add_argument("--seeds", type=int, default=3)
-    p.add_argument("--train-questions", type=int, default=2000)
+    p.add_argument("--train-questions", type=int, default=5500)
     p.add_argument("--dev-questions", type=int, default=300)
     p.add_argument("--epochs", type=int, default=3)
     p.add_argument("--lr", type=float, default=5e-4)
@@ -90,7 +99,7 @@ def main() -> None:
     files = cloze_set(corpus, args.work / "squad", args.train_questions, args.dev_questions)
     common = ["--task", "squad", "--train", str(files["train"]), "--dev", str(files["dev"]), "--seeds", str(args.seeds),
               "--epochs", str(args.epochs), "--lr", str(args.lr), "--batch-size", "16", "--max-seq-len",
-              str(args.max_seq_len), f"doc_stride={args.max_seq_len // 2}", "max_query_len=48", "max_answer_len=8",
+              str(args.max_seq_len), f"doc_stride={(args.max_seq_len - 52) // 2}", "max_query_len=48", "max_answer_len=8",
               "warmup_ratio=0.1", "--no-tracking", "inference=false"]
     runs = {"teacher": [str(teacher), "save_models=true"], "student": [str(student)],
             "student (D)": [str(student), "--distill-from", None, f"alpha_kd={args.alpha_kd}",

@@ -139,7 +139,9 @@ def make_features(tokenizer, examples: list[QAExample], max_seq_len: int, doc_st
     try:
         enc = tokenizer(questions, [e.context for e in examples], truncation="only_second", max_length=max_seq_len,
                         stride=doc_stride, return_overflowing_tokens=True, return_offsets_mapping=True)
-    except Exception as error:  # noqa: BLE001 - the tokenizers library raises a bare Exception for a bad stride
+    except BaseException as error:  # the tokenizers library panics (a BaseException) on a stride too large
+        if isinstance(error, KeyboardInterrupt | SystemExit):
+            raise
         raise UserError(f"max_seq_len {max_seq_len} with doc_stride {doc_stride} and questions of up to "
                         f"{max_query_len} tokens do not fit ({str(error)[:160]}): lower doc_stride or "
                         "max_query_len") from None

@@ -131,6 +131,11 @@ def check_qa_settings(cfg: FinetuneConfig) -> None:
     for key, ok, rule in checks:
         if not ok:
             raise UserError(f"{key}={getattr(cfg, key)} must be {rule}")
+    room = cfg.max_seq_len - cfg.max_query_len - 4  # what a window keeps for the context beside the longest question
+    if cfg.doc_stride >= room:
+        raise UserError(f"doc_stride={cfg.doc_stride} must be below max_seq_len - max_query_len - 4 = {room} (the "
+                        "context's share of a window, specials included): lower doc_stride or max_query_len, or raise "
+                        "--max-seq-len")
 
 
 def qa_finetune_run(cfg: FinetuneConfig, version: str) -> dict[str, Any]:

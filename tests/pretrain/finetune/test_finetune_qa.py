@@ -263,7 +263,7 @@ def test_squad_v2_answers_nothing_where_nothing_is_asked_and_a_student_learns_fr
     assert distilled["median"]["dev_exact"] >= 0.5, distilled["seeds"][0]["history"]
 
 
-@pytest.mark.parametrize("case", ["v1 teacher for v2", "test file", "stride", "misplaced answer"])
+@pytest.mark.parametrize("case", ["v1 teacher for v2", "test file", "stride", "stride and query", "misplaced answer"])
 def test_qa_mistakes_are_one_error_line_and_write_nothing(case, models, qa_files, tmp_path):
     args = ["--model", models["student"], "--task", "squad", "--train", qa_files["train"], "--dev", qa_files["dev"]]
     needle, extra = "", []
@@ -278,6 +278,8 @@ def test_qa_mistakes_are_one_error_line_and_write_nothing(case, models, qa_files
         args, needle = [*args, "--test", qa_files["dev"]], "--test is not for question answering"
     elif case == "stride":
         extra, needle = ["doc_stride=60"], "doc_stride=60 must be in (0, max_seq_len = 48)"
+    elif case == "stride and query":
+        extra, needle = ["doc_stride=40"], "doc_stride=40 must be below max_seq_len - max_query_len - 4 = 32"
     else:
         bad = squad_json(tmp_path / "bad.json", [("the film was good", "what was the film ?", [("good", 2)])])
         args, needle = [*args[:5], str(bad), *args[6:]], "answer 'good' is not at answer_start 2"
