@@ -87,6 +87,24 @@ def test_a_misplaced_answer_names_the_file_and_the_line(tmp_path):
     assert str(error.value).startswith(f"{path} line {line}: question 'q1': answer 'dull' is not at answer_start 3")
 
 
+def test_a_dev_file_with_several_gold_answers_is_scored_against_the_best_one(tmp_path):
+    """SQuAD's dev files give up to three gold answers per question (one per annotator)."""
+    context = "The Norman conquest of England began in 1066 under William."
+    data = {"version": "1.1", "data": [{"title": "t", "paragraphs": [{"context": context, "qas": [
+        {"id": "a", "question": "When did it begin?", "answers": [
+            {"text": "1066", "answer_start": 40}, {"text": "in 1066", "answer_start": 37},
+            {"text": "began in 1066", "answer_start": 31}]},
+        {"id": "b", "question": "Under whom?", "answers": [
+            {"text": "William", "answer_start": 51}, {"text": "under William", "answer_start": 45}]}]}]}]}
+    path = tmp_path / "dev-v1.1.json"
+    path.write_text(json.dumps(data, indent=1))
+    examples = read_squad(str(path), kind="dev", version="squad")
+    assert [len(e.answers) for e in examples] == [3, 2]
+    scores = squad_scores(examples, {"a": "in 1066", "b": "William the Conqueror"}, "squad")
+    # a: exact against the second gold; b: "william conqueror" vs "william" -> P 1/2, R 1 -> F1 2/3 (best gold)
+    assert scores["exact"] == pytest.approx(0.5) and scores["f1"] == pytest.approx((1 + 2 / 3) / 2)
+
+
 def test_unanswerable_questions_need_squad_v2(tmp_path):
     path = squad_json(tmp_path / "v2.json", [("the film was good", "what was the cast ?", [])])
     with pytest.raises(UserError, match="has no answer: SQuAD v1.1 .* use --task squad_v2"):
