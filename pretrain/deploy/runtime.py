@@ -46,6 +46,19 @@ def check_opset(opset: int) -> None:
                         f"{onnx.__version__} knows up to {top}; choose {MIN_OPSET}..{top}")
 
 
+def output_names(model: torch.nn.Module) -> list[str]:
+    """The model's outputs as the ONNX file names them: start_logits and end_logits for question answering (as
+    transformers' QA models and ONNX Runtime's loaders call them), else logits."""
+    return ["start_logits", "end_logits"] if type(model).__name__.endswith("ForQuestionAnswering") else ["logits"]
+
+
+def model_output(model: torch.nn.Module, out) -> torch.Tensor:
+    """One array per batch for every form: QA's start and end logits stacked on a last axis of 2."""
+    if type(model).__name__.endswith("ForQuestionAnswering"):
+        return torch.stack([out.start_logits, out.end_logits], -1)
+    return out.logits
+
+
 def export_onnx(model: torch.nn.Module, sample: dict[str, torch.Tensor], path: Path, opset: int) -> None:
     """`model` (eval, fp32, CPU) to `path`, inputs and outputs named, batch and sequence axes dynamic."""
     import logging
@@ -61,7 +74,7 @@ def export_onnx(model: torch.nn.Module, sample: dict[str, torch.Tensor], path: P
         with warnings.catch_warnings(), torch.no_grad():
             warnings.simplefilter("ignore")
             program = torch.onnx.export(model, (), kwargs=sample, dynamo=True, opset_version=opset,
-                                        input_names=names, output_names=["logits"], verbose=False,
+                                        input_names=names, output_names=output_names(model), verbose=False,
                                         dynamic_shapes={name: {0: batch, 1: sequence} for name in names})
     except Exception as error:  # noqa: BLE001 - the exporter raises many types; one line names the model
         first = str(error).strip().splitlines()[0][:300] if str(error).strip() else type(error).__name__
@@ -115,9 +128,11 @@ def onnx_runner(path: Path, threads: int | None, provider: str = "CPUExecutionPr
         raise UserError(f"onnxruntime {onnxruntime.__version__} cannot load the exported {path.name}: "
                         f"{first}{hint}") from None
     inputs = {i.name for i in session.get_inputs()}
+    outputs = [o.name for o in session.get_outputs()]
 
     def run(batch: Batch) -> np.ndarray:
-        return session.run(["logits"], {k: v for k, v in batch.items() if k in inputs})[0]
+        values = session.run(outputs, {k: v for k, v in batch.items() if k in inputs})
+        return values[0] if len(values) == 1 else np.stack(values, -1)  # QA: start and end, as model_output
 
     return run
 
@@ -125,7 +140,7 @@ def onnx_runner(path: Path, threads: int | None, provider: str = "CPUExecutionPr
 def torch_runner(model: torch.nn.Module) -> Runner:
     @torch.inference_mode()
     def run(batch: Batch) -> np.ndarray:
-        return model(**{k: torch.from_numpy(v) for k, v in batch.items()}).logits.float().numpy()
+        return model_output(model, model(**{k: torch.from_numpy(v) for k, v in batch.items()})).float().numpy()
 
     return run
 

@@ -16,7 +16,8 @@ from distil.common.errors import UserError
 from distil.pretrain.families import FAMILIES, NAMES
 
 TASK_FILE = "distil_task.json"  # written beside a fine-tuned model by distil finetune
-KINDS = {"ForSequenceClassification": "sequence-classification", "ForMaskedLM": "masked-lm"}
+KINDS = {"ForSequenceClassification": "sequence-classification", "ForMaskedLM": "masked-lm",
+         "ForQuestionAnswering": "question-answering", "ForTokenClassification": "token-classification"}
 MASK_FRACTION = 0.15  # masked-LM dev score: top-1 accuracy on this share of the tokens, fixed positions
 IGNORE = -100
 
@@ -40,7 +41,9 @@ class DevSet:
     examples: int
     singles: list[dict[str, np.ndarray]]  # one example per batch, unpadded (latency at batch 1)
     batches: list[dict[str, np.ndarray]]  # padded batches (outputs, scores and throughput)
-    labels: list[Any]  # per batch: class ids / values (classification, regression) or [B, L] ids (masked LM)
+    labels: list[Any]  # per batch: class ids / values (classification, regression) or [B, L] ids (masked LM,
+    # tagging); question answering: none (its `scoring` holds the questions and windows)
+    scoring: Any = None
 
 
 def _kind_of(config: dict, path: str) -> str:
@@ -51,8 +54,8 @@ def _kind_of(config: dict, path: str) -> str:
                 return kind
     heads = ", ".join(architectures) or "no architectures in config.json"
     raise UserError(f"--model {path} has no head distil export takes ({heads}): give a masked LM (a training run's "
-                    "export/) or a sentence classifier / regressor fine-tuned by distil finetune with "
-                    "save_models=true (question-answering models are not exported yet)")
+                    "export/) or a model fine-tuned by distil finetune with save_models=true (sentence classifier or "
+                    "regressor, question answering, token tagging)")
 
 
 def read_task_file(folder: Path) -> dict | None:
@@ -97,7 +100,15 @@ def load_source(path: str, task_name: str | None) -> Source:
     if found == "masked-lm" and task_name:
         raise UserError(f"--model {path} is a masked LM: --task is for fine-tuned classifiers; leave it out")
     task_info = read_task_file(folder)
-    loader = AutoModelForSequenceClassification if found == "sequence-classification" else AutoModelForMaskedLM
+    if found in ("question-answering", "token-classification") and (task_info is None or task_name):
+        raise UserError(f"--model {path}: a {found} model is exported with the {TASK_FILE} distil finetune saved beside "
+                        "it (save_models=true), which says its task; " + ("leave --task out" if task_info else
+                                                                          "export such a folder"))
+    from transformers import AutoModelForQuestionAnswering, AutoModelForTokenClassification
+
+    loader = {"sequence-classification": AutoModelForSequenceClassification, "masked-lm": AutoModelForMaskedLM,
+              "question-answering": AutoModelForQuestionAnswering,
+              "token-classification": AutoModelForTokenClassification}[found]
     try:
         with quiet_transformers():
             model, info = loader.from_pretrained(str(folder), output_loading_info=True, dtype=torch.float32)
@@ -109,7 +120,13 @@ def load_source(path: str, task_name: str | None) -> Source:
         raise UserError(f"--model {path}: weights missing from the folder (e.g. {sorted(missing)[0]}, {len(missing)} "
                         "in all): give a complete trained model")
     task = task_spec(task_info, task_name, path) if found == "sequence-classification" else None
-    if task is not None and model.config.num_labels != task.num_labels:
+    if found in ("question-answering", "token-classification"):
+        from distil.pretrain.finetune.tasks import TaskSpec
+
+        labels = task_info.get("labels")  # type: ignore[union-attr]
+        task = TaskSpec(task_info["task"], tuple(labels) if labels else None, ("score",), text="", pair=None,  # type: ignore[index]
+                        label="")
+    if found == "sequence-classification" and model.config.num_labels != task.num_labels:
         raise UserError(f"--model {path} has {model.config.num_labels} outputs but task {task.name} has "
                         f"{task.num_labels}: give the --task it was fine-tuned on")
     model.eval()
@@ -133,6 +150,32 @@ def dev_set(source: Source, dev: str, max_seq_len: int, batch_size: int, max_exa
 
     accepted = forward_names(source.model) & {"input_ids", "attention_mask", "token_type_ids"}
     tok = source.tokenizer
+    if source.kind == "question-answering":
+        from distil.pretrain.finetune.qa import make_features, qa_window_settings, read_squad
+
+        examples = read_squad(dev, kind="dev", version=source.task.name)
+        examples = examples if max_examples is None else examples[:max_examples]
+        stride, query = qa_window_settings(source.task_info or {}, max_seq_len)
+        windows = make_features(tok, examples, max_seq_len, stride, query, accepted, labelled=False)
+        encodings = [{k: windows.encodings[k][i] for k in windows.encodings} for i in range(len(windows))]
+        return DevSet(dev, len(windows), _batches(tok, encodings, 1), _batches(tok, encodings, batch_size), [],
+                      (examples, windows))
+    if source.kind == "token-classification":
+        from distil.pretrain.finetune.tagging import align, check_tags, read_conll
+
+        sentences = read_conll(dev, kind="dev")
+        sentences = sentences if max_examples is None else sentences[:max_examples]
+        check_tags(sentences, source.task.labels, dev)
+        raw, _, _ = align(tok, sentences, source.task.labels, max_seq_len, accepted)
+        targets = raw.pop("labels")
+        encodings = [{k: raw[k][i] for k in raw} for i in range(len(sentences))]
+        label_batches = []
+        for start in range(0, len(sentences), batch_size):
+            chunk = targets[start : start + batch_size]
+            width = max(len(t) for t in chunk)
+            label_batches.append(np.asarray([t + [IGNORE] * (width - len(t)) for t in chunk]))
+        return DevSet(dev, len(sentences), _batches(tok, encodings, 1), _batches(tok, encodings, batch_size),
+                      label_batches)
     if source.kind == "sequence-classification":
         glue = None if source.task.name == "custom" else source.task
         split = read_split(glue, dev, kind="dev")
@@ -182,6 +225,27 @@ def dev_set(source: Source, dev: str, max_seq_len: int, batch_size: int, max_exa
 def score(source: Source, logits: list[np.ndarray], dev: DevSet) -> dict[str, float]:
     """The task's dev metrics (GLUE's, `score` their mean) or, for a masked LM, top-1 accuracy on the masked
     tokens (`score`)."""
+    if source.kind == "question-answering":
+        from distil.pretrain.finetune.qa import predict_answers, squad_scores
+
+        examples, windows = dev.scoring
+        rows = [row for batch in logits for row in batch]  # per window: (tokens, 2), start and end
+        info = source.task_info or {}
+        answers = predict_answers(examples, windows, [r[:, 0] for r in rows], [r[:, 1] for r in rows],
+                                  info.get("n_best", 20), info.get("max_answer_len", 30), source.task.name,
+                                  info.get("null_threshold", 0.0))
+        scores = squad_scores(examples, answers, source.task.name)
+        return {**scores, "score": (scores["exact"] + scores["f1"]) / 2}
+    if source.kind == "token-classification":
+        from distil.pretrain.finetune.tagging import decode, tag_scores
+
+        gold, predicted = [], []
+        for out, target in zip(logits, dev.labels, strict=True):
+            g, p = decode(out, target, source.task.labels)
+            gold += g
+            predicted += p
+        scores = tag_scores(gold, predicted)
+        return {**scores, "score": scores["f1"]}
     if source.kind == "sequence-classification":
         from distil.pretrain.finetune.metrics import compute_metrics, predictions_from_logits
 

@@ -261,6 +261,14 @@ def squad_scores(examples: list[QAExample], predictions: dict[str, str], version
     return out
 
 
+def qa_window_settings(info: dict, max_seq_len: int) -> tuple[int, int]:
+    """(doc_stride, max_query_len) for a saved QA model: its fine-tuning's (distil_task.json), bounded so that a
+    window of max_seq_len still holds some context."""
+    query = min(int(info.get("max_query_len") or 64), max_seq_len // 3)
+    stride = min(int(info.get("doc_stride") or 128), max(1, (max_seq_len - query - 4) // 2))
+    return stride, query
+
+
 class QuestionAnswerer:
     """Answers questions with a model folder saved by `distil finetune --task squad[_v2] save_models=true`, with
     the same windows and answer search as the fine-tuning's dev scores (transformers 5 no longer ships a
@@ -268,7 +276,7 @@ class QuestionAnswerer:
 
         answer = QuestionAnswerer("ft/student-squad/seed_42/model")("Who wrote it?", context)
 
-    Settings default to the saved model's distil_task.json (max_seq_len, and squad_v2's "no answer")."""
+    Settings come from the saved model's distil_task.json: the windows and answer search its dev scores used."""
 
     def __init__(self, folder: str, doc_stride: int = 128, max_query_len: int = 64, max_answer_len: int = 30,
                  n_best: int = 20, null_threshold: float = 0.0) -> None:
@@ -278,9 +286,12 @@ class QuestionAnswerer:
         info = json.loads(info_file.read_text()) if info_file.is_file() else {}
         self.version = info.get("task") if info.get("task") in QA_TASKS else "squad"
         self.max_seq_len = int(info.get("max_seq_len") or 384)
-        self.doc_stride = min(doc_stride, self.max_seq_len // 2)
-        self.max_query_len = min(max_query_len, self.max_seq_len // 2)
-        self.max_answer_len, self.n_best, self.null_threshold = max_answer_len, n_best, null_threshold
+        self.doc_stride, self.max_query_len = qa_window_settings(
+            {"doc_stride": info.get("doc_stride", doc_stride), "max_query_len": info.get("max_query_len", max_query_len)},
+            self.max_seq_len)
+        self.max_answer_len = int(info.get("max_answer_len", max_answer_len))
+        self.n_best = int(info.get("n_best", n_best))
+        self.null_threshold = float(info.get("null_threshold", null_threshold))
         self.tokenizer = AutoTokenizer.from_pretrained(folder)
         self.model = AutoModelForQuestionAnswering.from_pretrained(folder).eval()
 

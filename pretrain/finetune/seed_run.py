@@ -47,6 +47,9 @@ def write_task_file(folder: Path, cfg: FinetuneConfig, task: TaskSpec, seed: int
             "model": str(Path(cfg.model).resolve()), "mlflow_run_id": run_id, "dev": dev,  # type: ignore[arg-type]
             "distilled_from": str(Path(cfg.distill_from).resolve()) if cfg.distill_from else None,
             "truncation": cfg.truncation_for(task), "head_tokens": cfg.head_tokens}
+    if task.name in ("squad", "squad_v2"):  # the windows and answer search its dev scores used
+        info.update({k: getattr(cfg, k) for k in ("doc_stride", "max_query_len", "max_answer_len", "n_best",
+                                                  "null_threshold")})
     (folder / "distil_task.json").write_text(json.dumps(info, indent=2) + "\n")
 
 

@@ -286,3 +286,47 @@ def test_finetune_can_export_its_median_seed_and_report_the_forms(tuned, tmp_pat
                                   *FAST[:-2], "onnx=true", "--no-tracking"])
     assert "onnx=true exports the median seed's saved model: set save_models=true too" in refused.output
     assert not (tmp_path / "no").exists()
+
+
+def test_a_question_answering_and_a_tagging_model_export_and_score_as_fine_tuning_did(tmp_path):
+    """SQuAD v2 and CoNLL models: ONNX Runtime gives start/end logits (QA) or tag logits at any batch and length,
+    and every form's dev score is recomputed with the fine-tuning's own answer search / entity scores."""
+    from finetune_helpers import conll_sentences, qa_items, squad_json, write_conll
+
+    from distil.pretrain.finetune.qa import read_squad
+
+    models = make_models(tmp_path / "models")
+    tasks = {"squad_v2": (squad_json(tmp_path / "t.json", qa_items(240, 1, unanswerable=0.3)),
+                          squad_json(tmp_path / "d.json", qa_items(24, 2, unanswerable=0.3)),
+                          ["--max-seq-len", "48", "doc_stride=16", "max_query_len=12", "max_answer_len=4"]),
+             "conll": (write_conll(tmp_path / "t.txt", conll_sentences(80, 1)),
+                       write_conll(tmp_path / "d.txt", conll_sentences(20, 2)), ["--max-seq-len", "32"])}
+    for task, (train, dev, extra) in tasks.items():
+        ft = tmp_path / f"ft-{task}"
+        result = invoke("finetune", ["--model", models["teacher"], "--task", task, "--train", str(train), "--dev",
+                                     str(dev), "--output", str(ft), "--epochs", "4", "--seeds", "1", "--batch-size", "8",
+                                     "--lr", "3e-3", "save_models=true", "inference=false", "--no-tracking", *extra])
+        assert result.exit_code == 0, result.output
+        tuned_score = json.loads((ft / "report.json").read_text())["median"]["dev_score"]
+        out = tmp_path / f"onnx-{task}"
+        result = export(ft / "seed_42" / "model", dev, out, "--no-tracking", "--max-seq-len", extra[1],
+                        "--max-score-drop", "100")
+        assert result.exit_code == 0, result.output
+        report = json.loads((out / "export_report.json").read_text())
+        assert report["check"]["passed"] and list(report["forms"]) == ["pytorch-fp32", "onnx-fp32", "onnx-int8"]
+        # PyTorch's form on the dev set scores what the fine-tuning reported for the same model
+        assert report["forms"]["pytorch-fp32"]["score"] == pytest.approx(tuned_score)
+        import onnxruntime
+
+        session = onnxruntime.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
+        ids = np.random.default_rng(0).integers(5, 60, size=(3, 19)).astype(np.int64)
+        outputs = session.run(None, {"input_ids": ids, "attention_mask": np.ones_like(ids),
+                                     "token_type_ids": np.zeros_like(ids)})
+        if task == "squad_v2":
+            assert [o.name for o in session.get_outputs()] == ["start_logits", "end_logits"]
+            assert [o.shape for o in outputs] == [(3, 19), (3, 19)]
+            assert report["forms"]["onnx-fp32"]["metrics"]["HasAns_total"] + report["forms"]["onnx-fp32"]["metrics"][
+                "NoAns_total"] == len(read_squad(str(dev), kind="dev", version="squad_v2"))
+        else:
+            assert outputs[0].shape == (3, 19, len(json.loads((out / "config.json").read_text())["id2label"]))
+            assert {"f1", "precision", "recall"} <= set(report["forms"]["onnx-int8"]["metrics"])
