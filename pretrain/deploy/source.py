@@ -14,8 +14,8 @@ import torch
 
 from distil.common.errors import UserError
 from distil.pretrain.families import FAMILIES, NAMES
+from distil.pretrain.finetune.seed_run import TASK_FILE  # written beside a fine-tuned model; command.py imports it here
 
-TASK_FILE = "distil_task.json"  # written beside a fine-tuned model by distil finetune
 KINDS = {"ForSequenceClassification": "sequence-classification", "ForMaskedLM": "masked-lm",
          "ForQuestionAnswering": "question-answering", "ForTokenClassification": "token-classification"}
 MASK_FRACTION = 0.15  # masked-LM dev score: top-1 accuracy on this share of the tokens, fixed positions

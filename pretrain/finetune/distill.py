@@ -29,7 +29,11 @@ import torch.nn.functional as F
 from distil.common.errors import UserError
 from distil.pretrain.finetune.tasks import TaskSpec
 
-TASK_FILE = "distil_task.json"
+
+def teacher_autocast(device: torch.device, precision: str):
+    """The task teacher's forward: fp16 autocast on a GPU (bf16 with precision=bf16), plain fp32 on CPU."""
+    return torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16,
+                          enabled=device.type == "cuda")
 
 
 @dataclass(frozen=True)
@@ -67,6 +71,7 @@ def task_distillation_loss(student: torch.Tensor, teacher: torch.Tensor, labels:
 def check_task_teacher(path: str, task: TaskSpec, model_path: str) -> TaskTeacher:
     """The folder given as --distill-from, or a UserError naming what to change."""
     from distil.pretrain.finetune.model import inspect_model_folder
+    from distil.pretrain.finetune.seed_run import TASK_FILE
 
     folder = Path(path)
     if not folder.is_dir():
@@ -147,12 +152,10 @@ def teacher_logits(model, tokenizer, texts: list[str], pairs: list[str] | None, 
     encodings = encode(tokenizer, texts, pairs, max_seq_len, truncation, head_tokens)
     keys = [k for k in encodings if k in names]
     collator = DataCollatorWithPadding(tokenizer)
-    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(precision, torch.float16)
-    use_autocast = device.type == "cuda"
     out: list[list[float]] = []
     for start in range(0, len(texts), batch_size):
         batch = collator([{k: encodings[k][i] for k in keys} for i in range(start, min(len(texts), start + batch_size))])
-        with torch.autocast(device.type, dtype=dtype, enabled=use_autocast):
+        with teacher_autocast(device, precision):
             logits = model(**{k: v.to(device) for k, v in batch.items()}).logits
         out.extend(logits.float().cpu().tolist())
     model.to("cpu")

@@ -282,7 +282,9 @@ class QuestionAnswerer:
                  n_best: int = 20, null_threshold: float = 0.0) -> None:
         from transformers import AutoModelForQuestionAnswering, AutoTokenizer
 
-        info_file = Path(folder) / "distil_task.json"
+        from distil.pretrain.finetune.seed_run import TASK_FILE
+
+        info_file = Path(folder) / TASK_FILE
         info = json.loads(info_file.read_text()) if info_file.is_file() else {}
         self.version = info.get("task") if info.get("task") in QA_TASKS else "squad"
         self.max_seq_len = int(info.get("max_seq_len") or 384)

@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from distil.common.errors import UserError
+from distil.pretrain.finetune.distill import teacher_autocast
 from distil.pretrain.finetune.qa import (
     QAExample,
     QAFeatures,
@@ -228,14 +229,13 @@ def teacher_span_logits(model, tokenizer, features: QAFeatures, device: torch.de
     precision=bf16) autocast on a GPU, fp32 on CPU."""
     model.eval().to(device)
     collate = collator(tokenizer)
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
     starts: list[list[float]] = []
     ends: list[list[float]] = []
     n = len(features)
     for lo in range(0, n, batch_size):
         rows = range(lo, min(n, lo + batch_size))
         batch = collate([{k: features.encodings[k][i] for k in features.encodings} for i in rows])
-        with torch.autocast(device.type, dtype=dtype, enabled=device.type == "cuda"):
+        with teacher_autocast(device, precision):
             out = model(**{k: v.to(device) for k, v in batch.items()})
         for j, i in enumerate(rows):
             width = len(features.encodings["input_ids"][i])

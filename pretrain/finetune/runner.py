@@ -4,6 +4,9 @@ that fills the output folder atomically, picks the median seed and closes the pa
 
 from __future__ import annotations
 
+import shutil
+import sys
+import time
 from collections.abc import Callable
 from dataclasses import asdict
 from datetime import UTC, datetime
@@ -15,7 +18,7 @@ import torch
 
 from distil.common.files import atomic_write_folder, atomic_write_json
 from distil.pretrain.finetune.metrics import median_metrics, median_seed
-from distil.pretrain.finetune.track import FinetuneTracking
+from distil.pretrain.finetune.track import EpochLog, FinetuneTracking
 
 if TYPE_CHECKING:
     from distil.pretrain.finetune.run import FinetuneConfig
@@ -138,14 +141,9 @@ def train_seed(cfg: FinetuneConfig, device: torch.device, seed: int, model, toke
     """One seed of a QA or tagging run: `trainer_class` (transformers' Trainer with the task's loss) on the train
     set, dev metrics per epoch under the seed's MLflow child run, `write_outputs(dev prediction, folder)`, the
     saved model with its distil_task.json; returns the seed's report entry and the trained model."""
-    import shutil
-    import sys
-    import time
-
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
     from distil.pretrain.finetune.seed_run import training_arguments, write_task_file
-    from distil.pretrain.finetune.track import EpochLog
 
     child = tracking.start_seed(f"{record.run_name}-seed{seed}", seed, record.params, record.tags)
     log = EpochLog(child, seed)

@@ -36,6 +36,9 @@ def training_arguments(cfg: FinetuneConfig, device: torch.device, output_dir: Pa
         remove_unused_columns=False)
 
 
+TASK_FILE = "distil_task.json"  # beside each saved model: its task, labels, windows, run (distil export reads it)
+
+
 def write_task_file(folder: Path, cfg: FinetuneConfig, task: TaskSpec, seed: int, run_id: str | None,
                     dev: dict[str, float]) -> None:
     """distil_task.json beside a saved model: what it was fine-tuned on, so `distil export` can read the dev
@@ -50,7 +53,7 @@ def write_task_file(folder: Path, cfg: FinetuneConfig, task: TaskSpec, seed: int
     if task.name in ("squad", "squad_v2"):  # the windows and answer search its dev scores used
         info.update({k: getattr(cfg, k) for k in ("doc_stride", "max_query_len", "max_answer_len", "n_best",
                                                   "null_threshold")})
-    (folder / "distil_task.json").write_text(json.dumps(info, indent=2) + "\n")
+    (folder / TASK_FILE).write_text(json.dumps(info, indent=2) + "\n")
 
 
 def write_predictions(path: Path, task: TaskSpec, split: Split, predictions) -> None:

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from distil.common.errors import UserError
+from distil.pretrain.finetune.distill import teacher_autocast
 from distil.pretrain.finetune.runner import (
     RunRecord,
     announce,
@@ -136,12 +137,11 @@ def teacher_word_logits(model, tokenizer, sentences: list[Sentence], labels: tup
     encodings, firsts, _ = align(tokenizer, sentences, labels, max_seq_len, forward_names(model))
     encodings.pop("labels")
     collate = collator(tokenizer, len(labels))
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
     out: list[list[list[float]]] = []
     for lo in range(0, len(sentences), batch_size):
         rows = range(lo, min(len(sentences), lo + batch_size))
         batch = collate([{k: encodings[k][i] for k in encodings} for i in rows])
-        with torch.autocast(device.type, dtype=dtype, enabled=device.type == "cuda"):
+        with teacher_autocast(device, precision):
             logits = model(**{k: v.to(device) for k, v in batch.items()}).logits.float().cpu()
         for j, i in enumerate(rows):
             out.append(logits[j, firsts[i]].tolist())
