@@ -14,7 +14,9 @@ import torch
 
 from distil.common.errors import UserError
 from distil.pretrain.families import FAMILIES, NAMES
-from distil.pretrain.finetune.seed_run import TASK_FILE  # written beside a fine-tuned model; command.py imports it here
+from distil.pretrain.finetune.seed_run import (
+    TASK_FILE,  # written beside a fine-tuned model; command.py imports it here
+)
 
 KINDS = {"ForSequenceClassification": "sequence-classification", "ForMaskedLM": "masked-lm",
          "ForQuestionAnswering": "question-answering", "ForTokenClassification": "token-classification"}
