@@ -91,7 +91,9 @@ def test_kl_ce_gradient_survives_the_loss_scale(seed, dtype, backend):
     ref_x = student.double().requires_grad_(True)  # the same (rounded) inputs, exact arithmetic
     recipe_kl_ce(ref_x, teacher.double(), labels, kl_mask, T, ALPHA_KL, ALPHA_CE)[0].backward()
     scale = settled_loss_scale(ref_x.grad)
-    assert scale >= 2.0**14
+    # a scale the case can meet in training: 2^13 where a gradient just exceeds 1 (KERNELS_TEST_SEED=1596718355
+    # gave one in CI), 2^14-2^16 otherwise; the claims are the row comparisons below
+    assert scale >= 2.0**12
 
     (ours,) = _grads_under_scale([student], lambda x: distillation_kl_ce(
         x, teacher, labels, kl_mask, T, ALPHA_KL, ALPHA_CE, backend=backend).loss, scale)
