@@ -59,6 +59,9 @@ def main() -> None:
                    help="no_teacher's settings: own (the quickstart teacher's: uniform masking, lr 1e-3, weight decay "
                         "0.01), same (the distilled students': count^-0.7 masking, lr 5e-4, no weight decay) or both "
                         "(two baselines, no_teacher_own and no_teacher_same)")
+    p.add_argument("--narrow-init", choices=("random", "pca"), default="random",
+                   help="the distilled students' start when narrower than the teacher (student.narrow_init); the "
+                        "student trained without a teacher always starts randomly")
     p.add_argument("--relation-heads", type=int, default=None,
                    help="relation heads for the relations way (default: --heads); must divide both widths")
     p.add_argument("--ft-lr", type=float, default=5e-4, help="fine-tuning learning rate (the quickstart's: 5e-4)")
@@ -91,7 +94,8 @@ def main() -> None:
     step = t.num_hidden_layers // args.layers
     mapped = [step * (i + 1) for i in range(args.layers)]
     shape = [f"student.num_layers={args.layers}", f"student.hidden_size={args.width}",
-             f"student.num_attention_heads={args.heads}", f"student.intermediate_size={4 * args.width}"]
+             f"student.num_attention_heads={args.heads}", f"student.intermediate_size={4 * args.width}",
+             f"student.narrow_init={args.narrow_init}"]
     common = [f"data.shards={shards}", f"run.max_steps={args.steps}", "run.log_every=50", "checkpoint.every=0",
               "tracking.enabled=false"]
     kl_mlm = ["loss.alpha_ce=5", "loss.alpha_mlm=2", "loss.alpha_cos=0"]
@@ -146,7 +150,7 @@ def main() -> None:
             pairs.append({"a": a, "b": b, "difference": diff, "spread": spread, "exceeds": abs(diff) > spread})
     meta = {"teacher": str(teacher), "teacher_steps": args.teacher_steps or ("given" if args.teacher else "the quickstart's"),
             "teacher_shape": [t.num_hidden_layers, t.hidden_size], "ft_lr": args.ft_lr, "baseline": args.baseline,
-            "student_shape": [args.layers, args.width, args.heads], "steps": args.steps, "seeds": args.seeds,
+            "student_shape": [args.layers, args.width, args.heads], "narrow_init": args.narrow_init, "steps": args.steps, "seeds": args.seeds,
             "hidden_layers": mapped, "teacher_mlm_loss": teacher_eval["mlm_loss"], "teacher_top1": teacher_eval["top1_accuracy"]}
     if args.out:
         args.out.write_text(json.dumps({"meta": meta, "results": results, "pairs": pairs}, indent=2) + "\n")

@@ -32,7 +32,8 @@ from distil.pretrain.config import ArchConfig, StudentConfig, TeacherConfig
 log = logging.getLogger(__name__)
 
 NARROW_INIT = ("the student's widths differ from the teacher's: it is initialised randomly (weights cannot be "
-               "copied across widths)")
+               "copied across widths; student.narrow_init=pca starts its embeddings from the teacher's)")
+NARROW_INITS = ("random", "pca")
 RECIPE_DROPOUT = 0.1  # the DistilBERT student's dropouts in the recipe
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -177,12 +178,63 @@ def init_student_from_teacher(student: DistilBertForMaskedLM, teacher: BertForMa
         _copy(student.vocab_layer_norm, head.transform.LayerNorm)
 
 
+def _position_embeddings(model: torch.nn.Module) -> torch.nn.Embedding | None:
+    emb = getattr(model.base_model, "embeddings", None)
+    return getattr(emb, "position_embeddings", None)
+
+
+@torch.no_grad()
+def init_narrow_embeddings(student: torch.nn.Module, teacher: torch.nn.Module) -> float:
+    """student.narrow_init=pca: the teacher's word embeddings, centred, projected onto their top `width`
+    principal directions (computed in fp64) and rescaled to the teacher's standard deviation; its position
+    embeddings through the same projection and scale (they are added to the words); the MLM decoder tied to
+    the words or given them; the MLM output bias copied (the vocabulary's frequencies). The layers stay random. Returns the share of the teacher's word-embedding
+    variance the projection keeps."""
+    t_words, s_words = teacher.get_input_embeddings().weight, student.get_input_embeddings().weight
+    width = s_words.shape[1]
+    words = t_words.detach().double()
+    mean = words.mean(0)
+    centred = words - mean
+    eigvals, eigvecs = torch.linalg.eigh(centred.T @ centred)  # ascending
+    basis = eigvecs[:, -width:].flip(1)  # (teacher width, student width), orthonormal columns
+    projected = centred @ basis
+    scale = words.std() / projected.std()
+    s_words.copy_((projected * scale).to(s_words.dtype))
+    t_pos, s_pos = _position_embeddings(teacher), _position_embeddings(student)
+    if t_pos is not None and s_pos is not None and s_pos.weight.shape[0] <= t_pos.weight.shape[0]:
+        rows = s_pos.weight.shape[0]
+        s_pos.weight.copy_((t_pos.weight[:rows].double() @ basis * scale).to(s_pos.weight.dtype))
+    t_bias = families.family_of(teacher).decoder(teacher)[1]
+    s_decoder, s_bias = families.family_of(student).decoder(student)
+    if s_decoder.data_ptr() != s_words.data_ptr():  # an untied decoder gets the projected words too
+        s_decoder.copy_(s_words)
+    if t_bias is not None and s_bias is not None and t_bias.shape == s_bias.shape:
+        s_bias.copy_(t_bias.to(s_bias.dtype))
+    return float(eigvals[-width:].sum() / eigvals.sum())
+
+
+def _start_narrow(student: torch.nn.Module, teacher: torch.nn.Module, cfg: StudentConfig) -> None:
+    if cfg.narrow_init == "random":
+        log.warning(NARROW_INIT)
+        return
+    width, t_width = student.get_input_embeddings().weight.shape[1], teacher.get_input_embeddings().weight.shape[1]
+    if width > t_width:
+        raise UserError(f"student.narrow_init=pca projects the teacher's {t_width}-wide embeddings onto fewer "
+                        f"directions; this student is {width} wide: set student.narrow_init=random")
+    kept = init_narrow_embeddings(student, teacher)
+    log.info("the student's widths differ from the teacher's: its embeddings start from the teacher's top %d "
+             "principal directions (%.1f%% of their variance), its layers randomly", width, 100 * kept)
+
+
 def build_student(teacher: torch.nn.Module, cfg: StudentConfig) -> tuple[torch.nn.Module, list[int]]:
     """A fp32 student masked LM built from the teacher; initialised from it unless cfg says random.
 
     BERT -> DistilBERT follows the recipe's weight mapping; a student of the teacher's own family is the
     teacher's architecture with the mapped layers, everything else (embeddings, final norm, MLM head) copied.
     """
+    if cfg.narrow_init not in NARROW_INITS:
+        raise UserError(f"student.narrow_init={cfg.narrow_init!r} is not one of {', '.join(NARROW_INITS)}: set one "
+                        "of those")
     t_family = families.family_of(teacher)
     s_family = families.student_family(t_family, cfg.family)
     layer_map = resolve_layer_map(cfg, teacher.config.num_hidden_layers)
@@ -191,7 +243,7 @@ def build_student(teacher: torch.nn.Module, cfg: StudentConfig) -> tuple[torch.n
     if s_family.name == "distilbert" and t_family.name == "bert":
         student = DistilBertForMaskedLM(student_config_from_teacher(teacher.config, cfg))
         if cfg.init_from_teacher and not families.same_widths(teacher.config, student.config):
-            log.warning(NARROW_INIT)
+            _start_narrow(student, teacher, cfg)
         elif cfg.init_from_teacher:
             init_student_from_teacher(student, teacher, layer_map, copy_vocab_transform=cfg.copy_vocab_transform,
                                       fold_token_type=cfg.fold_token_type_embeddings)
@@ -202,7 +254,7 @@ def build_student(teacher: torch.nn.Module, cfg: StudentConfig) -> tuple[torch.n
     config = families.shallower_config(teacher.config, layer_map, cfg.dropout, cfg.attention_dropout, widths)
     student = s_family.model_class()(config).float()
     if cfg.init_from_teacher and not families.same_widths(teacher.config, config):
-        log.warning(NARROW_INIT)
+        _start_narrow(student, teacher, cfg)
     elif cfg.init_from_teacher:
         families.copy_layers(student, teacher, layer_map)
     return student, layer_map
