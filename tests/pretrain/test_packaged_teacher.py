@@ -35,11 +35,12 @@ def _encoder(folder: Path, distilbert: bool = False) -> Path:
     return folder
 
 
-def _run(tmp_path: Path, encoder: Path, corpus: Path, out: Path) -> subprocess.CompletedProcess:
+def _run(tmp_path: Path, encoder: Path, corpus: Path, out: Path, *extra: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     return subprocess.run([sys.executable, "-P", str(SCRIPT), "--corpus", str(corpus), "--output", str(out),
                            "--encoder", str(encoder), "--epochs", "2", "--batch-size", "16", "--holdout", "40",
-                           "--max-seq-len", "32"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+                           "--max-seq-len", "32", *extra], cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=600)
 
 
 def test_only_the_head_trains_and_the_teacher_loads_as_a_masked_lm(tmp_path):
@@ -69,6 +70,21 @@ def test_only_the_head_trains_and_the_teacher_loads_as_a_masked_lm(tmp_path):
     assert 0 <= report["top1"] <= 1 and report["mlm_loss"] > 0 and report["unigram_loss"] > 0
     assert report["trained_parameters"] == sum(
         p.numel() for n, p in teacher.named_parameters() if n.startswith("cls.") and not n.endswith("decoder.weight"))
+
+
+def test_encoder_epochs_train_the_whole_model(tmp_path):
+    encoder = _encoder(tmp_path / "encoder")
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n".join(vocabulary_text()) + "\n")
+    r = _run(tmp_path, encoder, corpus, tmp_path / "teacher", "--encoder-epochs", "1")
+    assert r.returncode == 0, r.stderr[-3000:]
+    before = BertModel.from_pretrained(encoder).state_dict()
+    teacher = AutoModelForMaskedLM.from_pretrained(tmp_path / "teacher")
+    after = teacher.bert.state_dict()
+    assert not torch.equal(after["encoder.layer.0.attention.self.query.weight"],
+                           before["encoder.layer.0.attention.self.query.weight"])
+    report = json.loads((tmp_path / "teacher" / "packaged_teacher.json").read_text())
+    assert report["encoder_epochs"] == 1 and report["trained_parameters"] == sum(p.numel() for p in teacher.parameters())
 
 
 def test_wrong_inputs_are_one_error_line(tmp_path):
