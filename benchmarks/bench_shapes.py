@@ -62,6 +62,9 @@ def main() -> None:
     p.add_argument("--narrow-init", choices=("random", "pca"), default="random",
                    help="the distilled students' start when narrower than the teacher (student.narrow_init); the "
                         "student trained without a teacher always starts randomly")
+    p.add_argument("--baselines-from", type=Path, default=None,
+                   help="an earlier run's --work folder whose no_teacher ways (same steps and seeds) are taken "
+                        "instead of trained again; they are evaluated against this run's teacher")
     p.add_argument("--relation-heads", type=int, default=None,
                    help="relation heads for the relations way (default: --heads); must divide both widths")
     p.add_argument("--ft-lr", type=float, default=5e-4, help="fine-tuning learning rate (the quickstart's: 5e-4)")
@@ -117,14 +120,27 @@ def main() -> None:
 
     task = write_opening_sentence_task(corpus, args.work / "task", n_train=1200, n_dev=300)
     results = {}
+    exports = {}
     for name, extra in ways.items():
-        out = args.work / name
-        train_s = run_distil(["train", *extra, *common, f"run.output_dir={out}"], name)
+        out, ft = args.work / name, args.work / "finetune" / name
+        if name.startswith("no_teacher") and args.baselines_from:
+            # The student trained alone depends on neither the teacher nor the distillation settings: an earlier
+            # run's, with the same steps and seeds, is the same model and the same fine-tuning.
+            out, ft = args.baselines_from / name, args.baselines_from / "finetune" / name
+            done = json.loads((out / "finished.json").read_text()) if (out / "finished.json").exists() else {}
+            earlier = json.loads((ft / "report.json").read_text()) if (ft / "report.json").exists() else {}
+            if done.get("step") != args.steps or len(earlier.get("seeds", ())) != args.seeds:
+                sys.exit(f"{args.baselines_from} has no {name} of {args.steps} steps fine-tuned with {args.seeds} "
+                         "seeds: run without --baselines-from")
+            train_s = None
+        else:
+            train_s = run_distil(["train", *extra, *common, f"run.output_dir={out}"], name)
+            run_distil(["finetune", "--model", str(out / "export"), "--task", "custom", "--train", str(task["train"]),
+                        "--dev", str(task["dev"]), "--output", str(ft), "--seeds", str(args.seeds), "--epochs", "3",
+                        "--lr", str(args.ft_lr), "--batch-size", "16", "--max-seq-len", "48", "--no-tracking",
+                        "warmup_ratio=0.1", "inference=false"])
+        exports[name] = out / "export"
         lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
-        ft = args.work / "finetune" / name
-        run_distil(["finetune", "--model", str(out / "export"), "--task", "custom", "--train", str(task["train"]), "--dev",
-             str(task["dev"]), "--output", str(ft), "--seeds", str(args.seeds), "--epochs", "3", "--lr", str(args.ft_lr),
-             "--batch-size", "16", "--max-seq-len", "48", "--no-tracking", "warmup_ratio=0.1", "inference=false"])
         report = json.loads((ft / "report.json").read_text())
         scores = [100 * s["dev"]["dev_score"] for s in report["seeds"]]
         results[name] = {"scores": scores, "mean": statistics.fmean(scores), "std": statistics.stdev(scores),
@@ -135,7 +151,7 @@ def main() -> None:
     report_path = args.work / "eval_report.json"
     run_distil(["evaluate", "--shards", str(shards), "--teacher", str(teacher), "--mask-smoothing", "0",
                 "--output", str(report_path), "--no-tracking",
-                *(x for name in results for x in ("--model", str(args.work / name / "export")))], "held-out MLM")
+                *(x for name in results for x in ("--model", str(exports[name])))], "held-out MLM")
     held_out = {Path(m["path"]).parent.name: m for m in json.loads(report_path.read_text())["models"]}
     teacher_eval = next(m for m in held_out.values() if m["role"] == "teacher")
     for name, r in results.items():
@@ -150,7 +166,8 @@ def main() -> None:
             pairs.append({"a": a, "b": b, "difference": diff, "spread": spread, "exceeds": abs(diff) > spread})
     meta = {"teacher": str(teacher), "teacher_steps": args.teacher_steps or ("given" if args.teacher else "the quickstart's"),
             "teacher_shape": [t.num_hidden_layers, t.hidden_size], "ft_lr": args.ft_lr, "baseline": args.baseline,
-            "student_shape": [args.layers, args.width, args.heads], "narrow_init": args.narrow_init, "steps": args.steps, "seeds": args.seeds,
+            "student_shape": [args.layers, args.width, args.heads], "narrow_init": args.narrow_init,
+            "baselines_from": str(args.baselines_from) if args.baselines_from else None, "steps": args.steps, "seeds": args.seeds,
             "hidden_layers": mapped, "teacher_mlm_loss": teacher_eval["mlm_loss"], "teacher_top1": teacher_eval["top1_accuracy"]}
     if args.out:
         args.out.write_text(json.dumps({"meta": meta, "results": results, "pairs": pairs}, indent=2) + "\n")
@@ -160,7 +177,8 @@ def main() -> None:
           "std over seeds | per seed |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|---|")
     for name, r in results.items():
-        print(f"| {name} | {r['train_seconds']:.0f} | {r['final_loss']:.3f} | {r['mlm_loss']:.3f} | {r['top1']:.3f} | "
+        seconds = "reused" if r["train_seconds"] is None else f"{r['train_seconds']:.0f}"
+        print(f"| {name} | {seconds} | {r['final_loss']:.3f} | {r['mlm_loss']:.3f} | {r['top1']:.3f} | "
               f"{r['kl_from_teacher']:.3f} | {r['mean']:.2f} | {r['std']:.2f} | {', '.join(f'{s:.1f}' for s in r['scores'])} |")
     print("\n| a | b | mean a - mean b | spread (std a + std b) | exceeds the spread |")
     print("|---|---|---:|---:|---|")
