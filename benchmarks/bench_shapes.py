@@ -25,8 +25,15 @@ tokenizer, into a 3 x 192 student:
     distil prepare --input /tmp/qs/corpus.txt --output /tmp/minilm/shards64 --tokenizer /tmp/minilm/teacher \
         --max-seq-len 64 --pack --holdout-fraction 0.02 --doc-separator line --seed 0
     python benchmarks/bench_shapes.py --quickstart /tmp/qs --shards /tmp/minilm/shards64 \
-        --teacher /tmp/minilm/teacher --work /tmp/minilm/bench --layers 3 --width 192 --heads 3 \
+        --teacher /tmp/minilm/teacher --work /tmp/minilm/bench1 --layers 3 --width 192 --heads 3 \
         --relation-heads 12 --steps 1000 --seeds 5 --baseline both
+The same encoder adapted to masked-LM as a whole, the students' embeddings started from the teacher's, the
+students trained alone taken from the run above:
+    python benchmarks/packaged_teacher.py --corpus /tmp/qs/corpus.txt --output /tmp/minilm/teacher-adapted \
+        --max-seq-len 64 --epochs 0.5 --encoder-epochs 1 --encoder-lr 1e-4
+    python benchmarks/bench_shapes.py --quickstart /tmp/qs --shards /tmp/minilm/shards64 \
+        --teacher /tmp/minilm/teacher-adapted --work /tmp/minilm/bench3 --layers 3 --width 192 --heads 3 \
+        --relation-heads 12 --steps 1000 --seeds 5 --baseline both --narrow-init pca --baselines-from /tmp/minilm/bench1
 """
 
 from __future__ import annotations
