@@ -188,8 +188,8 @@ def init_narrow_embeddings(student: torch.nn.Module, teacher: torch.nn.Module) -
     """student.narrow_init=pca: the teacher's word embeddings, centred, projected onto their top `width`
     principal directions (computed in fp64) and rescaled to the teacher's standard deviation; its position
     embeddings through the same projection and scale (they are added to the words); the MLM decoder tied to
-    the words or given them; the MLM output bias copied (the vocabulary's frequencies). The layers stay random. Returns the share of the teacher's word-embedding
-    variance the projection keeps."""
+    the words or given them; the MLM output bias copied (the vocabulary's frequencies). The layers stay
+    random. Returns the share of the teacher's word-embedding variance the projection keeps."""
     t_words, s_words = teacher.get_input_embeddings().weight, student.get_input_embeddings().weight
     width = s_words.shape[1]
     words = t_words.detach().double()
