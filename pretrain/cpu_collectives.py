@@ -23,6 +23,8 @@ import sys
 import time
 from pathlib import Path
 
+from distil.pretrain.run import stopsignal
+
 SHM_DIR = Path("/dev/shm")
 
 
@@ -74,6 +76,9 @@ def remove_abandoned_lock(lock: Path, wait_s: float = 600.0) -> bool:
     return True
 
 
+LOAD_ATTEMPTS_AFTER_STOP = 3
+
+
 def load_op() -> None:
     """Loads (building once per environment) DeepSpeed's CPU collectives op, so that DeepSpeed's own load
     while the process group starts returns it without touching the build directory's lock."""
@@ -93,7 +98,17 @@ def load_op() -> None:
         # left by a dead process unless another program (not distil) holds it open.
         fcntl.flock(guard, fcntl.LOCK_EX)
         remove_abandoned_lock(build_dir / "lock")
-        builder.load(verbose=False)
+        for attempt in range(LOAD_ATTEMPTS_AFTER_STOP):
+            try:
+                builder.load(verbose=False)
+                return
+            except RuntimeError:
+                # A stop signal sent to the whole process group (SLURM's time limit, preemption, Ctrl-C) also
+                # reaches the programs torch runs while it loads the op (`ninja --version`, the build), and they
+                # die of it; this process only records the signal, to stop with a checkpoint once it is set up.
+                # So a load that failed after a stop signal is tried again: the signal has been delivered.
+                if stopsignal.received() is None or attempt == LOAD_ATTEMPTS_AFTER_STOP - 1:
+                    raise
 
 
 def allreduce_buffer(rank: int) -> Path:

@@ -98,3 +98,40 @@ print("made", made, "left", segment.exists())
     from distributed_helpers import run_as_launched_rank
 
     assert run_as_launched_rank(code) == "made True left False"
+
+
+def _load_op_under(fake_bin: Path) -> subprocess.CompletedProcess:
+    """load_op in a process of its own group, as a rank under a scheduler, with `fake_bin` first on PATH."""
+    code = ("from distil.pretrain.run import stopsignal; stopsignal.install(); "
+            "from distil.pretrain import cpu_collectives; cpu_collectives.load_op(); "
+            "print('loaded; stop signal', stopsignal.received(), flush=True)")
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "PATH": f"{fake_bin}{os.pathsep}{os.environ['PATH']}"}
+    return subprocess.run([sys.executable, "-P", "-c", code], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=600, start_new_session=True)
+
+
+def test_a_stop_signal_to_the_group_while_the_op_loads_is_kept_not_fatal(tmp_path):
+    """SLURM signals the whole process group. A SIGTERM that arrives while torch runs `ninja --version` to
+    load the op kills ninja; the rank recorded the signal and must load the op and go on to stop with a
+    checkpoint, not crash with "Ninja is required" (seen in CI: exit 1 instead of 143)."""
+    if cpu_collectives._builder() is None:
+        pytest.skip("this DeepSpeed accelerator has no CPU collectives op to load")
+    real = shutil.which("ninja")
+    assert real, "ninja is installed with the environment (the op's JIT load needs it)"
+    fake_bin = tmp_path / "bin"
+    fake_bin.mkdir()
+    marker = tmp_path / "signalled"
+    (fake_bin / "ninja").write_text(
+        "#!/bin/sh\n"
+        f"if [ ! -e {marker} ]; then touch {marker}; kill -TERM 0; sleep 5; exit 1; fi\n"
+        f'exec {real} "$@"\n')
+    (fake_bin / "ninja").chmod(0o755)
+    r = _load_op_under(fake_bin)
+    assert marker.exists(), "the fake ninja was not run: the op did not go through torch's JIT load"
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.strip().endswith("loaded; stop signal 15")
+
+    # Without a stop signal a failing load still fails (a missing ninja is not retried away).
+    (fake_bin / "ninja").write_text("#!/bin/sh\nexit 1\n")
+    r = _load_op_under(fake_bin)
+    assert r.returncode != 0 and "ninja" in r.stderr
