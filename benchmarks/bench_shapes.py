@@ -66,15 +66,19 @@ def main() -> None:
                    help="no_teacher's settings: own (the quickstart teacher's: uniform masking, lr 1e-3, weight decay "
                         "0.01), same (the distilled students': count^-0.7 masking, lr 5e-4, no weight decay) or both "
                         "(two baselines, no_teacher_own and no_teacher_same)")
-    p.add_argument("--narrow-init", choices=("random", "pca"), default="random",
+    p.add_argument("--narrow-init", choices=("random", "pca", "subclone"), default="random",
                    help="the distilled students' start when narrower than the teacher (student.narrow_init); the "
                         "student trained without a teacher always starts randomly")
+    p.add_argument("--with-start", action="store_true",
+                   help="also fine-tune the distilled students' start itself, before any distillation (way `start`): "
+                        "what the initialisation alone gives")
     p.add_argument("--baselines-from", type=Path, default=None,
                    help="an earlier run's --work folder whose no_teacher ways (same steps and seeds) are taken "
                         "instead of trained again; they are evaluated against this run's teacher")
     p.add_argument("--relation-heads", type=int, default=None,
                    help="relation heads for the relations way (default: --heads); must divide both widths")
     p.add_argument("--ft-lr", type=float, default=5e-4, help="fine-tuning learning rate (the quickstart's: 5e-4)")
+    p.add_argument("--ft-epochs", type=int, default=3, help="fine-tuning epochs (the quickstart's: 3)")
     p.add_argument("--seeds", type=int, default=5)
     p.add_argument("--layers", type=int, default=2)
     p.add_argument("--width", type=int, default=64)
@@ -110,6 +114,7 @@ def main() -> None:
               "tracking.enabled=false"]
     kl_mlm = ["loss.alpha_ce=5", "loss.alpha_mlm=2", "loss.alpha_cos=0"]
     ways = {
+        **({"start": shape} if args.with_start else {}),
         "kl_mlm": ["--config", "quickstart_student", f"teacher.path={teacher}", *shape, *kl_mlm],
         "hidden": ["--config", "quickstart_student", f"teacher.path={teacher}", *shape, *kl_mlm,
                    "loss.alpha_hidden=1", f"loss.hidden_layers=[{','.join(map(str, mapped))}]"],
@@ -141,13 +146,17 @@ def main() -> None:
                          "seeds: run without --baselines-from")
             train_s = None
         else:
-            train_s = run_distil(["train", *extra, *common, f"run.output_dir={out}"], name)
+            if name == "start":
+                train_s = save_start(teacher, shards, extra, out / "export")
+            else:
+                train_s = run_distil(["train", *extra, *common, f"run.output_dir={out}"], name)
             run_distil(["finetune", "--model", str(out / "export"), "--task", "custom", "--train", str(task["train"]),
-                        "--dev", str(task["dev"]), "--output", str(ft), "--seeds", str(args.seeds), "--epochs", "3",
+                        "--dev", str(task["dev"]), "--output", str(ft), "--seeds", str(args.seeds), "--epochs", str(args.ft_epochs),
                         "--lr", str(args.ft_lr), "--batch-size", "16", "--max-seq-len", "48", "--no-tracking",
                         "warmup_ratio=0.1", "inference=false"])
         exports[name] = out / "export"
-        lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+        metrics = out / "metrics.jsonl"
+        lines = [json.loads(x) for x in metrics.read_text().splitlines()] if metrics.exists() else [{"loss": None}]
         report = json.loads((ft / "report.json").read_text())
         scores = [100 * s["dev"]["dev_score"] for s in report["seeds"]]
         results[name] = {"scores": scores, "mean": statistics.fmean(scores), "std": statistics.stdev(scores),
@@ -172,7 +181,7 @@ def main() -> None:
             spread = results[a]["std"] + results[b]["std"]
             pairs.append({"a": a, "b": b, "difference": diff, "spread": spread, "exceeds": abs(diff) > spread})
     meta = {"teacher": str(teacher), "teacher_steps": args.teacher_steps or ("given" if args.teacher else "the quickstart's"),
-            "teacher_shape": [t.num_hidden_layers, t.hidden_size], "ft_lr": args.ft_lr, "baseline": args.baseline,
+            "teacher_shape": [t.num_hidden_layers, t.hidden_size], "ft_lr": args.ft_lr, "ft_epochs": args.ft_epochs, "baseline": args.baseline,
             "student_shape": [args.layers, args.width, args.heads], "narrow_init": args.narrow_init,
             "baselines_from": str(args.baselines_from) if args.baselines_from else None, "steps": args.steps, "seeds": args.seeds,
             "hidden_layers": mapped, "teacher_mlm_loss": teacher_eval["mlm_loss"], "teacher_top1": teacher_eval["top1_accuracy"]}
@@ -185,13 +194,33 @@ def main() -> None:
     print("|---|---:|---:|---:|---:|---:|---:|---:|---|")
     for name, r in results.items():
         seconds = "reused" if r["train_seconds"] is None else f"{r['train_seconds']:.0f}"
-        print(f"| {name} | {seconds} | {r['final_loss']:.3f} | {r['mlm_loss']:.3f} | {r['top1']:.3f} | "
+        final = "-" if r["final_loss"] is None else f"{r['final_loss']:.3f}"
+        print(f"| {name} | {seconds} | {final} | {r['mlm_loss']:.3f} | {r['top1']:.3f} | "
               f"{r['kl_from_teacher']:.3f} | {r['mean']:.2f} | {r['std']:.2f} | {', '.join(f'{s:.1f}' for s in r['scores'])} |")
     print("\n| a | b | mean a - mean b | spread (std a + std b) | exceeds the spread |")
     print("|---|---|---:|---:|---|")
     for pr in pairs:
         print(f"| {pr['a']} | {pr['b']} | {pr['difference']:+.2f} | {pr['spread']:.2f} | "
               f"{'yes' if pr['exceeds'] else 'no'} |")
+
+
+def save_start(teacher: Path, shards: Path, shape: list[str], folder: Path) -> float:
+    """The distilled students' start, built as `distil train --config quickstart_student` builds it
+    (models.build_student on the loaded config), saved with the teacher's tokenizer; returns 0 (no training)."""
+    from transformers import AutoModelForMaskedLM, AutoTokenizer
+
+    from distil.pretrain import models
+    from distil.pretrain.config import load_config
+    from distil.pretrain.distributed import seed_everything
+
+    cfg = load_config("quickstart_student", [f"teacher.path={teacher}", f"data.shards={shards}", *shape])
+    with models.quiet_transformers():
+        model = AutoModelForMaskedLM.from_pretrained(teacher)
+    seed_everything(cfg.run.seed)  # as the trainer does before it builds the student
+    student, _ = models.build_student(model, cfg.student)
+    student.save_pretrained(folder)
+    AutoTokenizer.from_pretrained(teacher).save_pretrained(folder)
+    return 0.0
 
 
 if __name__ == "__main__":

@@ -38,8 +38,9 @@ class StudentConfig:
     hidden_size: int | None = None  # None: the teacher's width (the recipe); narrower students, e.g. 384
     num_attention_heads: int | None = None  # None: the teacher's
     intermediate_size: int | None = None  # feed-forward width; None: the teacher's (4 x hidden for BERT-base)
-    narrow_init: str = "random"  # a student narrower than its teacher: random, or pca (the teacher's word and
-    # position embeddings projected onto their top principal directions, its MLM output bias copied; layers random)
+    narrow_init: str = "random"  # a student narrower than its teacher: random; pca (the teacher's word and
+    # position embeddings projected onto their top principal directions, its MLM output bias copied; layers random);
+    # or subclone (the teacher's most important residual dimensions, heads and neurons: pretrain/subclone.py)
     copy_vocab_transform: bool = False  # also copy the teacher MLM head's transform (dense + LayerNorm)
     fold_token_type_embeddings: bool = False  # add the teacher's token-type-0 embedding into positions
     dropout: float | None = None  # None: the recipe's 0.1 for a DistilBERT student, else the teacher's own

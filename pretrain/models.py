@@ -25,15 +25,16 @@ from transformers import (
 
 from distil.common.errors import UserError
 from distil.data_pipeline.manifest import Manifest
-from distil.pretrain import families
+from distil.pretrain import families, subclone
 from distil.pretrain.compat import check_manifest_ids, check_model_fits
 from distil.pretrain.config import ArchConfig, StudentConfig, TeacherConfig
 
 log = logging.getLogger(__name__)
 
 NARROW_INIT = ("the student's widths differ from the teacher's: it is initialised randomly (weights cannot be "
-               "copied across widths; student.narrow_init=pca starts its embeddings from the teacher's)")
-NARROW_INITS = ("random", "pca")
+               "copied as they are across widths; student.narrow_init=subclone starts it from a slice of the teacher's "
+               "weights, pca its embeddings from the teacher's)")
+NARROW_INITS = ("random", "pca", "subclone")
 RECIPE_DROPOUT = 0.1  # the DistilBERT student's dropouts in the recipe
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -213,9 +214,17 @@ def init_narrow_embeddings(student: torch.nn.Module, teacher: torch.nn.Module) -
     return float(eigvals[-width:].sum() / eigvals.sum())
 
 
-def _start_narrow(student: torch.nn.Module, teacher: torch.nn.Module, cfg: StudentConfig) -> None:
+def _start_narrow(student: torch.nn.Module, teacher: torch.nn.Module, cfg: StudentConfig,
+                  layer_map: list[int]) -> None:
     if cfg.narrow_init == "random":
         log.warning(NARROW_INIT)
+        return
+    if cfg.narrow_init == "subclone":
+        kept = subclone.subclone(student, teacher, layer_map)
+        log.info("the student's widths differ from the teacher's: it starts from the teacher's layers %s cut to "
+                 "%d of %d residual dimensions, heads %s and %d feed-forward neurons (student.narrow_init=subclone)",
+                 layer_map, len(kept["dims"]), teacher.get_input_embeddings().weight.shape[1], kept["heads"],
+                 kept["neurons"])
         return
     width, t_width = student.get_input_embeddings().weight.shape[1], teacher.get_input_embeddings().weight.shape[1]
     if width > t_width:
@@ -243,7 +252,7 @@ def build_student(teacher: torch.nn.Module, cfg: StudentConfig) -> tuple[torch.n
     if s_family.name == "distilbert" and t_family.name == "bert":
         student = DistilBertForMaskedLM(student_config_from_teacher(teacher.config, cfg))
         if cfg.init_from_teacher and not families.same_widths(teacher.config, student.config):
-            _start_narrow(student, teacher, cfg)
+            _start_narrow(student, teacher, cfg, layer_map)
         elif cfg.init_from_teacher:
             init_student_from_teacher(student, teacher, layer_map, copy_vocab_transform=cfg.copy_vocab_transform,
                                       fold_token_type=cfg.fold_token_type_embeddings)
@@ -254,7 +263,7 @@ def build_student(teacher: torch.nn.Module, cfg: StudentConfig) -> tuple[torch.n
     config = families.shallower_config(teacher.config, layer_map, cfg.dropout, cfg.attention_dropout, widths)
     student = s_family.model_class()(config).float()
     if cfg.init_from_teacher and not families.same_widths(teacher.config, config):
-        _start_narrow(student, teacher, cfg)
+        _start_narrow(student, teacher, cfg, layer_map)
     elif cfg.init_from_teacher:
         families.copy_layers(student, teacher, layer_map)
     return student, layer_map

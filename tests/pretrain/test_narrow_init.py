@@ -91,7 +91,7 @@ def test_wrong_settings_are_one_error_line():
     teacher = tiny_teacher("bert")
     with pytest.raises(UserError) as e:
         models.build_student(teacher, StudentConfig(**NARROW, narrow_init="svd"))
-    assert str(e.value) == "student.narrow_init='svd' is not one of random, pca: set one of those"
+    assert str(e.value) == "student.narrow_init='svd' is not one of random, pca, subclone: set one of those"
     wide = dict(NARROW, hidden_size=48, num_attention_heads=4)
     with pytest.raises(UserError) as e:
         models.build_student(teacher, StudentConfig(**wide, narrow_init="pca"))
