@@ -34,6 +34,12 @@ students trained alone taken from the run above:
     python benchmarks/bench_shapes.py --quickstart /tmp/qs --shards /tmp/minilm/shards64 \
         --teacher /tmp/minilm/teacher-adapted --work /tmp/minilm/bench3 --layers 3 --width 192 --heads 3 \
         --relation-heads 12 --steps 1000 --seeds 5 --baseline both --narrow-init pca --baselines-from /tmp/minilm/bench1
+The students started from a slice of that teacher (student.narrow_init=subclone: 6 heads keep its head size of
+32), their start fine-tuned too, every way fine-tuned at a pretrained model's learning rate:
+    python benchmarks/bench_shapes.py --quickstart /tmp/qs --shards /tmp/minilm/shards64 \
+        --teacher /tmp/minilm/teacher-adapted --work /tmp/minilm/bench7 --layers 3 --width 192 --heads 6 \
+        --relation-heads 12 --steps 1000 --seeds 5 --baseline both --narrow-init subclone --with-start \
+        --ft-lr 1e-4 --ft-epochs 5
 """
 
 from __future__ import annotations

@@ -222,7 +222,7 @@ def _start_narrow(student: torch.nn.Module, teacher: torch.nn.Module, cfg: Stude
     if cfg.narrow_init == "subclone":
         kept = subclone.subclone(student, teacher, layer_map)
         log.info("the student's widths differ from the teacher's: it starts from the teacher's layers %s cut to "
-                 "%d of %d residual dimensions, heads %s and %d feed-forward neurons (student.narrow_init=subclone)",
+                 "%d of %d residual dimensions, heads %s and %d feed-forward neurons a layer (student.narrow_init=subclone)",
                  layer_map, len(kept["dims"]), teacher.get_input_embeddings().weight.shape[1], kept["heads"],
                  kept["neurons"])
         return

@@ -166,7 +166,7 @@ def subclone(student: nn.Module, teacher: nn.Module, layer_map: list[int]) -> di
         s.token_types.weight[:types].copy_(t.token_types.weight[:types][:, keep].to(s.token_types.weight.dtype))
     _norm(s.emb_norm, t.emb_norm, keep)
     n_heads = width // head_size
-    kept_heads, kept_neurons = [], 0
+    kept_heads = []
     for s_layer, t_idx in zip(s.layers, layer_map, strict=True):
         tl = t.layers[t_idx]
         heads = top_heads(tl, head_size, n_heads)
@@ -180,11 +180,10 @@ def subclone(student: nn.Module, teacher: nn.Module, layer_map: list[int]) -> di
         _linear(s_layer.ffn_out, tl.ffn_out, keep, neurons)
         _norm(s_layer.ffn_norm, tl.ffn_norm, keep)
         kept_heads.append(heads.tolist())
-        kept_neurons += len(neurons)
     _linear(s.head_dense, t.head_dense, keep, keep)
     _norm(s.head_norm, t.head_norm, keep)
     if s.decoder.weight.data_ptr() != s.words.weight.data_ptr():  # untied: the decoder's own kept columns
         s.decoder.weight.copy_(t.decoder.weight[:, keep].to(s.decoder.weight.dtype))
     if s.head_bias is not None and t.head_bias is not None:
         s.head_bias.copy_(t.head_bias.to(s.head_bias.dtype))
-    return {"dims": keep.tolist(), "heads": kept_heads, "neurons": kept_neurons}
+    return {"dims": keep.tolist(), "heads": kept_heads, "neurons": s.layers[0].ffn_in.weight.shape[0]}
