@@ -213,16 +213,15 @@ def main() -> None:
 def save_start(teacher: Path, shards: Path, shape: list[str], folder: Path) -> float:
     """The distilled students' start, built as `distil train --config quickstart_student` builds it
     (models.build_student on the loaded config), saved with the teacher's tokenizer; returns 0 (no training)."""
-    from transformers import AutoModelForMaskedLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     from distil.pretrain import models
     from distil.pretrain.config import load_config
     from distil.pretrain.distributed import seed_everything
 
     cfg = load_config("quickstart_student", [f"teacher.path={teacher}", f"data.shards={shards}", *shape])
-    with models.quiet_transformers():
-        model = AutoModelForMaskedLM.from_pretrained(teacher)
     seed_everything(cfg.run.seed)  # as the trainer does before it builds the student
+    model = models.load_teacher(cfg.teacher, need_logits=True)  # in teacher.dtype (fp16), as the trainer's
     student, _ = models.build_student(model, cfg.student)
     student.save_pretrained(folder)
     AutoTokenizer.from_pretrained(teacher).save_pretrained(folder)

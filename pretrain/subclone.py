@@ -157,10 +157,11 @@ def subclone(student: nn.Module, teacher: nn.Module, layer_map: list[int]) -> di
     keep = residual_dims(t, width)
     s.words.weight.copy_(t.words.weight[:, keep].to(s.words.weight.dtype))
     rows = min(s.positions.weight.shape[0], t.positions.weight.shape[0])
-    positions = t.positions.weight[:rows].clone()
+    dtype = s.positions.weight.dtype  # the sum in the student's precision (a fp16 teacher's would round)
+    positions = t.positions.weight[:rows].to(dtype)
     if s.token_types is None and t.token_types is not None:
-        positions += t.token_types.weight[0]
-    s.positions.weight[:rows].copy_(positions[:, keep].to(s.positions.weight.dtype))
+        positions = positions + t.token_types.weight[0].to(dtype)
+    s.positions.weight[:rows].copy_(positions[:, keep])
     if s.token_types is not None and t.token_types is not None:
         types = min(s.token_types.weight.shape[0], t.token_types.weight.shape[0])
         s.token_types.weight[:types].copy_(t.token_types.weight[:types][:, keep].to(s.token_types.weight.dtype))

@@ -97,6 +97,24 @@ def test_a_narrow_student_is_the_teachers_slice(family, caplog):
     assert s.decoder.weight.data_ptr() == s.words.weight.data_ptr()  # still tied to the sliced words
 
 
+def test_a_fp16_teacher_gives_the_fp32_student_its_rounded_weights_exactly():
+    """The trainer loads the teacher in fp16 (the recipe's teacher.dtype): the student holds those values in fp32,
+    the token-type fold summed in fp32."""
+    teacher = tiny_teacher("bert")
+    half = tiny_teacher("bert").half()
+    student, _ = models.build_student(half, StudentConfig(**NARROW, layers=[1, 3], narrow_init="subclone"))
+    reference, _ = models.build_student(teacher, StudentConfig(**NARROW, layers=[1, 3], narrow_init="subclone"))
+    assert all(p.dtype == torch.float32 for p in student.parameters())
+    t, s = subclone._parts(half), subclone._parts(student)
+    keep = subclone.residual_dims(t, 16)
+    want = (t.positions.weight.float() + t.token_types.weight[0].float())[:, keep]
+    assert torch.equal(s.positions.weight, want)
+    assert torch.equal(s.layers[0].q.weight, t.layers[1].q.weight.float()[
+        torch.cat([torch.arange(h * HEAD, (h + 1) * HEAD) for h in subclone.top_heads(t.layers[1], HEAD, 2)])][:, keep])
+    # the same slice as from the fp32 teacher, up to fp16 rounding
+    torch.testing.assert_close(s.words.weight, subclone._parts(reference).words.weight, rtol=1e-3, atol=1e-4)
+
+
 def test_subclone_starts_nearer_the_teacher_than_a_random_start():
     """What the rule is for: on the teacher's own inputs, the sliced student's masked-LM distribution is closer to
     the teacher's than a randomly started student's (the planted teacher leans on the kept dimensions)."""
