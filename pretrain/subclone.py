@@ -17,7 +17,8 @@ No rescaling: measured on a 6 x 384 MiniLM teacher cut to 3 x 192, scaling the m
 stream by sqrt(teacher width / student width) gave a worse held-out masked-LM loss (7.34 against 7.26) before any
 training. At the teacher's own widths every index is kept and the student is exactly the layer-copy
 initialisation with the MLM head's transform copied and, for a DistilBERT student of BERT, the token-type-0
-embedding folded into the positions. ModernBERT (fused query/key/value, gated MLP, pre-LN) is not covered: use pca or random there.
+embedding folded into the positions. ModernBERT (fused query/key/value, gated MLP, pre-LN) is not covered: use
+pca or random there.
 """
 
 from __future__ import annotations
@@ -54,42 +55,38 @@ class Parts:
     layers: list[Layer]
     head_dense: nn.Linear
     head_norm: nn.LayerNorm
-    decoder: nn.Linear
+    decoder: torch.Tensor  # the vocabulary projection's weight (the word embeddings when tied)
     head_bias: torch.Tensor | None
 
 
 def _parts(model: nn.Module) -> Parts:
-    name = families.family_of(model).name
-    if name not in SUPPORTED:
+    """The weights a slice touches; the layers, query/key/value, embeddings and decoder as families.py finds them."""
+    family = families.family_of(model)
+    if family.name not in SUPPORTED:
         raise UserError(f"student.narrow_init=subclone slices separate query/key/value weights and post-LN "
-                        f"LayerNorms, which a {families.family_of(model).title} does not have: set "
-                        "student.narrow_init=pca or random")
-    if name == "distilbert":
-        emb = model.distilbert.embeddings
-        layers = [Layer(lay.attention.q_lin, lay.attention.k_lin, lay.attention.v_lin, lay.attention.out_lin,
-                        lay.sa_layer_norm, lay.ffn.lin1, lay.ffn.lin2, lay.output_layer_norm)
-                  for lay in model.distilbert.transformer.layer]
-        return Parts(emb.word_embeddings, emb.position_embeddings, None, emb.LayerNorm, layers,
-                     model.vocab_transform, model.vocab_layer_norm, model.vocab_projector, model.vocab_projector.bias)
-    body = model.bert if name == "bert" else model.roberta
-    emb = body.embeddings
-    layers = [Layer(lay.attention.self.query, lay.attention.self.key, lay.attention.self.value,
-                    lay.attention.output.dense, lay.attention.output.LayerNorm, lay.intermediate.dense,
-                    lay.output.dense, lay.output.LayerNorm) for lay in body.encoder.layer]
-    if name == "bert":
-        head = model.cls.predictions
-        dense, norm, decoder, bias = head.transform.dense, head.transform.LayerNorm, head.decoder, head.bias
+                        f"LayerNorms, which a {family.title} does not have: set student.narrow_init=pca or random")
+    layers = []
+    for lay in family.layers(model):
+        if family.name == "distilbert":
+            rest = (lay.attention.out_lin, lay.sa_layer_norm, lay.ffn.lin1, lay.ffn.lin2, lay.output_layer_norm)
+        else:
+            rest = (lay.attention.output.dense, lay.attention.output.LayerNorm, lay.intermediate.dense,
+                    lay.output.dense, lay.output.LayerNorm)
+        layers.append(Layer(*family.qkv(lay), *rest))
+    if family.name == "distilbert":
+        dense, norm = model.vocab_transform, model.vocab_layer_norm
+    elif family.name == "bert":
+        dense, norm = model.cls.predictions.transform.dense, model.cls.predictions.transform.LayerNorm
     else:
-        head = model.lm_head
-        dense, norm, decoder, bias = head.dense, head.layer_norm, head.decoder, head.bias
-    return Parts(emb.word_embeddings, emb.position_embeddings, emb.token_type_embeddings, emb.LayerNorm, layers,
-                 dense, norm, decoder, bias)
+        dense, norm = model.lm_head.dense, model.lm_head.layer_norm
+    emb = family.body(model).embeddings
+    return Parts(emb.word_embeddings, emb.position_embeddings, getattr(emb, "token_type_embeddings", None),
+                 emb.LayerNorm, layers, dense, norm, *family.decoder(model))
 
 
 def _top(scores: torch.Tensor, k: int) -> torch.Tensor:
     """Indices of the k largest scores, in ascending index order (ties: the lower index)."""
-    order = sorted(range(len(scores)), key=lambda i: (-float(scores[i]), i))
-    return torch.tensor(sorted(order[:k]), dtype=torch.long)
+    return torch.argsort(-scores.cpu(), stable=True)[:k].sort().values
 
 
 def residual_dims(parts: Parts, width: int) -> torch.Tensor:
@@ -124,8 +121,8 @@ def _norm(dst: nn.LayerNorm, src: nn.LayerNorm, idx: torch.Tensor) -> None:
         dst.bias.copy_(src.bias[idx].to(dst.bias.dtype))
 
 
-def check(teacher_config, student_config) -> None:
-    """One error line when the student cannot be sliced from this teacher."""
+def check(teacher_config, student_config) -> int:
+    """One error line when the student cannot be sliced from this teacher; else the head size both keep."""
     t_hidden, t_heads = int(teacher_config.hidden_size), int(teacher_config.num_attention_heads)
     s_hidden, s_heads = int(student_config.hidden_size), int(student_config.num_attention_heads)
     t_ffn, s_ffn = families.ffn_width(teacher_config), families.ffn_width(student_config)
@@ -142,6 +139,7 @@ def check(teacher_config, student_config) -> None:
         raise UserError(f"student.narrow_init=subclone keeps whole teacher heads of size {head_size}: set "
                         f"student.num_attention_heads={s_hidden // head_size} for student.hidden_size={s_hidden} "
                         f"(not {s_heads})")
+    return head_size
 
 
 @torch.no_grad()
@@ -150,10 +148,9 @@ def subclone(student: nn.Module, teacher: nn.Module, layer_map: list[int]) -> di
     docstring). A student without token types (DistilBERT from BERT) gets the teacher's token-type-0 embedding
     added into its positions, as BERT adds it at every position of a single-segment input. Returns what was
     kept, for the log."""
-    check(teacher.config, student.config)
-    t, s = _parts(teacher), _parts(student)
+    t, s = _parts(teacher), _parts(student)  # an unsupported family first, then the shapes
+    head_size = check(teacher.config, student.config)
     width = s.words.weight.shape[1]
-    head_size = t.layers[0].q.weight.shape[0] // int(teacher.config.num_attention_heads)
     keep = residual_dims(t, width)
     s.words.weight.copy_(t.words.weight[:, keep].to(s.words.weight.dtype))
     rows = min(s.positions.weight.shape[0], t.positions.weight.shape[0])
@@ -183,8 +180,8 @@ def subclone(student: nn.Module, teacher: nn.Module, layer_map: list[int]) -> di
         kept_heads.append(heads.tolist())
     _linear(s.head_dense, t.head_dense, keep, keep)
     _norm(s.head_norm, t.head_norm, keep)
-    if s.decoder.weight.data_ptr() != s.words.weight.data_ptr():  # untied: the decoder's own kept columns
-        s.decoder.weight.copy_(t.decoder.weight[:, keep].to(s.decoder.weight.dtype))
+    if s.decoder.data_ptr() != s.words.weight.data_ptr():  # untied: the decoder's own kept columns
+        s.decoder.copy_(t.decoder[:, keep].to(s.decoder.dtype))
     if s.head_bias is not None and t.head_bias is not None:
         s.head_bias.copy_(t.head_bias.to(s.head_bias.dtype))
     return {"dims": keep.tolist(), "heads": kept_heads, "neurons": s.layers[0].ffn_in.weight.shape[0]}

@@ -1,8 +1,8 @@
 """Narrower students end to end on CPU through the DeepSpeed launcher (2 processes, ZeRO-2): a 4 x 64 BERT
 teacher (MLM mode) distilled into 2 x 32 students with each layer loss turned on alone (the relations one started
-from the teacher's slice, student.narrow_init=subclone); the loss falls; the
-projections live in the checkpoints and not in the export; a run killed with SIGKILL resumes to bitwise the
-weights of an uninterrupted one; the export loads in transformers and fine-tunes with `distil finetune`."""
+from the teacher's slice, student.narrow_init=subclone); the loss falls; the projections live in the checkpoints
+and not in the export; a run killed with SIGKILL resumes to bitwise the weights of an uninterrupted one; the
+export loads in transformers and fine-tunes with `distil finetune`."""
 
 from __future__ import annotations
 
