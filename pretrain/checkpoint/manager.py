@@ -317,16 +317,21 @@ class CheckpointManager:
     def save(self, step: int) -> Path:
         """The checkpoint of `step`, once it is complete and named by `latest` (at once if it already is)."""
         path = self.path_for(step)
-        why = damage(path) if (path / COMPLETE).is_file() else None
-        if (path / COMPLETE).is_file() and why is None:
-            return path
         rank = self.rank
+        # Rank 0 alone looks at the folder and tells the others: a rank checking it while rank 0 moves a
+        # damaged one aside would read a folder that is vanishing under it (and the ranks must agree).
+        verdict = None
+        if rank == 0:  # ABSENT: no complete checkpoint of this step (maybe a crashed attempt's folder)
+            verdict = (damage(path) or INTACT) if (path / COMPLETE).is_file() else ABSENT
+        verdict = _from_rank0(verdict)
+        if verdict == INTACT:
+            return path
         if rank == 0:
             self.ckpt_dir.mkdir(parents=True, exist_ok=True)
-            if why is not None:  # a damaged checkpoint of this step: kept, under another name
+            if verdict != ABSENT:  # damaged (verdict says how): kept, under another name
                 aside = path.with_name(f"{DAMAGED_PREFIX}{path.name}-{int(time.time())}")
                 path.rename(aside)
-                log.warning("checkpoint %s was damaged (%s): moved to %s, saving step %d anew", path, why,
+                log.warning("checkpoint %s was damaged (%s): moved to %s, saving step %d anew", path, verdict,
                             aside, step)
             elif path.exists():  # a stale, incomplete folder from a crashed attempt at this step
                 shutil.rmtree(path)
@@ -399,3 +404,15 @@ class CheckpointManager:
 def _barrier() -> None:
     if dist.is_initialized():
         dist.barrier()
+
+
+INTACT, ABSENT = "\0intact", "\0absent"  # save()'s verdicts besides a damage() reason
+
+
+def _from_rank0(value: Any) -> Any:
+    """Rank 0's `value` on every rank (the value itself outside a process group)."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]

@@ -211,3 +211,51 @@ def test_a_checkpoint_that_lost_its_checksums_is_damaged_an_older_one_is_said_on
         assert ckfiles.damage(path) is None and ckfiles.damage(path) is None
     said = [r for r in caplog.records if "only its structure is checked" in r.getMessage()]
     assert len(said) == 1, caplog.text
+
+
+def _save_over_a_damaged_step(rank: int, port: int, root: str, result: str) -> None:
+    """One process of a 2-process gloo job saving step 4 over a damaged checkpoint of step 4, where rank 1
+    sees the folder as intact (a network filesystem's stale view): rank 0's verdict must rule on both."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    if rank == 1:
+        ckpt.damage = lambda path: None  # this rank's own look would call it intact and skip the save
+    manager = ckpt.CheckpointManager(Path(root), _parts(weight=4.0, step=4), world_size=2, keep=3)
+    path = manager.save(4)
+    dist.barrier()
+    Path(result, f"rank{rank}").write_text(str(path))
+    dist.destroy_process_group()
+
+
+def test_every_rank_follows_rank_0s_verdict_on_a_damaged_checkpoint_of_the_step(tmp_path):
+    """The step being saved has a damaged checkpoint already (a resume passed over it): rank 0 alone judges
+    the folder and moves it aside, and every rank writes the step anew. Ranks judging it themselves read a
+    folder vanishing under them (CI saw FileNotFoundError in rank 1's check) or disagree and hang."""
+    import multiprocessing
+
+    from mlflow_test_server import free_port
+
+    root, result = tmp_path / "checkpoints", tmp_path / "result"
+    root.mkdir(), result.mkdir()
+    old = root / ckfiles.tag_for(4)
+    old.mkdir()
+    (old / ckfiles.TRAINER_STATE).write_text('{"world_size": 2, "checkpoint_format": 2}')
+    for r in range(2):
+        ckfiles.rank_file(old, r).write_text("{}")
+    (old / ckfiles.COMPLETE).write_text("x")  # no checksums.json though written with them: damaged
+
+    context = multiprocessing.get_context("spawn")
+    port = free_port()
+    workers = [context.Process(target=_save_over_a_damaged_step, args=(r, port, str(root), str(result)))
+               for r in range(2)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join(120)
+    assert [w.exitcode for w in workers] == [0, 0]
+    assert {(result / f"rank{r}").read_text() for r in range(2)} == {str(old)}
+    assert ckfiles.damage(old) is None and (old / "engine.txt").read_text() == "4.0"
+    assert all(ckfiles.rank_file(old, r).is_file() for r in range(2))
+    aside = [p.name for p in root.iterdir() if p.name.startswith(ckpt.DAMAGED_PREFIX)]
+    assert len(aside) == 1 and aside[0].startswith(f"{ckpt.DAMAGED_PREFIX}{old.name}-"), aside
