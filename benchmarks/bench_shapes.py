@@ -40,6 +40,11 @@ The students started from a slice of that teacher (student.narrow_init=subclone:
         --teacher /tmp/minilm/teacher-adapted --work /tmp/minilm/bench7 --layers 3 --width 192 --heads 6 \
         --relation-heads 12 --steps 1000 --seeds 5 --baseline both --narrow-init subclone --with-start \
         --ft-lr 1e-4 --ft-epochs 5
+A deeper narrow student, 6 x 192, every teacher layer sliced (run 9):
+    python benchmarks/bench_shapes.py --quickstart /tmp/qs --shards /tmp/minilm/shards64 \
+        --teacher /tmp/minilm/teacher-adapted --work /tmp/minilm/bench9 --layers 6 --width 192 --heads 6 \
+        --relation-heads 12 --steps 1000 --seeds 5 --baseline both --narrow-init subclone --with-start \
+        --ft-lr 1e-4 --ft-epochs 5
 """
 
 from __future__ import annotations
